@@ -1,0 +1,265 @@
+"""Generator UNet, discriminator and blocks: shapes, save/load, config checks, conditioning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cclddg.errors import UserError
+from cclddg.models import Discriminator, UNet, count_parameters, seed_ch_mults
+from cclddg.models.blocks import ResBlock, SelfAttention, StepEmbedding
+
+SMALL = dict(n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1, norm_groups=4, attn_heads=2)
+
+
+def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Give zero-initialised parameters random values, so conditioning paths are live."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, std)
+    return model
+
+
+def unet(**kw) -> UNet:
+    torch.manual_seed(0)
+    return UNet(**{**SMALL, "z_dim": 4, "n_z_channels": 8, "cond_dim": 6, "n_cond_channels": 8, **kw})
+
+
+def disc(**kw) -> Discriminator:
+    torch.manual_seed(0)
+    return Discriminator(**{**SMALL, "cond_dim": 6, "n_cond_channels": 8, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ch_mults=(1,), is_attn=(False,), mid_attn=False),
+        dict(ch_mults=(1, 2), is_attn=(True, False), injection="add", image_channels=4),
+        dict(ch_mults=(1, 2, 2), is_attn=(False, False, False), n_blocks=2, z_dim=0),
+        dict(ch_mults=(1, 1, 2, 2), is_attn=(False, True, False, True), cond_dim=0, image_channels=4),
+        dict(ch_mults=(1, 2, 2, 2), is_attn=(False,) * 4, z_dim=0, cond_dim=0, injection="add"),
+    ],
+)
+def test_unet_shapes(kw):
+    m = unet(**kw)
+    ic = m.config.image_channels
+    x = torch.randn(2, ic, 16, 16)
+    c = torch.randn(2, 6) if m.config.cond_dim else None
+    z = torch.randn(2, 4) if m.config.z_dim else None
+    assert m(x, torch.tensor([1, 3]), c, z).shape == x.shape
+    # non-square works too
+    x = torch.randn(2, ic, 16, 24)
+    assert m(x, 2, c, z).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ch_mults=(1,), is_attn=(False,)),
+        dict(ch_mults=(1, 2), is_attn=(False, True), injection="add", image_channels=4),
+        dict(ch_mults=(1, 2, 2), is_attn=(False,) * 3, n_blocks=2, cond_dim=0),
+        dict(ch_mults=(1, 1, 2, 2), is_attn=(False, False, False, True), image_channels=4),
+    ],
+)
+def test_discriminator_shapes(kw):
+    d = disc(**kw)
+    x = torch.randn(3, d.config.image_channels, 16, 16)
+    c = torch.randn(3, 6) if d.config.cond_dim else None
+    assert d(x, x, torch.tensor([1, 2, 3]), c).shape == (3,)
+
+
+def test_step_argument_forms():
+    m = perturb(unet())
+    x, c, z = torch.randn(2, 3, 8, 8), torch.randn(2, 6), torch.randn(2, 4)
+    ref = m(x, torch.tensor([2, 2]), c, z)
+    torch.testing.assert_close(m(x, 2, c, z), ref)
+    torch.testing.assert_close(m(x, torch.tensor(2), c, z), ref)
+    assert not torch.allclose(m(x, 3, c, z), ref)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path):
+    m = perturb(unet(ch_mults=(1, 2, 2), is_attn=(False, False, True), sample_size=16)).eval()
+    d = perturb(disc()).eval()
+    m.save_pretrained(tmp_path / "g")
+    d.save_pretrained(tmp_path / "d")
+    for sub in ("g", "d"):
+        files = sorted(p.name for p in (tmp_path / sub).iterdir())
+        assert files == ["config.json", "diffusion_pytorch_model.safetensors"], files
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert cfg["ch_mults"] == [1, 2, 2] and cfg["_class_name"] == "UNet"
+
+    m2 = UNet.from_pretrained(tmp_path / "g")
+    d2 = Discriminator.from_pretrained(tmp_path / "d")
+    x, c, z, t = torch.randn(2, 3, 16, 16), torch.randn(2, 6), torch.randn(2, 4), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(m(x, t, c, z), m2(x, t, c, z))
+        assert torch.equal(d(x, x, t, c), d2(x, x, t, c))
+    assert count_parameters(m) == count_parameters(m2)
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize(
+    "kw, knob",
+    [
+        (dict(is_attn=(False, False, True)), "is_attn"),
+        (dict(n_channels=10, norm_groups=4), "norm_groups"),
+        (dict(injection="film"), "injection"),
+        (dict(ch_mults=(1, 2, 2), is_attn=(False,) * 3, sample_size=30), "sample_size"),
+        (dict(n_channels=0), "n_channels"),
+        (dict(n_blocks=-1), "n_blocks"),
+        (dict(z_dim=-2), "z_dim"),
+        (dict(cond_dim=2.5), "cond_dim"),
+        (dict(ch_mults=()), "ch_mults"),
+        (dict(ch_mults=(1, 0), is_attn=(False, False)), "ch_mults"),
+        (dict(attn_heads=3), "attn_heads"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(denom_factor=0.5), "denom_factor"),
+        (dict(image_channels=0), "image_channels"),
+        (dict(n_time_channels=0), "n_time_channels"),
+    ],
+)
+def test_invalid_config_raises(kw, knob):
+    with pytest.raises(UserError, match=knob) as e:
+        unet(**kw)
+    assert "\n" not in str(e.value)
+    if knob != "z_dim":
+        with pytest.raises(UserError, match=knob):
+            disc(**kw)
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (lambda: (torch.randn(2, 3, 8, 8), 1, torch.randn(2, 512), None), "c has .*512 features.*cond_dim=6"),
+        (lambda: (torch.randn(2, 3, 8, 8), 1, None, torch.randn(2, 5)), "z has .*5 features.*z_dim=4"),
+        (lambda: (torch.randn(2, 4, 8, 8), 1, None, None), "4 channels.*image_channels=3"),
+        (lambda: (torch.randn(2, 3, 9, 8), 1, None, None), "divisible by 2"),
+        (lambda: (torch.randn(3, 8, 8), 1, None, None), "4-D"),
+        (lambda: (torch.randn(2, 3, 8, 8), torch.tensor([1, 2, 3]), None, None), "t has shape"),
+        (lambda: (torch.randn(2, 3, 8, 8), 1, torch.randn(3, 6), None), "batch size"),
+    ],
+)
+def test_unet_forward_errors(args, msg):
+    with pytest.raises(UserError, match=msg):
+        unet()(*args())
+
+
+def test_forward_errors_when_conditioning_is_off():
+    with pytest.raises(UserError, match="z_dim=0"):
+        unet(z_dim=0)(torch.randn(1, 3, 8, 8), 1, None, torch.randn(1, 4))
+    with pytest.raises(UserError, match="cond_dim=0"):
+        disc(cond_dim=0)(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8), 1, torch.randn(1, 6))
+    with pytest.raises(UserError, match="x_t"):
+        disc()(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 16, 16), 1)
+
+
+def test_seed_ch_mults():
+    assert seed_ch_mults((1, 2, 2, 4)) == (1, 2, 4, 16)
+    assert seed_ch_mults([1, 2, 2, 2]) == (1, 2, 4, 8)
+    with pytest.raises(UserError):
+        seed_ch_mults((1, 0))
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+
+
+def test_null_conditioning_matches_zeros():
+    m = perturb(unet())
+    d = perturb(disc())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    torch.testing.assert_close(m(x, t), m(x, t, torch.zeros(2, 6), torch.zeros(2, 4)))
+    torch.testing.assert_close(d(x, x, t), d(x, x, t, torch.zeros(2, 6)))
+
+
+@pytest.mark.parametrize("injection", ["adagn", "add"])
+def test_z_changes_unet_output(injection):
+    m = perturb(unet(injection=injection))
+    x, c = torch.randn(2, 3, 8, 8), torch.randn(2, 6)
+    a = m(x, 1, c, torch.randn(2, 4))
+    b = m(x, 1, c, torch.randn(2, 4))
+    assert (a - b).abs().mean() > 1e-4
+
+
+def test_fresh_unet_learns_to_use_z():
+    """Zero-init is not a dead end: a few optimizer steps from init make z matter."""
+    m = unet()
+    x, z1, z2 = torch.randn(2, 3, 8, 8), torch.randn(2, 4), torch.randn(2, 4)
+    assert torch.allclose(m(x, 1, None, z1), m(x, 1, None, z2))  # blocks start as identity
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = (m(x, 1, None, z1) - x).pow(2).mean() + (m(x, 1, None, z2) + x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m(x, 1, None, z1) - m(x, 1, None, z2)).abs().mean() > 1e-4
+
+
+def test_c_changes_discriminator_logits():
+    d = perturb(disc())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    c1, c2 = torch.randn(2, 6), torch.randn(2, 6)
+    assert (d(x, x, t, c1) - d(x, x, t, c2)).abs().min() > 1e-5
+    # the projection term alone already depends on c
+    with torch.no_grad():
+        d.cond_emb[2].weight.zero_()
+        d.cond_emb[2].bias.zero_()
+    assert (d(x, x, t, c1) - d(x, x, t, c2)).abs().min() > 1e-5
+
+
+@pytest.mark.parametrize("injection", ["adagn", "add"])
+def test_gradients_reach_every_parameter(injection):
+    kw = dict(ch_mults=(1, 2), is_attn=(True, True), injection=injection)
+    for model, args in [
+        (perturb(unet(**kw)), lambda x: (x, torch.tensor([1, 2]), torch.randn(2, 6), torch.randn(2, 4))),
+        (perturb(disc(**kw)), lambda x: (x, torch.randn_like(x), torch.tensor([1, 2]), torch.randn(2, 6))),
+    ]:
+        out = model(*args(torch.randn(2, 3, 8, 8)))
+        out.pow(2).mean().backward()
+        dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not dead, f"{type(model).__name__}: no gradient for {dead}"
+
+
+def test_bf16_forward():
+    m = perturb(unet()).to(torch.bfloat16)
+    d = perturb(disc()).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    y = m(x, 2, torch.randn(2, 6), None)  # float32 c is cast to x's dtype
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape and torch.isfinite(y).all()
+    logits = d(x, x, 2, None)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def test_blocks_start_as_identity():
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 5)
+    for injection in ("adagn", "add"):
+        torch.testing.assert_close(ResBlock(8, 8, 5, injection, groups=4)(x, emb), x)
+    torch.testing.assert_close(SelfAttention(8, 2, groups=4)(x), x)
+    assert ResBlock(8, 16, 5, groups=4)(x, emb).shape == (2, 16, 4, 4)
+
+
+def test_step_features_distinct_for_few_steps():
+    feats = StepEmbedding(64, 16.0).features(torch.arange(1, 9))
+    dists = torch.cdist(feats, feats) + torch.eye(8) * 1e3
+    assert dists.min() > 0.5
+
+
+def test_count_parameters():
+    m = unet()
+    n = count_parameters(m)
+    assert n == sum(p.numel() for p in m.parameters()) > 0
+    m.conv_in.requires_grad_(False)
+    assert count_parameters(m, trainable_only=True) == n - sum(p.numel() for p in m.conv_in.parameters())

@@ -1,0 +1,171 @@
+"""Training configuration: one flat dataclass, named presets, and the checks that run before any work.
+
+A preset fills every field; flags the user gives override it. The resolved config is saved in the
+run folder, so a run can be resumed or sampled without repeating its flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cclddg.errors import UserError
+
+OBJECTIVES = ("ddgan", "diffusion")
+STEP_KINDS = ("posterior", "renoise")
+SCHEDULES = ("seed", "vp", "linear")
+CONDS = ("labels", "none")
+INJECTIONS = ("adagn", "add")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Field names follow the seed project's flags."""
+
+    preset: str = "ddgan"
+    objective: str = "ddgan"
+    # data and conditioning
+    data: str = "shapes"
+    img_size: int = 32
+    cond: str = "labels"
+    pct_zeros: float = 0.1
+    # diffusion
+    n_steps: int = 4
+    schedule: str = "vp"
+    beta_min: float | None = None
+    beta_max: float | None = None
+    step_kind: str = "posterior"
+    # generator
+    n_channels_unet: int = 64
+    ch_mults: tuple[int, ...] = (1, 2, 2)
+    is_attn: tuple[bool, ...] = (False, False, False)
+    n_blocks: int = 1
+    z_dim: int = 16
+    n_z_channels: int = 64
+    n_cond_channels: int = 128
+    n_time_channels: int = -1
+    denom_factor: float = 16.0
+    dropout: float = 0.0
+    injection: str = "adagn"
+    # discriminator
+    n_channels_disc: int = 48
+    ch_mults_disc: tuple[int, ...] = (1, 2, 2)
+    is_attn_disc: tuple[bool, ...] = (False, False, False)
+    n_blocks_disc: int = 1
+    # optimisation
+    batch_size: int = 64
+    n_batches: int = 2000
+    lr_gen: float = 1.6e-4
+    lr_disc: float = 1.25e-4
+    optimizer: str = "adam"
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    ema_decay: float = 0.999
+    r1_gamma: float = 0.05
+    lazy_reg: int = 15
+    recon_loss_scale: float = 0.0
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 10
+    log_images_every: int = 500
+    save_models_every: int = 1000
+    wandb_project: str | None = None
+    threads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config keys {unknown}; this cclddg knows {sorted(known)}")
+        cfg = cls(**values)
+        for name in ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas"):
+            setattr(cfg, name, tuple(getattr(cfg, name)))
+        return cfg
+
+
+# The seed project's recipe (train_cclddg.py): schedule 0.3..0.9 over 5 steps, the x_{t-1} fake step
+# re-noised from x0, reconstruction loss 1, AdamW with weight decay 1e-6, R1 on every step and no EMA.
+# Its multipliers (1,2,2,4) were cumulative, i.e. widths (1,2,4,16) in ours.
+SEED = dict(
+    objective="ddgan", img_size=128, n_steps=5, schedule="seed", beta_min=0.3, beta_max=0.9,
+    step_kind="renoise", n_channels_unet=32, ch_mults=(1, 2, 4, 16), is_attn=(False, False, True, True),
+    n_blocks=2, z_dim=8, n_z_channels=16, n_cond_channels=256, denom_factor=16.0, injection="add",
+    n_channels_disc=32, ch_mults_disc=(1, 2, 4, 16), is_attn_disc=(False, False, True, True),
+    n_blocks_disc=2, batch_size=128, n_batches=10, lr_gen=1e-4, lr_disc=4e-5, optimizer="adamw",
+    adam_betas=(0.9, 0.999), weight_decay=1e-6, ema_decay=0.0, r1_gamma=1.0, lazy_reg=1,
+    recon_loss_scale=1.0, log_images_every=50, save_models_every=500, pct_zeros=0.1,
+)
+
+# DDGAN (Xiao et al. 2022): posterior fake step, VP schedule with T=4, Adam (0.5, 0.9), lazy R1, EMA.
+DDGAN = dict(objective="ddgan", schedule="vp", n_steps=4, step_kind="posterior", optimizer="adam",
+             adam_betas=(0.5, 0.9), r1_gamma=0.05, lazy_reg=15, ema_decay=0.999)
+
+# The standard DDPM baseline: epsilon prediction, linear schedule, 1000 steps, no latent z.
+DIFFUSION = dict(objective="diffusion", schedule="linear", n_steps=1000, z_dim=0, optimizer="adam",
+                 adam_betas=(0.9, 0.999), lr_gen=2e-4, ema_decay=0.999, recon_loss_scale=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {"ddgan": DDGAN, "seed": SEED, "diffusion": DIFFUSION}
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The preset's values, then the user's flags (those not None) on top, then validation."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig.from_dict(values)
+    validate(cfg)
+    return cfg
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"--{name} {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible settings before a model is built or a file is written."""
+    _choice("objective", cfg.objective, OBJECTIVES)
+    _choice("step_kind", cfg.step_kind, STEP_KINDS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("cond", cfg.cond, CONDS)
+    _choice("injection", cfg.injection, INJECTIONS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    for name in ("img_size", "n_steps", "n_channels_unet", "n_channels_disc", "batch_size", "n_blocks",
+                 "n_blocks_disc", "log_every", "log_images_every", "save_models_every", "lazy_reg"):
+        _positive(name, getattr(cfg, name))
+    for name in ("n_batches", "z_dim", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
+        _positive(name, getattr(cfg, name), allow_zero=True)
+    for name in ("lr_gen", "lr_disc"):
+        _positive(name, getattr(cfg, name))
+    for name in ("pct_zeros", "ema_decay"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
+    if len(cfg.ch_mults) != len(cfg.is_attn):
+        raise UserError(f"--ch_mults has {len(cfg.ch_mults)} levels but --is_attn has {len(cfg.is_attn)}; "
+                        "give one attention flag per level")
+    if len(cfg.ch_mults_disc) != len(cfg.is_attn_disc):
+        raise UserError(f"--ch_mults_disc has {len(cfg.ch_mults_disc)} levels but --is_attn_disc has "
+                        f"{len(cfg.is_attn_disc)}; give one attention flag per level")
+    for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
+        factor = 2 ** (len(mults) - 1)
+        if cfg.img_size % factor:
+            raise UserError(f"--img_size {cfg.img_size} is not divisible by {factor}, the downsampling of "
+                            f"{len(mults)} levels in --{flag}; use a multiple of {factor} or fewer levels")
+    if cfg.objective == "diffusion" and cfg.n_steps < 2:
+        raise UserError("--objective diffusion needs --n_steps >= 2 (1000 is usual)")

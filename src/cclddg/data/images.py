@@ -1,0 +1,60 @@
+"""PIL <-> tensor conversions and image grids, so nothing needs torchvision."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cclddg.errors import UserError
+
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) or (B, H, W, 3) -> float32 channels-first in [-1, 1].
+
+    numpy does the arithmetic: small images are faster without torch's thread pool.
+    """
+    scaled = np.moveaxis(array, -1, -3).astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(scaled))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> (3, H, W) float32 in [-1, 1], the range every model here works in."""
+    if not isinstance(image, Image.Image):
+        raise UserError(f"image_to_tensor needs a PIL image, got {type(image).__name__}")
+    return array_to_tensor(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def tensor_to_array(t: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (B, 3, H, W) in [-1, 1] -> uint8 channels-last, clamped and rounded."""
+    if t.ndim not in (3, 4) or t.shape[-3] != 3:
+        raise UserError(f"expected a (3, H, W) or (B, 3, H, W) tensor, got shape {tuple(t.shape)}")
+    arr = t.detach().to("cpu", torch.float32).numpy()
+    arr = np.rint(np.clip((arr + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(arr, -3, -1))
+
+
+def tensor_to_image(t: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB image (values outside the range are clamped)."""
+    if t.ndim != 3:
+        raise UserError(f"tensor_to_image needs one (3, H, W) image, got shape {tuple(t.shape)}")
+    return Image.fromarray(tensor_to_array(t), "RGB")
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Image.Image:
+    """Tile (B, 3, H, W) images in [-1, 1] into one PIL image, `nrow` images per row."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"make_grid needs a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+    if nrow < 1 or padding < 0:
+        raise UserError(f"make_grid needs nrow >= 1 and padding >= 0, got nrow={nrow}, padding={padding}")
+    b, _, h, w = images.shape
+    cols = min(nrow, max(b, 1))
+    rows = max(1, -(-b // cols))
+    fill = int(round((max(-1.0, min(1.0, pad_value)) + 1.0) * 127.5))
+    canvas = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), fill, np.uint8)
+    tiles = tensor_to_array(images) if b else []
+    for k, tile in enumerate(tiles):
+        y = padding + (k // cols) * (h + padding)
+        x = padding + (k % cols) * (w + padding)
+        canvas[y:y + h, x:x + w] = tile
+    return Image.fromarray(canvas, "RGB")

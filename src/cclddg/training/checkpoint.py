@@ -1,0 +1,121 @@
+"""Checkpoints that are never half-written and never pickles of code.
+
+Layout of one checkpoint (a folder, written under a temporary name and renamed when complete):
+
+    checkpoints/step_000500/
+        generator/  generator_ema/  discriminator/   config.json + diffusion_pytorch_model.safetensors
+        training_state.pt     optimizers, step, RNG states (tensors and numbers only: loaded with weights_only)
+        train_config.json     the resolved TrainConfig
+    checkpoints/latest        the name of the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cclddg.config import TrainConfig
+from cclddg.errors import UserError
+
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "train_config.json"
+KEEP_LAST = 2
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, models: dict[str, torch.nn.Module], state: dict[str, Any],
+                    cfg: TrainConfig, keep_last: int = KEEP_LAST) -> Path:
+    """Write one complete checkpoint folder atomically; keep the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, model in models.items():
+            model.save_pretrained(tmp / name, safe_serialization=True)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(root / "latest", final.name)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder from a run folder (its latest checkpoint) or a checkpoint folder itself."""
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / CONFIG_FILE).is_file():
+            return ckpt
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise UserError(f"{path} is neither a run folder with checkpoints nor a checkpoint folder "
+                    f"(no {CONFIG_FILE} found); point --checkpoint at a run made by `cclddg train`")
+
+
+def load_model(cls: type, folder: Path) -> torch.nn.Module:
+    """Load a config.json + safetensors model, turning a damaged or missing file into one clear line."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint folder {folder} has no config.json; the checkpoint is incomplete")
+    try:
+        return cls.from_pretrained(folder)
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors/diffusers raise many types for truncated or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load the model in {folder}: it is missing or damaged ({first})") from exc
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The training state, loaded without running pickled code."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {folder} has no {STATE_FILE}; it cannot be resumed")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__})") from exc
+
+
+def load_config(folder: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"could not read {folder / CONFIG_FILE}: {exc}") from exc

@@ -123,19 +123,21 @@ class Trainer:
         self.accelerator = Accelerator()
         self.device = self.accelerator.device
         rank = self.accelerator.process_index
+        # Everything that can reject the config runs before the run folder is touched.
+        self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
+        self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.gen = build_generator(cfg).to(self.device)
+        disc = build_discriminator(cfg).to(self.device) if cfg.objective == "ddgan" else None
         if self.accelerator.is_main_process:
             prepare_run_dir(self.out, cfg, resume)
         self.accelerator.wait_for_everyone()
-        torch.manual_seed(cfg.seed + rank)
-
-        self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
-        self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed)
-        self.gen = build_generator(cfg).to(self.device)
+        torch.manual_seed(cfg.seed + 1000 * rank + 1)
         self.ema = copy.deepcopy(self.gen).requires_grad_(False).eval()
         self.opt_g = make_optimizer(cfg, self.gen.parameters(), cfg.lr_gen)
         self.disc = self.opt_d = None
         if cfg.objective == "ddgan":
-            self.disc = build_discriminator(cfg).to(self.device)
+            self.disc = disc
             self.opt_d = make_optimizer(cfg, self.disc.parameters(), cfg.lr_disc)
             self.gen, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(
                 self.gen, self.disc, self.opt_g, self.opt_d)
@@ -285,6 +287,7 @@ class Trainer:
     def reconstruction_grid(self, n: int = 6) -> Any:
         """Rows: real x_0, then for t = T..1 the noised x_t and the EMA generator's x̂_0 (as the seed logged)."""
         x0, cond = self.batch(0, drop=False)
+        n = min(n, x0.shape[0])
         x0, cond = x0[:n], None if cond is None else cond[:n]
         rows = [x0]
         gen = torch.Generator(device=self.device).manual_seed(99)

@@ -46,6 +46,13 @@ def bool_list(text: str) -> tuple[bool, ...]:
         raise argparse.ArgumentTypeError(f"expected flags like 0,0,1 or False,False,True; got {text!r}")
 
 
+def parse_bool(text: str) -> bool:
+    table = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.lower() not in table:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return table[text.lower()]
+
+
 def float_pair(text: str) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in text.split(","))
@@ -78,7 +85,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if kwargs is None:
             default = f.default
             kind = type(default) if default is not None else float
-            kwargs = dict(type=kind)
+            kwargs = dict(type=parse_bool if kind is bool else kind)
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None, help="data source: shapes or shapes:SIZE")
             continue
@@ -182,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from cclddg.pipeline import load_generator
 
-        model, cfg = load_generator(args.checkpoint)
+        model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
         if args.threads:
             torch.set_num_threads(args.threads)
         report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size)
@@ -230,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int)
     ev.add_argument("--batch_size", type=int, default=100)
     ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--no_ema", action="store_true", help="score the raw generator weights, not the EMA")
     ev.add_argument("-o", "--output", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -50,6 +50,7 @@ class TrainConfig:
     denom_factor: float = 16.0
     dropout: float = 0.0
     injection: str = "adagn"
+    coord_channels: bool = True
     # discriminator
     n_channels_disc: int = 48
     ch_mults_disc: tuple[int, ...] = (1, 2, 2)
@@ -58,6 +59,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 64
     n_batches: int = 2000
+    max_minutes: float = 0.0
     lr_gen: float = 1.6e-4
     lr_disc: float = 1.25e-4
     optimizer: str = "adam"
@@ -102,7 +104,7 @@ SEED = dict(
     n_channels_disc=32, ch_mults_disc=(1, 2, 4, 16), is_attn_disc=(False, False, True, True),
     n_blocks_disc=2, batch_size=128, n_batches=10, lr_gen=1e-4, lr_disc=4e-5, optimizer="adamw",
     adam_betas=(0.9, 0.999), weight_decay=1e-6, ema_decay=0.0, r1_gamma=1.0, lazy_reg=1,
-    recon_loss_scale=1.0, log_images_every=50, save_models_every=500, pct_zeros=0.1,
+    recon_loss_scale=1.0, log_images_every=50, save_models_every=500, pct_zeros=0.1, coord_channels=False,
 )
 
 # DDGAN (Xiao et al. 2022): posterior fake step, VP schedule with T=4, Adam (0.5, 0.9), lazy R1, EMA.
@@ -148,7 +150,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("img_size", "n_steps", "n_channels_unet", "n_channels_disc", "batch_size", "n_blocks",
                  "n_blocks_disc", "log_every", "log_images_every", "save_models_every", "lazy_reg"):
         _positive(name, getattr(cfg, name))
-    for name in ("n_batches", "z_dim", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
+    for name in ("n_batches", "max_minutes", "z_dim", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
         _positive(name, getattr(cfg, name), allow_zero=True)
     for name in ("lr_gen", "lr_disc"):
         _positive(name, getattr(cfg, name))

@@ -19,6 +19,12 @@ from cclddg.models import UNet
 from cclddg.training.checkpoint import load_model, resolve_checkpoint
 
 
+def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device) -> Tensor:
+    """Gaussian noise drawn on the generator's device, so a CPU generator gives the same images on any device."""
+    gen_device = rng.device if rng is not None else device
+    return torch.randn(shape, generator=rng, device=gen_device).to(device)
+
+
 def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float,
                    z: Tensor | None = None, batched: bool = True) -> Tensor:
     """The model's prediction with classifier-free guidance `guidance` (1 = plain conditional)."""
@@ -44,14 +50,14 @@ def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[in
     """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1}; return the last x̂_0."""
     device = torch.device(device)
     sched = schedule.to(device)
-    x = torch.randn(shape, generator=rng, device=device)
+    x = randn(shape, rng, device)
     x0 = x
     for step in range(sched.n_steps, 0, -1):
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-        z = torch.randn(shape[0], z_dim, generator=rng, device=device) if z_dim else None
+        z = randn((shape[0], z_dim), rng, device) if z_dim else None
         x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg)
         if step > 1:
-            noise = torch.randn(shape, generator=rng, device=device)
+            noise = randn(shape, rng, device)
             if step_kind == "renoise":
                 x = diffusion.renoise(sched, x0, t, noise=noise)
             else:
@@ -67,12 +73,12 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
     """Ancestral DDPM over every step, or DDIM (eta 0) over `n_sample_steps` evenly spaced steps."""
     device = torch.device(device)
     sched = schedule.to(device)
-    x = torch.randn(shape, generator=rng, device=device)
+    x = randn(shape, rng, device)
     if sampler == "ddpm":
         for step in range(sched.n_steps, 0, -1):
             t = torch.full((shape[0],), step, dtype=torch.long, device=device)
             eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg)
-            noise = torch.randn(shape, generator=rng, device=device)
+            noise = randn(shape, rng, device)
             x = diffusion.ddpm_step(sched, x, t, eps, noise=noise, clip_x0=clip_x0)
         return x
     if sampler != "ddim":

@@ -309,3 +309,15 @@ class Upsample(nn.Module):
 def widths(n_channels: int, ch_mults: Sequence[int]) -> list[int]:
     """Channel width of each level (n_channels * mult, not cumulative)."""
     return [n_channels * m for m in ch_mults]
+
+
+def append_coords(x: torch.Tensor) -> torch.Tensor:
+    """x with two more channels holding the pixel's (x, y) position in [-1, 1] (CoordConv).
+
+    Convolutions are translation-equivariant, so a global conditioning vector alone struggles to say
+    *where* something goes; the coordinates make absolute position as easy to learn as colour.
+    """
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x, xs, ys], dim=1)

@@ -13,6 +13,7 @@ from torch import nn
 from cclddg.errors import UserError
 from cclddg.models.blocks import (
     Downsample,
+    append_coords,
     MLPEmbedding,
     ResBlock,
     SelfAttention,
@@ -51,6 +52,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         injection: str = "adagn",
         attn_heads: int = 4,
         sample_size: int | None = None,
+        coord_channels: bool = False,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -66,7 +68,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         self.cond_emb = MLPEmbedding(cond_dim, n_cond_channels) if cond_dim else None
         emb_dim = n_time + (n_cond_channels if cond_dim else 0)
 
-        self.conv_in = nn.Conv2d(2 * image_channels, n_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(2 * image_channels + (2 if coord_channels else 0), n_channels, 3, padding=1)
         ch = n_channels
         self.res, self.attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i, w in enumerate(ws):
@@ -99,7 +101,8 @@ class Discriminator(ModelMixin, ConfigMixin):
         if self.cond_emb is not None:
             emb = torch.cat([emb, self.cond_emb(c)], dim=1)
 
-        h = self.conv_in(torch.cat([x_prev, x_t], dim=1))
+        h = torch.cat([x_prev, x_t], dim=1)
+        h = self.conv_in(append_coords(h) if self.config.coord_channels else h)
         n = cfg.n_blocks
         for i in range(self.levels):
             for j in range(i * n, (i + 1) * n):

@@ -13,6 +13,7 @@ from torch import nn
 from cclddg.errors import UserError
 from cclddg.models.blocks import (
     Downsample,
+    append_coords,
     MLPEmbedding,
     ResBlock,
     SelfAttention,
@@ -68,6 +69,7 @@ class UNet(ModelMixin, ConfigMixin):
         attn_heads: int = 4,
         sample_size: int | None = None,
         mid_attn: bool = True,
+        coord_channels: bool = False,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -101,7 +103,7 @@ class UNet(ModelMixin, ConfigMixin):
             return SelfAttention(ch, attn_heads, norm_groups) if on else nn.Identity()
 
         # down path; skip_chs records the width of every tensor pushed on the skip stack
-        self.conv_in = nn.Conv2d(image_channels, n_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(image_channels + (2 if coord_channels else 0), n_channels, 3, padding=1)
         ch = n_channels
         skip_chs = [ch]
         self.down_res, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -158,7 +160,7 @@ class UNet(ModelMixin, ConfigMixin):
         z = vector_or_null(z, cfg.z_dim, "z", "z_dim", b, x)
         emb = self.embed(t, c, z)
 
-        h = self.conv_in(x)
+        h = self.conv_in(append_coords(x) if cfg.coord_channels else x)
         skips = [h]
         n = cfg.n_blocks
         for i in range(self.levels):

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def warmup_decay(decay: float, step: int) -> float:
+    """min(decay, (1+step)/(10+step)): early on the EMA follows the weights closely, so that short runs
+    (a few thousand steps, as on a CPU) are not averaged over their random start."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay·ema + (1-decay)·model for parameters; buffers are copied. decay 0 makes a plain copy."""

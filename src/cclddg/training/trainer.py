@@ -34,10 +34,10 @@ from cclddg.errors import UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import ddgan_sample, diffusion_sample
 from cclddg.training import checkpoint as ckpt_io
-from cclddg.training.ema import ema_update
+from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"n_batches", "log_every", "log_images_every", "save_models_every", "wandb_project", "threads"}
+RESUMABLE_CHANGES = {"n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project", "threads"}
 
 
 class TrainingError(RuntimeError):
@@ -57,14 +57,15 @@ def build_generator(cfg: TrainConfig) -> UNet:
                 n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                 n_z_channels=cfg.n_z_channels, cond_dim=label_dim(cfg), n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
-                injection=cfg.injection, sample_size=cfg.img_size)
+                injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels)
 
 
 def build_discriminator(cfg: TrainConfig) -> Discriminator:
     return Discriminator(image_channels=3, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=label_dim(cfg),
                          n_cond_channels=cfg.n_cond_channels, n_time_channels=cfg.n_time_channels,
-                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.img_size)
+                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.img_size,
+                         coord_channels=cfg.coord_channels)
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
@@ -218,21 +219,33 @@ class Trainer:
             raise TrainingError(f"non-finite loss at step {self.step + 1}; {where}. "
                                 "Lower --lr_gen/--lr_disc or raise --r1_gamma, then --resume")
 
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step on this step's batch, then the EMA update."""
+        self.gen.train()
+        x0, cond = self.batch(self.step)
+        step_fn = self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step
+        logs = step_fn(x0, cond)
+        ema_update(self.ema, self.accelerator.unwrap_model(self.gen), warmup_decay(self.cfg.ema_decay, self.step))
+        self.step += 1
+        return logs
+
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
-        step_fn = self.ddgan_step if cfg.objective == "ddgan" else self.diffusion_step
         bar = tqdm(total=cfg.n_batches, initial=self.step, disable=not (self.progress and acc.is_main_process),
                    desc="train", dynamic_ncols=True)
         tic, seen = time.perf_counter(), 0
+        logs: dict[str, float] = {}
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         try:
             while self.step < cfg.n_batches:
-                self.gen.train()
-                x0, cond = self.batch(self.step)
-                logs = step_fn(x0, cond)
-                ema_update(self.ema, acc.unwrap_model(self.gen), cfg.ema_decay)
-                self.step += 1
-                seen += x0.shape[0] * acc.num_processes
+                if time.monotonic() > deadline:  # the time budget ends the run like its last step would
+                    self._log(logs)
+                    self.log_images()
+                    self.save()
+                    break
+                logs = self.train_step()
+                seen += cfg.batch_size * acc.num_processes
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.n_batches:
                     logs["samples_per_s"] = seen / max(time.perf_counter() - tic, 1e-9)

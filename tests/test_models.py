@@ -263,3 +263,26 @@ def test_count_parameters():
     assert n == sum(p.numel() for p in m.parameters()) > 0
     m.conv_in.requires_grad_(False)
     assert count_parameters(m, trainable_only=True) == n - sum(p.numel() for p in m.conv_in.parameters())
+
+
+def test_coord_channels_break_translation_equivariance():
+    """With coordinate channels a constant input gives position-dependent features; without, it cannot
+    (away from the zero-padded border), which is why position conditioning learns slowly without them."""
+    from cclddg.models.blocks import append_coords
+
+    x = torch.zeros(2, 3, 16, 16)
+    with_coords = append_coords(x)
+    assert with_coords.shape == (2, 5, 16, 16)
+    assert torch.equal(with_coords[:, 3, 0, :], torch.linspace(-1, 1, 16).expand(2, 16))
+    assert torch.equal(with_coords[:, 4, :, 0], torch.linspace(-1, 1, 16).expand(2, 16))
+    torch.manual_seed(0)
+    for coords in (False, True):
+        unet = UNet(n_channels=16, ch_mults=(1, 2), is_attn=(False, False), n_blocks=1, z_dim=0,
+                    coord_channels=coords, mid_attn=False)
+        out = unet.conv_in(append_coords(x) if coords else x)
+        interior = out[0, :, 2:-2, 2:-2]
+        spread = (interior - interior.mean(dim=(1, 2), keepdim=True)).abs().max().item()
+        assert (spread > 1e-3) == coords
+        disc = Discriminator(n_channels=16, ch_mults=(1, 2), is_attn=(False, False), coord_channels=coords)
+        assert disc.conv_in.in_channels == 6 + (2 if coords else 0)
+        assert disc(x, x, torch.ones(2, dtype=torch.long)).shape == (2,)

@@ -172,7 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from cclddg.evaluation.generated import evaluate_model, random_requests
+    from cclddg.evaluation.generated import evaluate_model
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -180,11 +180,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from cclddg.data.sources import open_dataset
         from cclddg.evaluation.shapes_eval import score
 
-        data = open_dataset(args.data, 32, seed=args.seed + 1)
-        images, _, _ = data.get_batch(range(args.n))
-        samples = [data.sample_attrs(i) for i in range(args.n)] if hasattr(data, "sample_attrs") else None
-        requests = samples or random_requests(args.n, args.seed)
-        report = score(list(images), requests)
+        data = open_dataset(args.data, 32, seed=args.seed)
+        samples = [data.sample(i) for i in range(args.n)]
+        report = score([s.image for s in samples], [s.attrs for s in samples])
         report.update({"source": args.data})
     else:
         from cclddg.pipeline import load_generator

@@ -115,7 +115,14 @@ DDGAN = dict(objective="ddgan", schedule="vp", n_steps=4, step_kind="posterior",
 DIFFUSION = dict(objective="diffusion", schedule="linear", n_steps=1000, z_dim=0, optimizer="adam",
                  adam_betas=(0.9, 0.999), lr_gen=2e-4, ema_decay=0.999, recon_loss_scale=0.0)
 
-PRESETS: dict[str, dict[str, Any]] = {"ddgan": DDGAN, "seed": SEED, "diffusion": DIFFUSION}
+# DDGAN tuned to learn fast per CPU-second on 32x32 shapes (measured, see the README): narrow nets, one
+# block per level, high learning rates, the seed's reconstruction term, coordinate channels.
+FAST = dict(DDGAN, img_size=32, n_channels_unet=32, ch_mults=(1, 2, 2), is_attn=(False, False, False), n_blocks=1,
+            n_channels_disc=32, ch_mults_disc=(1, 2, 2), is_attn_disc=(False, False, False), n_blocks_disc=1,
+            batch_size=32, lr_gen=5e-4, lr_disc=5e-4, recon_loss_scale=1.0, coord_channels=True,
+            n_batches=100_000, log_images_every=500, save_models_every=500, log_every=50)
+
+PRESETS: dict[str, dict[str, Any]] = {"ddgan": DDGAN, "fast": FAST, "seed": SEED, "diffusion": DIFFUSION}
 
 
 def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:

@@ -286,3 +286,21 @@ def test_coord_channels_break_translation_equivariance():
         disc = Discriminator(n_channels=16, ch_mults=(1, 2), is_attn=(False, False), coord_channels=coords)
         assert disc.conv_in.in_channels == 6 + (2 if coords else 0)
         assert disc(x, x, torch.ones(2, dtype=torch.long)).shape == (2,)
+
+
+def test_spatial_conditioning_map_starts_off_and_lets_the_condition_say_where():
+    torch.manual_seed(0)
+    kw = dict(n_channels=16, ch_mults=(1, 2), is_attn=(False, False), n_blocks=1, z_dim=0, cond_dim=4,
+              mid_attn=False)
+    plain, mapped = UNet(**kw), UNet(**kw, cond_map_size=8)
+    mapped.load_state_dict(plain.state_dict(), strict=False)
+    x, t, c = torch.randn(2, 3, 16, 16), torch.ones(2, dtype=torch.long), torch.eye(4)[:2]
+    assert torch.equal(plain(x, t, c), mapped(x, t, c))  # zero-initialised: identical at the start
+    with torch.no_grad():
+        mapped.cond_map.proj.weight.normal_()
+    m = mapped.cond_map(mapped.embed(t, c, None), (8, 8))
+    assert m.shape == (2, 32, 8, 8)
+    assert not torch.allclose(m[0], m[1])  # different conditions give different spatial maps
+    assert mapped.cond_map(mapped.embed(t, c, None), (4, 4)).shape == (2, 32, 4, 4)  # any bottleneck size
+    with pytest.raises(UserError, match="cond_map_size"):
+        UNet(**kw, cond_map_size=-1)

@@ -191,9 +191,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size)
-        report.update({"checkpoint": str(args.checkpoint), "cfg": args.cfg, "sampler": args.sampler or
-                       ("ddgan" if cfg.objective == "ddgan" else "ddim"),
-                       "steps": args.steps or cfg.n_steps if cfg.objective == "ddgan" else args.steps})
+        if cfg.objective == "ddgan":
+            sampler, steps = "ddgan", cfg.n_steps
+        else:
+            sampler = args.sampler or "ddim"
+            steps = cfg.n_steps if sampler == "ddpm" else args.steps or 50
+        report.update({"checkpoint": str(args.checkpoint), "cfg": args.cfg, "sampler": sampler, "steps": steps})
     report = {k: v for k, v in report.items() if not isinstance(v, list)}
     text = json.dumps(report, indent=2, default=str)
     print(text)

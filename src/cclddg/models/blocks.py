@@ -321,3 +321,25 @@ def append_coords(x: torch.Tensor) -> torch.Tensor:
     ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
     xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
     return torch.cat([x, xs, ys], dim=1)
+
+
+class SpatialConditioning(nn.Module):
+    """A map (channels x k x k) made from the conditioning vector, resized to the bottleneck and added there.
+
+    Scale/shift modulation is the same at every pixel, so it can say *what* but only slowly *where*;
+    like a conditional GAN generator's first (linear -> spatial) layer, this map says where directly.
+    Zero-initialised, so a model starts as if it were off.
+    """
+
+    def __init__(self, emb_dim: int, channels: int, size: int):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.proj = nn.Linear(emb_dim, channels * size * size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, emb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        m = self.proj(F.silu(emb)).view(-1, self.channels, self.size, self.size)
+        if tuple(hw) != (self.size, self.size):
+            m = F.interpolate(m, size=tuple(hw), mode="bilinear", align_corners=False)
+        return m

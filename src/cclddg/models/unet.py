@@ -16,6 +16,7 @@ from cclddg.models.blocks import (
     append_coords,
     MLPEmbedding,
     ResBlock,
+    SpatialConditioning,
     SelfAttention,
     StepEmbedding,
     Upsample,
@@ -70,6 +71,7 @@ class UNet(ModelMixin, ConfigMixin):
         sample_size: int | None = None,
         mid_attn: bool = True,
         coord_channels: bool = False,
+        cond_map_size: int = 0,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -117,6 +119,8 @@ class UNet(ModelMixin, ConfigMixin):
                 self.downsample.append(Downsample(ch))
                 skip_chs.append(ch)
 
+        check_positive_int("cond_map_size", cond_map_size, allow_zero=True)
+        self.cond_map = SpatialConditioning(emb_dim, ch, cond_map_size) if cond_map_size else None
         self.mid_res1 = res(ch, ch)
         self.mid_attention = att(ch, mid_attn)
         self.mid_res2 = res(ch, ch)
@@ -171,6 +175,8 @@ class UNet(ModelMixin, ConfigMixin):
                 h = self.downsample[i](h)
                 skips.append(h)
 
+        if self.cond_map is not None:
+            h = h + self.cond_map(emb, h.shape[-2:])
         h = self.mid_res2(self.mid_attention(self.mid_res1(h, emb)), emb)
 
         for k in range(self.levels):

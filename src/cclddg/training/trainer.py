@@ -57,7 +57,8 @@ def build_generator(cfg: TrainConfig) -> UNet:
                 n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                 n_z_channels=cfg.n_z_channels, cond_dim=label_dim(cfg), n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
-                injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels)
+                injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels,
+                cond_map_size=cfg.cond_map_size)
 
 
 def build_discriminator(cfg: TrainConfig) -> Discriminator:

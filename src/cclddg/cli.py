@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from cclddg.config import OBJECTIVES, PRESETS, TrainConfig, resolve
+from cclddg.config import OBJECTIVES, PRESETS, TrainConfig, resolve, validate
 from cclddg.errors import UserError
 
 EXIT_USAGE = 2
@@ -103,8 +103,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = json.loads((out / "config.json").read_text())
         saved.update({k: v for k, v in overrides.items() if v is not None})
         cfg = TrainConfig.from_dict(saved)
-        from cclddg.config import validate
-
         validate(cfg)
     else:
         cfg = resolve(args.preset, overrides)

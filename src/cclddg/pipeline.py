@@ -6,7 +6,6 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from cclddg import diffusion
 from cclddg.config import TrainConfig
 from cclddg.diffusion import Schedule
 from cclddg.models import UNet
-from cclddg.training.checkpoint import load_model, resolve_checkpoint
+from cclddg.training.checkpoint import load_config, load_model, resolve_checkpoint
 
 
 def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device) -> Tensor:
@@ -109,7 +108,7 @@ def sample(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None
 def load_generator(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"):
     """(generator, config) from a run folder (its latest checkpoint) or one checkpoint folder."""
     ckpt = resolve_checkpoint(Path(path))
-    cfg = TrainConfig.from_dict(json.loads((ckpt / "train_config.json").read_text()))
+    cfg = load_config(ckpt)
     name = "generator_ema" if ema and (ckpt / "generator_ema").exists() else "generator"
     model = load_model(UNet, ckpt / name).to(device).eval()
     return model, cfg

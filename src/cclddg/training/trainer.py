@@ -75,16 +75,16 @@ def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
 
 
-def grid_conditions(cfg: TrainConfig, rows: int) -> tuple[Tensor | None, list[str]]:
+def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
     """Fixed conditioning for the sample grids: one request per row, so grids compare over time."""
     if cfg.cond == "none":
-        return None, ["unconditional"] * rows
+        return None
     from cclddg.data.shapes import COLORS, POSITIONS, SHAPES, attrs_to_label
 
     requests = [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
                  "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
     labels = torch.stack([torch.from_numpy(attrs_to_label(r)) for r in requests])
-    return labels, [" ".join(r.values()) for r in requests]
+    return labels
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
@@ -283,7 +283,7 @@ class Trainer:
             return
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
-        cond, _ = grid_conditions(self.cfg, rows)
+        cond = grid_conditions(self.cfg, rows)
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from cclddg.config import PRESETS as KNOWN, resolve
+    from cclddg.config import PRESETS as KNOWN
+    from cclddg.config import resolve
 
     base = size_overrides(args)
     ddgan_arch = {k: getattr(resolve("ddgan", base), k) for k in ARCH_KEYS}

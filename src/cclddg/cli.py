@@ -76,8 +76,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "ch_mults": dict(type=int_list), "ch_mults_disc": dict(type=int_list),
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
         "adam_betas": dict(type=float_pair), "wandb_project": dict(type=optional_str),
-        "objective": dict(choices=OBJECTIVES),
+        "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str), "cache_dir": dict(type=str),
     }
+    aliases = {"n_cond_channels": ["--n_cloob_channels_unet"], "n_cond_channels_disc": ["--n_cloob_channels_disc"]}
+    helps = {"encoder": "conditioning embedder for --cond embedding, e.g. cloob-tiny:runs/cloob",
+             "pct_text": "fraction of examples conditioned on their caption's text embedding (else the image's)",
+             "use_cloob_unet": "the generator sees the conditioning (true/false)",
+             "use_cloob_disc": "the discriminator sees the conditioning (true/false)",
+             "data_size": "examples in the dataset whose embeddings are cached (embedding runs)",
+             "cache_dir": "where dataset embeddings are cached (default ~/.cache/cclddg or $CCLDDG_CACHE)"}
     for f in fields(TrainConfig):
         if f.name in ("preset", "extra"):
             continue
@@ -89,7 +96,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None, help="data source: shapes or shapes:SIZE")
             continue
-        p.add_argument(f"--{f.name}", default=None, **kwargs)
+        p.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=None, help=helps.get(f.name),
+                       **kwargs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -98,6 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     out = Path(args.out)
+    if overrides.get("encoder"):
+        from cclddg.encoders import absolute_spec
+
+        overrides["encoder"] = absolute_spec(overrides["encoder"])
+        if overrides.get("cond") is None:
+            overrides["cond"] = "embedding"
     if args.resume and (out / "config.json").is_file():
         # Resume from the run's own config; flags given on top must agree with it (checked by the trainer).
         saved = json.loads((out / "config.json").read_text())
@@ -117,6 +131,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_cloob(args: argparse.Namespace) -> int:
+    from cclddg.training.cloob_trainer import CLOOBTrainConfig, CLOOBTrainer
+
+    names = {f.name for f in fields(CLOOBTrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    out = Path(args.out)
+    values = json.loads((out / "config.json").read_text()) if args.resume and (out / "config.json").is_file() else {}
+    values.update(overrides)
+    cfg = CLOOBTrainConfig.from_dict(values)
+    trainer = CLOOBTrainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+    try:
+        report = trainer.run()
+    except KeyboardInterrupt:
+        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
+              f"continue with: cclddg train-cloob --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(report, indent=2))
+    print(f"done: {trainer.step} steps; use it with --encoder cloob-tiny:{out}")
+    return 0
+
+
+def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
+    from cclddg.training.cloob_trainer import CLOOBTrainConfig
+
+    p.add_argument("--out", default="runs/cloob", help="run folder (default runs/cloob)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    helps = {"text_tower": "minilm (frozen pretrained sentence encoder + trained head) or bpe (from scratch)",
+             "train_size": "number of training examples (embedded once)", "inv_tau": "InfoLOOB inverse temperature",
+             "scale_hopfield": "Hopfield retrieval inverse temperature", "eval_size": "held-out images for zero-shot eval",
+             "text_hidden": "hidden width of the MLP head over sentence features (0: a linear head)"}
+    for f in fields(CLOOBTrainConfig):
+        kind = int_list if f.name == "widths" else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=helps.get(f.name, f"default {f.default}"))
+
+
 def request_condition(attrs: str | None, n: int):
     """The label conditioning for `--attrs`, repeated n times (None when unconditional)."""
     import numpy as np
@@ -130,50 +180,101 @@ def request_condition(attrs: str | None, n: int):
     return torch.from_numpy(np.repeat(label[None], n, axis=0))
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,2,3; got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number, e.g. 3 or 1,2,3")
+    return values
 
+
+def write_outputs(images, nrow: int, output: str | None, singles: str | None) -> None:
     from cclddg.data.images import make_grid, tensor_to_image
-    from cclddg.pipeline import load_generator, sample
 
-    model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
-    if cfg.cond == "none" and args.attrs:
-        raise UserError("this model is unconditional (trained with --cond none); drop --attrs")
-    attrs = args.attrs if cfg.cond != "none" else None
-    cond = request_condition(attrs, args.n)
-    rng = torch.Generator().manual_seed(args.seed)
-    images = torch.cat([
-        sample(model, cfg, len(chunk), None if cond is None else cond[chunk], args.cfg, args.sampler, args.steps, rng)
-        for chunk in torch.arange(args.n).split(args.batch_size)
-    ])
     written = []
-    if args.output:
-        out = Path(args.output)
+    if output:
+        out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        nrow = args.nrow or max(1, int(round(args.n ** 0.5)))
-        make_grid(images, nrow=nrow).save(out)
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix or '.png'}")
+        make_grid(images, nrow=nrow).save(tmp)
+        tmp.replace(out)
         written.append(str(out))
-    if args.singles:
-        folder = Path(args.singles)
+    if singles:
+        folder = Path(singles)
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             tensor_to_image(image).save(folder / f"{i:05d}.png")
         written.append(f"{folder}/ ({len(images)} images)")
-    if not written:
-        raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
     print("wrote " + ", ".join(written))
+
+
+def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...]) -> int:
+    """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
+    import torch
+
+    from cclddg.pipeline import PromptPipeline, read_image
+
+    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder)
+    images = [read_image(p) for p in args.image or []]
+    cond = pipe.condition(args.prompt, images, args.image_weight)
+    negative = None
+    if args.negative_prompt is not None:
+        negative = pipe.embedder.embed_texts([pipe.embedder.check_prompt(args.negative_prompt)])
+    n = args.n or 4
+    per_cfg = [pipe.generate(cond, n, g, args.seed, negative, args.sampler, args.steps).cpu() for g in cfgs]
+    rows = cond.shape[0]
+    grid = torch.stack([x.view(rows, n, *x.shape[1:]) for x in per_cfg], dim=1)  # (rows, cfgs, n, ...)
+    write_outputs(grid.flatten(0, 2), len(cfgs) * n, args.output, args.singles)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from cclddg.pipeline import load_generator, sample
+
+    if not (args.output or args.singles):
+        raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    cfgs = args.cfg or (1.0,)
+    if args.prompt or args.image:
+        return sample_prompted(args, cfgs)
+    if args.negative_prompt is not None:
+        raise UserError("--negative_prompt needs --prompt or --image")
+    model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
+    if cfg.cond == "embedding":
+        raise UserError("this model is conditioned on embeddings: give --prompt \"...\" and/or --image PATH")
+    if cfg.cond == "none" and args.attrs:
+        raise UserError("this model is unconditional (trained with --cond none); drop --attrs")
+    n = args.n or 16
+    attrs = args.attrs if cfg.cond != "none" else None
+    cond = request_condition(attrs, n)
+    columns = []
+    for g in cfgs:
+        rng = torch.Generator().manual_seed(args.seed)
+        columns.append(torch.cat([
+            sample(model, cfg, len(chunk), None if cond is None else cond[chunk], g, args.sampler, args.steps, rng)
+            for chunk in torch.arange(n).split(args.batch_size)]))
+    if len(cfgs) == 1:
+        write_outputs(columns[0], args.nrow or max(1, int(round(n ** 0.5))), args.output, args.singles)
+    else:  # a guidance sweep: one column per scale, one row per sample
+        write_outputs(torch.stack(columns, dim=1).flatten(0, 1), len(cfgs), args.output, args.singles)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from cclddg.evaluation.generated import evaluate_model
+    from cclddg.encoders import load_embedder
+    from cclddg.evaluation.generated import evaluate_model, real_clip_score
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.data:
         from cclddg.data.sources import open_dataset
         from cclddg.evaluation.shapes_eval import score
@@ -182,13 +283,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = [data.sample(i) for i in range(args.n)]
         report = score([s.image for s in samples], [s.attrs for s in samples])
         report.update({"source": args.data})
+        if args.encoder:  # how well the embedder reads this data: zero-shot by prompts, and the CLOOB score
+            from cclddg.evaluation.zero_shot import (
+                paraphrase_retrieval,
+                zero_shot_shapes,
+            )
+
+            embedder = load_embedder(args.encoder)
+            report["cloob_score_real"] = real_clip_score(embedder, args.n, data.size)
+            report["zero_shot"] = zero_shot_shapes(embedder, args.n, data.size)
+            report["zero_shot_paraphrased"] = zero_shot_shapes(embedder, args.n, data.size, paraphrase=True)
+            report["paraphrase_top20_precision"] = paraphrase_retrieval(embedder, args.n, data.size)
     else:
         from cclddg.pipeline import load_generator
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size)
+        embedder = None
+        if cfg.cond == "embedding":
+            embedder = load_embedder(args.encoder or cfg.encoder)
+        elif args.prompts == "image":
+            raise UserError("--prompts image needs a run trained on embeddings (--encoder)")
+        report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size,
+                                embedder=embedder, prompts=args.prompts)
+        if embedder is not None:
+            report["cloob_score_real"] = real_clip_score(embedder, min(args.n, 500), cfg.img_size)
         if cfg.objective == "ddgan":
             sampler, steps = "ddgan", cfg.n_steps
         else:
@@ -211,15 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(train)
     train.set_defaults(func=cmd_train)
 
+    tc = sub.add_parser("train-cloob", help="train our own CLOOB (image + text towers) on captioned data")
+    add_train_cloob_args(tc)
+    tc.set_defaults(func=cmd_train_cloob)
+
     smp = sub.add_parser("sample", help="sample images from a trained run")
     smp.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     smp.add_argument("-o", "--output", help="grid PNG to write")
     smp.add_argument("--singles", help="folder for one PNG per image")
-    smp.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    smp.add_argument("--n", type=int, default=None,
+                     help="images (label runs, default 16) or images per prompt and guidance scale (default 4)")
     smp.add_argument("--nrow", type=int, default=0, help="images per grid row (default: square)")
     smp.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    smp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    smp.add_argument("--cfg", type=float_list, default=None,
+                     help="classifier-free guidance scale (1 = none); a list like 1,2,3 sweeps across columns")
     smp.add_argument("--attrs", help="labels to ask for, e.g. color=red,shape=circle,position=top left")
+    smp.add_argument("--prompt", action="append", help="text prompt (repeat for more rows)")
+    smp.add_argument("--image", action="append", help="image prompt: variations of it (repeat for more rows)")
+    smp.add_argument("--image_weight", type=float, default=0.5,
+                     help="with --prompt and --image together: the image's share of the mixed embedding")
+    smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
+    smp.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
     smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim)")
     smp.add_argument("--steps", type=int, help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=int, default=64)
@@ -237,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch_size", type=int, default=100)
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--no_ema", action="store_true", help="score the raw generator weights, not the EMA")
+    ev.add_argument("--prompts", choices=("text", "image"), default="text",
+                    help="embedding runs: ask with text prompts or with held-out images (default text)")
+    ev.add_argument("--encoder", help="embedder for the CLOOB score (default: the run's own)")
     ev.add_argument("-o", "--output", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
     return parser

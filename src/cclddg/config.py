@@ -16,7 +16,7 @@ from cclddg.errors import UserError
 OBJECTIVES = ("ddgan", "diffusion")
 STEP_KINDS = ("posterior", "renoise")
 SCHEDULES = ("seed", "vp", "linear")
-CONDS = ("labels", "none")
+CONDS = ("labels", "embedding", "none")
 INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -32,6 +32,14 @@ class TrainConfig:
     img_size: int = 32
     cond: str = "labels"
     pct_zeros: float = 0.1
+    # embedding conditioning (cond="embedding"): the encoder, the fraction of examples conditioned on their
+    # caption's text embedding instead of their image embedding, and which nets see the embedding
+    encoder: str | None = None
+    pct_text: float = 0.0
+    use_cloob_unet: bool = True
+    use_cloob_disc: bool = True
+    data_size: int = 20000
+    cache_dir: str | None = None
     # diffusion
     n_steps: int = 4
     schedule: str = "vp"
@@ -46,6 +54,7 @@ class TrainConfig:
     z_dim: int = 16
     n_z_channels: int = 64
     n_cond_channels: int = 128
+    n_cond_channels_disc: int = -1
     n_time_channels: int = -1
     denom_factor: float = 16.0
     dropout: float = 0.0
@@ -164,6 +173,18 @@ def validate(cfg: TrainConfig) -> None:
         _positive(name, getattr(cfg, name), allow_zero=True)
     for name in ("lr_gen", "lr_disc"):
         _positive(name, getattr(cfg, name))
+    if not 0.0 <= cfg.pct_text <= 1.0:
+        raise UserError(f"--pct_text must be in [0, 1], got {cfg.pct_text}")
+    if cfg.cond == "embedding" and not cfg.encoder:
+        raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
+                        "(train one with `cclddg train-cloob`)")
+    if cfg.cond != "embedding" and cfg.encoder:
+        raise UserError(f"--encoder is only used with --cond embedding (this run has --cond {cfg.cond})")
+    if cfg.cond == "embedding":
+        from cclddg.encoders import parse_encoder_spec
+
+        parse_encoder_spec(cfg.encoder)
+        _positive("data_size", cfg.data_size)
     for name in ("pct_zeros", "ema_decay"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:

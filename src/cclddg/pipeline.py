@@ -7,6 +7,7 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ from torch import Tensor
 from cclddg import diffusion
 from cclddg.config import TrainConfig
 from cclddg.diffusion import Schedule
+from cclddg.errors import UserError
 from cclddg.models import UNet
 from cclddg.training.checkpoint import load_config, load_model, resolve_checkpoint
 
@@ -25,11 +27,14 @@ def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.dev
 
 
 def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float,
-                   z: Tensor | None = None, batched: bool = True) -> Tensor:
-    """The model's prediction with classifier-free guidance `guidance` (1 = plain conditional)."""
+                   z: Tensor | None = None, batched: bool = True, uncond: Tensor | None = None) -> Tensor:
+    """The model's prediction with classifier-free guidance `guidance` (1 = plain conditional).
+
+    `uncond` replaces the null embedding as the point guidance pushes away from (a negative prompt).
+    """
     if cond is None or guidance == 1.0:
         return model(x, t, cond, z)
-    null = torch.zeros_like(cond)
+    null = torch.zeros_like(cond) if uncond is None else uncond.expand_as(cond).to(cond)
     if guidance == 0.0:
         return model(x, t, null, z)
     if batched:
@@ -45,7 +50,7 @@ def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | 
 def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], cond: Tensor | None = None,
                  guidance: float = 1.0, step_kind: str = "posterior", z_dim: int = 0,
                  rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 batched_cfg: bool = True) -> Tensor:
+                 batched_cfg: bool = True, uncond: Tensor | None = None) -> Tensor:
     """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1}; return the last x̂_0."""
     device = torch.device(device)
     sched = schedule.to(device)
@@ -54,7 +59,7 @@ def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[in
     for step in range(sched.n_steps, 0, -1):
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)
         z = randn((shape[0], z_dim), rng, device) if z_dim else None
-        x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg)
+        x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg, uncond=uncond)
         if step > 1:
             noise = randn(shape, rng, device)
             if step_kind == "renoise":
@@ -68,7 +73,7 @@ def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[in
 def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], cond: Tensor | None = None,
                      guidance: float = 1.0, sampler: str = "ddpm", n_sample_steps: int | None = None,
                      rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                     clip_x0: float | None = 1.0, batched_cfg: bool = True) -> Tensor:
+                     clip_x0: float | None = 1.0, batched_cfg: bool = True, uncond: Tensor | None = None) -> Tensor:
     """Ancestral DDPM over every step, or DDIM (eta 0) over `n_sample_steps` evenly spaced steps."""
     device = torch.device(device)
     sched = schedule.to(device)
@@ -76,7 +81,7 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
     if sampler == "ddpm":
         for step in range(sched.n_steps, 0, -1):
             t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-            eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg)
+            eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg, uncond=uncond)
             noise = randn(shape, rng, device)
             x = diffusion.ddpm_step(sched, x, t, eps, noise=noise, clip_x0=clip_x0)
         return x
@@ -87,21 +92,22 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
         prev = steps[i + 1] if i + 1 < len(steps) else 0
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)
         t_prev = torch.full((shape[0],), prev, dtype=torch.long, device=device)
-        eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg)
+        eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg, uncond=uncond)
         x = diffusion.ddim_step(sched, x, t, t_prev, eps, eta=0.0, clip_x0=clip_x0)
     return x
 
 
 def sample(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None = None, guidance: float = 1.0,
            sampler: str | None = None, n_sample_steps: int | None = None, rng: torch.Generator | None = None,
-           device: torch.device | str = "cpu") -> Tensor:
+           device: torch.device | str = "cpu", uncond: Tensor | None = None) -> Tensor:
     """Images in [-1, 1] from a trained generator, using the run's own schedule and objective."""
     schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max)
     shape = (n, model.config.image_channels, cfg.img_size, cfg.img_size)
     if cfg.objective == "ddgan":
-        x = ddgan_sample(model, schedule, shape, cond, guidance, cfg.step_kind, cfg.z_dim, rng, device)
+        x = ddgan_sample(model, schedule, shape, cond, guidance, cfg.step_kind, cfg.z_dim, rng, device, uncond=uncond)
     else:
-        x = diffusion_sample(model, schedule, shape, cond, guidance, sampler or "ddim", n_sample_steps, rng, device)
+        x = diffusion_sample(model, schedule, shape, cond, guidance, sampler or "ddim", n_sample_steps, rng, device,
+                             uncond=uncond)
     return x.clamp(-1, 1)
 
 
@@ -112,3 +118,101 @@ def load_generator(path: str | Path, ema: bool = True, device: torch.device | st
     name = "generator_ema" if ema and (ckpt / "generator_ema").exists() else "generator"
     model = load_model(UNet, ckpt / name).to(device).eval()
     return model, cfg
+
+
+def read_image(path: str | Path) -> Tensor:
+    """An image file -> (3, H, W) in [-1, 1]; an unreadable file is one clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    from cclddg.data.images import image_to_tensor
+
+    try:
+        with Image.open(path) as image:
+            return image_to_tensor(image.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {type(exc).__name__}; give a PNG or JPEG file") from None
+
+
+class PromptPipeline:
+    """Text- and image-prompted sampling from an embedding-conditioned run; returns PIL images.
+
+        pipe = PromptPipeline.from_run("runs/text2img")
+        images = pipe(["a red circle in the top left"], n=4, guidance=3.0, seed=0)
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu"):
+        self.model, self.cfg, self.embedder, self.device = model, cfg, embedder, torch.device(device)
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: torch.device | str = "cpu", ema: bool = True,
+                 encoder: str | None = None) -> "PromptPipeline":
+        """Load a run's generator and the encoder it was trained with (or `encoder`, a spec of the same space)."""
+        from cclddg.encoders import load_embedder
+
+        model, cfg = load_generator(path, ema=ema, device=device)
+        if cfg.cond != "embedding":
+            raise UserError(f"{path} was trained with --cond {cfg.cond}, not on embeddings: prompts need a run "
+                            "trained with --encoder (use --attrs for label-conditioned shapes runs)")
+        if not cfg.use_cloob_unet:
+            raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
+        embedder = load_embedder(encoder or cfg.encoder, device)
+        if embedder.dim != model.config.cond_dim:
+            raise UserError(f"the encoder gives {embedder.dim}-d embeddings but the generator expects {model.config.cond_dim}")
+        return cls(model, cfg, embedder, device)
+
+    def condition(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
+                  image_weight: float = 0.5) -> Tensor:
+        """One embedding per row: a prompt's, an image's, or (both given, pairwise) their normalised mix."""
+        prompts = [self.embedder.check_prompt(p) for p in prompts or []]
+        images = list(images or [])
+        if not prompts and not images:
+            raise UserError("give at least one prompt or image")
+        if not 0.0 <= image_weight <= 1.0:
+            raise UserError(f"the image weight must be in [0, 1], got {image_weight}")
+        text = self.embedder.embed_texts(prompts) if prompts else None
+        image = torch.cat([self.embedder.embed_images(_square(i)[None]) for i in images]) if images else None
+        if text is None:
+            return image
+        if image is None:
+            return text
+        if len(prompts) != len(images) and 1 not in (len(prompts), len(images)):
+            raise UserError(f"{len(prompts)} prompts and {len(images)} images: give as many of each, or one of either")
+        text, image = torch.broadcast_tensors(text[:, None], image[:, None])
+        return torch.nn.functional.normalize((1 - image_weight) * text[:, 0] + image_weight * image[:, 0], dim=-1)
+
+    @torch.no_grad()
+    def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
+                 negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None) -> Tensor:
+        """(rows * n, 3, H, W) in [-1, 1]: n samples per row of `cond`, the same noise for the same seed."""
+        rng = torch.Generator().manual_seed(seed)
+        c = cond.to(self.device).repeat_interleave(n, dim=0)
+        return sample(self.model, self.cfg, c.shape[0], c, guidance, sampler, steps, rng, self.device,
+                      uncond=None if negative is None else negative.to(self.device))
+
+    def __call__(self, prompts: str | Sequence[str] | None = None, images: Sequence | None = None,
+                 image_weight: float = 0.5, negative_prompt: str | None = None, n: int = 1,
+                 guidance: float = 3.0, seed: int = 0) -> list:
+        """PIL images: n per prompt (or image), prompt-major order."""
+        from PIL import Image
+
+        from cclddg.data.images import image_to_tensor, tensor_to_image
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tensors = [image_to_tensor(i) if isinstance(i, Image.Image) else
+                   (read_image(i) if isinstance(i, (str, Path)) else i) for i in images or []]
+        cond = self.condition(prompts, tensors, image_weight)
+        negative = None
+        if negative_prompt is not None:
+            negative = self.embedder.embed_texts([self.embedder.check_prompt(negative_prompt)])
+        return [tensor_to_image(x) for x in self.generate(cond, n, guidance, seed, negative)]
+
+
+def _square(image: Tensor) -> Tensor:
+    """Centre crop to a square (embedders see square images)."""
+    h, w = image.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return image[..., top:top + s, left:left + s]

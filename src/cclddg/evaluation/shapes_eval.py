@@ -15,7 +15,15 @@ import torch
 from PIL import Image
 
 from cclddg.data.images import tensor_to_array
-from cclddg.data.shapes import ATTRIBUTES, COLORS, GRID, PALETTE, POSITIONS, shape_coverage, validate_attrs
+from cclddg.data.shapes import (
+    ATTRIBUTES,
+    COLORS,
+    GRID,
+    PALETTE,
+    POSITIONS,
+    shape_coverage,
+    validate_attrs,
+)
 from cclddg.errors import UserError
 
 COLOR_TOL = 70.0  # max RGB distance from a palette colour

@@ -13,11 +13,11 @@ from torch import nn
 from cclddg.errors import UserError
 from cclddg.models.blocks import (
     Downsample,
-    append_coords,
     MLPEmbedding,
     ResBlock,
     SelfAttention,
     StepEmbedding,
+    append_coords,
     check_common,
     check_spatial,
     steps_tensor,

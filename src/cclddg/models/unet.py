@@ -13,13 +13,13 @@ from torch import nn
 from cclddg.errors import UserError
 from cclddg.models.blocks import (
     Downsample,
-    append_coords,
     MLPEmbedding,
     ResBlock,
-    SpatialConditioning,
     SelfAttention,
+    SpatialConditioning,
     StepEmbedding,
     Upsample,
+    append_coords,
     check_common,
     check_positive_int,
     check_spatial,

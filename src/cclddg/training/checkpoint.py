@@ -95,7 +95,7 @@ def load_model(cls: type, folder: Path) -> torch.nn.Module:
     if not (folder / "config.json").is_file():
         raise UserError(f"checkpoint folder {folder} has no config.json; the checkpoint is incomplete")
     try:
-        return cls.from_pretrained(folder)
+        return cls.from_pretrained(folder, use_safetensors=True)  # never fall back to a pickle
     except UserError:
         raise
     except Exception as exc:  # safetensors/diffusers raise many types for truncated or foreign files

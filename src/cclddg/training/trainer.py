@@ -37,34 +37,41 @@ from cclddg.training import checkpoint as ckpt_io
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project", "threads"}
+RESUMABLE_CHANGES = {"n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project",
+                     "threads", "cache_dir"}
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
 
 
-def label_dim(cfg: TrainConfig) -> int:
+def label_dim(cfg: TrainConfig, embed_dim: int = 0) -> int:
+    """Width of the conditioning vector: the label vector, the embedder's dim, or 0."""
     if cfg.cond == "none":
         return 0
+    if cfg.cond == "embedding":
+        return embed_dim
     from cclddg.data.shapes import LABEL_DIM
 
     return LABEL_DIM
 
 
-def build_generator(cfg: TrainConfig) -> UNet:
+def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
+    cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_unet else 0
     return UNet(image_channels=3, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
                 n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
-                n_z_channels=cfg.n_z_channels, cond_dim=label_dim(cfg), n_cond_channels=cfg.n_cond_channels,
+                n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
                 injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels,
                 cond_map_size=cfg.cond_map_size)
 
 
-def build_discriminator(cfg: TrainConfig) -> Discriminator:
+def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
+    cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_disc else 0
+    n_cond = cfg.n_cond_channels_disc if cfg.n_cond_channels_disc > 0 else cfg.n_cond_channels
     return Discriminator(image_channels=3, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
-                         is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=label_dim(cfg),
-                         n_cond_channels=cfg.n_cond_channels, n_time_channels=cfg.n_time_channels,
+                         is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
+                         n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
                          denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.img_size,
                          coord_channels=cfg.coord_channels)
 
@@ -75,16 +82,27 @@ def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
 
 
-def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
-    """Fixed conditioning for the sample grids: one request per row, so grids compare over time."""
-    if cfg.cond == "none":
-        return None
-    from cclddg.data.shapes import COLORS, POSITIONS, SHAPES, attrs_to_label
+def grid_requests(rows: int) -> list[dict[str, str]]:
+    """One request per grid row, the same in every run so grids compare over time."""
+    from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
 
-    requests = [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
-                 "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
-    labels = torch.stack([torch.from_numpy(attrs_to_label(r)) for r in requests])
-    return labels
+    return [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
+             "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
+
+
+def grid_prompts(rows: int) -> list[str]:
+    from cclddg.evaluation.zero_shot import position_phrase
+
+    return [f"a {r['color']} {r['shape']} {position_phrase(r['position'])}" for r in grid_requests(rows)]
+
+
+def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
+    """Fixed label conditioning for the sample grids (embedding runs use the prompts' embeddings)."""
+    if cfg.cond != "labels":
+        return None
+    from cclddg.data.shapes import attrs_to_label
+
+    return torch.stack([torch.from_numpy(attrs_to_label(r)) for r in grid_requests(rows)])
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
@@ -127,10 +145,14 @@ class Trainer:
         rank = self.accelerator.process_index
         # Everything that can reject the config runs before the run folder is touched.
         self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
-        self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed)
+        length = cfg.data_size if cfg.cond == "embedding" else None
+        self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
+        self.embeddings: dict[str, Tensor] = {}
+        self.grid_cond: Tensor | None = None
+        embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.gen = build_generator(cfg).to(self.device)
-        disc = build_discriminator(cfg).to(self.device) if cfg.objective == "ddgan" else None
+        self.gen = build_generator(cfg, embed_dim).to(self.device)
+        disc = build_discriminator(cfg, embed_dim).to(self.device) if cfg.objective == "ddgan" else None
         if self.accelerator.is_main_process:
             prepare_run_dir(self.out, cfg, resume)
         self.accelerator.wait_for_everyone()
@@ -154,18 +176,44 @@ class Trainer:
         if cfg.wandb_project and cfg.wandb_project != "None" and self.accelerator.is_main_process:
             self.tracker = _start_wandb(cfg)
 
+    def _prepare_embeddings(self) -> int:
+        """Image and caption embeddings of the whole (finite) dataset, from the cache or computed once."""
+        from cclddg.data.embedding_cache import cache_key, dataset_embeddings
+        from cclddg.encoders import default_cache_dir, load_embedder
+
+        cfg, acc = self.cfg, self.accelerator
+        embedder = load_embedder(cfg.encoder, self.device)
+        key = cache_key(cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.encoder, embedder.fingerprint)
+        cache_dir = cfg.cache_dir or default_cache_dir()
+        if acc.is_main_process:  # one process builds the cache, the others then read it
+            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, self.progress)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, False)
+        self.grid_cond = embedder.embed_texts(grid_prompts(6)).cpu()
+        return embedder.dim
+
     # ---- data -------------------------------------------------------------------------------------
     def batch(self, step: int, drop: bool = True) -> tuple[Tensor, Tensor | None]:
         """The examples of this step and rank: a pure function of the step (exact resume).
 
-        With `drop`, conditioning is replaced by the null embedding with probability pct_zeros (for CFG).
+        Embedding runs condition each example on its image embedding, or with probability pct_text on
+        its caption's text embedding. With `drop`, conditioning is replaced by the null embedding
+        with probability pct_zeros (for CFG).
         """
         b, world, rank = self.cfg.batch_size, self.accelerator.num_processes, self.accelerator.process_index
         start = (step * world + rank) * b
-        images, labels, _ = self.data.get_batch(range(start, start + b))
+        indices = range(start, start + b)
+        if self.cfg.cond == "embedding":
+            indices = [i % self.cfg.data_size for i in indices]
+        images, labels, _ = self.data.get_batch(indices)
         images = images.to(self.device)
         if self.cfg.cond == "none":
             return images, None
+        if self.cfg.cond == "embedding":
+            idx = torch.tensor(indices)
+            use_text = torch.rand(b, 1) < self.cfg.pct_text
+            labels = torch.where(use_text, self.embeddings["text"][idx], self.embeddings["image"][idx])
         labels = labels.to(self.device)
         if drop and self.cfg.pct_zeros > 0:
             keep = torch.rand(b, 1, device=self.device) >= self.cfg.pct_zeros
@@ -178,7 +226,8 @@ class Trainer:
         t = objectives.sample_steps(x0.shape[0], cfg.n_steps, x0.device)
         x_prev, x_t = diffusion.q_pair(self.schedule, x0, t)
         z = torch.randn(x0.shape[0], cfg.z_dim, device=x0.device) if cfg.z_dim else None
-        x0_pred = self.gen(x_t, t, cond, z)
+        cond_g, cond = self._split_cond(cond)
+        x0_pred = self.gen(x_t, t, cond_g, z)
         fake_prev = objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
 
         lazy = cfg.r1_gamma > 0 and (self.step % cfg.lazy_reg == 0)
@@ -200,7 +249,12 @@ class Trainer:
         self._check_finite(loss_d, loss_g)
         return {**logs, **logs_g}
 
+    def _split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """(generator's conditioning, discriminator's conditioning): None where a net does not see it."""
+        return (cond if self.cfg.use_cloob_unet else None), (cond if self.cfg.use_cloob_disc else None)
+
     def diffusion_step(self, x0: Tensor, cond: Tensor | None) -> dict[str, float]:
+        cond = self._split_cond(cond)[0]
         loss, logs = objectives.diffusion_loss(self.gen, self.schedule, x0, cond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -283,7 +337,8 @@ class Trainer:
             return
         folder = self.out / "samples"
         folder.mkdir(exist_ok=True)
-        cond = grid_conditions(self.cfg, rows)
+        cond = grid_conditions(self.cfg, rows) if self.grid_cond is None else self.grid_cond
+        cond = cond if self.cfg.use_cloob_unet else None
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)
@@ -303,6 +358,7 @@ class Trainer:
         x0, cond = self.batch(0, drop=False)
         n = min(n, x0.shape[0])
         x0, cond = x0[:n], None if cond is None else cond[:n]
+        cond = self._split_cond(cond)[0]
         rows = [x0]
         gen = torch.Generator(device=self.device).manual_seed(99)
         for step in range(self.cfg.n_steps, 0, -1):

@@ -1,0 +1,237 @@
+"""`cclddg train-cloob`: train our own CLOOB (image tower + text tower) on a captioned data source.
+
+The training set is finite (`train_size` examples); its images and the frozen text tower's features of
+its captions are computed once at the start (features cached in the run folder), so a step is only the
+two small trainable towers. Batches come from a per-epoch permutation seeded by (seed, epoch): a
+resumed run sees exactly the batches it would have seen.
+
+Run folder: config.json, log.jsonl, text_features.safetensors (cache), checkpoints/step_*/cloob/,
+zero_shot.json (held-out zero-shot accuracy, written at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cclddg.data.sources import open_dataset
+from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
+from cclddg.errors import UserError
+from cclddg.training import checkpoint as ckpt_io
+
+
+@dataclass
+class CLOOBTrainConfig:
+    data: str = "shapes"
+    img_size: int = 32
+    train_size: int = 20000
+    seed: int = 0
+    dim: int = 256
+    widths: tuple[int, ...] = (32, 64, 128)
+    text_tower: str = "minilm"
+    text_hidden: int = 512
+    inv_tau: float = 30.0
+    scale_hopfield: float = 15.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    n_batches: int = 3000
+    max_minutes: float = 0.0
+    log_every: int = 50
+    save_every: int = 500
+    eval_size: int = 1000
+    threads: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CLOOBTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown train-cloob config keys {unknown}")
+        cfg = cls(**values)
+        cfg.widths = tuple(cfg.widths)
+        return cfg
+
+    def validate(self) -> None:
+        if self.text_tower not in TEXT_TOWERS:
+            raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
+        for name in ("img_size", "train_size", "dim", "batch_size", "log_every", "save_every", "eval_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_batches", "max_minutes", "warmup", "weight_decay", "text_hidden"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.inv_tau <= 0 or self.scale_hopfield <= 0:
+            raise UserError("--lr, --inv_tau and --scale_hopfield must be > 0")
+        if self.batch_size < 2 or self.batch_size > self.train_size:
+            raise UserError(f"--batch_size must be in [2, train_size={self.train_size}] (contrastive learning "
+                            f"needs negatives), got {self.batch_size}")
+
+
+RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads"}
+
+
+class CLOOBTrainer:
+    def __init__(self, cfg: CLOOBTrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(True)
+        self._prepare_dir(resume)
+        torch.manual_seed(cfg.seed)
+        self.model = CLOOBModel(dim=cfg.dim, image_size=cfg.img_size, widths=cfg.widths, text_tower=cfg.text_tower,
+                                text_hidden=cfg.text_hidden, inv_tau=cfg.inv_tau, scale_hopfield=cfg.scale_hopfield)
+        self.embedder = OwnCLOOB(self.model)  # holds the frozen text encoder / tokenizer
+        self.model.train().requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if resume and ckpt_io.list_checkpoints(self.out):
+            self._load(ckpt_io.resolve_checkpoint(self.out))
+        self.images, self.text_inputs = self._load_data()
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _prepare_dir(self, resume: bool) -> None:
+        config_path = self.out / "config.json"
+        if resume:
+            if not config_path.is_file():
+                raise UserError(f"--resume: {self.out} holds no train-cloob run; start it without --resume")
+            old = json.loads(config_path.read_text())
+            new = json.loads(self.cfg.to_json())
+            clash = [k for k in new if k not in RESUMABLE and new[k] != old.get(k)]
+            if clash:
+                raise UserError(f"cannot resume {self.out} with a different config ({', '.join(clash[:4])} differ); "
+                                "drop those flags or start a new --out")
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"{self.out} is not empty; pass --resume to continue a run there or choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.write_text_atomic(config_path, self.cfg.to_json())
+
+    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All training images (uint8) and the text head's inputs for all captions, computed once."""
+        cfg = self.cfg
+        data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.train_size)
+        images, captions = [], []
+        for start in range(0, cfg.train_size, 1000):
+            x, _, c = data.get_batch(range(start, min(start + 1000, cfg.train_size)))
+            images.append(((x + 1) * 127.5).round().to(torch.uint8))
+            captions += c
+        cache = self.out / "text_inputs.safetensors"
+        if cache.is_file():
+            from safetensors.torch import load_file
+
+            text = load_file(str(cache))["text"]
+        else:
+            unique = sorted(set(captions))
+            index = {c: i for i, c in enumerate(unique)}
+            feats = []
+            for start in tqdm(range(0, len(unique), 512), desc="text features", disable=not self.progress):
+                feats.append(self.embedder.text_inputs(unique[start:start + 512]).cpu())
+            text = torch.cat(feats)[torch.tensor([index[c] for c in captions])]
+            _save_tensors_atomic(cache, {"text": text.contiguous()})
+        return torch.cat(images), text
+
+    # ---- training -----------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Examples of `step`: a slice of the permutation of its epoch (a pure function of the step)."""
+        per_epoch = self.cfg.train_size // self.cfg.batch_size
+        epoch, k = divmod(step, per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.cfg.train_size)
+        b = self.cfg.batch_size
+        return torch.from_numpy(perm[k * b:(k + 1) * b])
+
+    def train_step(self) -> float:
+        idx = self.batch_indices(self.step)
+        images = self.images[idx].float() / 127.5 - 1
+        lr = self.cfg.lr * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.model.loss(self.model.image_features(images), self.model.text_head(self.text_inputs[idx]))
+        if not torch.isfinite(loss):
+            raise UserError(f"train-cloob: the loss became {loss.item()} at step {self.step}; lower --lr "
+                            f"(last checkpoint: {self.last_checkpoint})")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return loss.item()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        total = cfg.n_batches
+        bar = tqdm(total=total, initial=self.step, desc="train-cloob", disable=not self.progress)
+        t0, last = time.monotonic(), self.step
+        try:
+            while self.step < total and time.monotonic() < deadline:
+                loss = self.train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    rate = (self.step - last) * cfg.batch_size / max(1e-9, time.monotonic() - t0)
+                    t0, last = time.monotonic(), self.step
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    with open(self.out / "log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": self.step, "loss": loss, "samples_per_s": rate}) + "\n")
+                if self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+        self.save()
+        return self.evaluate()
+
+    def evaluate(self) -> dict:
+        from cclddg.evaluation.zero_shot import paraphrase_retrieval, zero_shot_shapes
+
+        self.model.eval()
+        report = {"step": self.step,
+                  "zero_shot": zero_shot_shapes(self.embedder, self.cfg.eval_size, self.cfg.img_size),
+                  "zero_shot_paraphrased": zero_shot_shapes(self.embedder, self.cfg.eval_size, self.cfg.img_size,
+                                                            paraphrase=True),
+                  "paraphrase_top20_precision": paraphrase_retrieval(self.embedder, self.cfg.eval_size,
+                                                                     self.cfg.img_size)}
+        self.model.train()
+        ckpt_io.write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
+        return report
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.checkpoint_name(self.step):
+            return
+        state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}
+        self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, {"cloob": self.model}, state, self.cfg)
+
+    def _load(self, folder: Path) -> None:
+        model = ckpt_io.load_model(CLOOBModel, folder / "cloob")
+        self.model.load_state_dict(model.state_dict())
+        state = ckpt_io.load_state(folder)
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.last_checkpoint = folder
+
+
+def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""Generator training on embeddings (cache, pct_text, which nets see c) and prompted sampling/eval, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cclddg.cli import main
+from cclddg.config import resolve
+from cclddg.data.embedding_cache import cache_file, cache_key, dataset_embeddings
+from cclddg.data.shapes import ShapesDataset
+from cclddg.encoders import load_embedder
+from cclddg.pipeline import PromptPipeline
+from cclddg.training.trainer import Trainer
+
+TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "128", "--batch_size", "32",
+              "--eval_size", "16", "--n_batches", "20", "--warmup", "2",
+              "--no_progress"]
+TINY_GEN = ["--preset", "fast", "--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
+            "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
+            "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--cond_map_size", "4",
+            "--data_size", "64", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "cloob"
+    assert main(["train-cloob", "--out", str(out), *TINY_CLOOB]) == 0
+    return f"cloob-tiny:{out}"
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, encoder):
+    root = tmp_path_factory.mktemp("gen")
+    out = root / "run"
+    assert main(["train", "--out", str(out), *TINY_GEN, "--encoder", encoder, "--pct_text", "0.5",
+                 "--cache_dir", str(root / "cache"), "--n_batches", "6", "--save_models_every", "3"]) == 0
+    return out
+
+
+def test_embedding_run_records_its_encoder_and_caches_embeddings_once(gen_run, encoder):
+    cfg = json.loads((gen_run / "config.json").read_text())
+    assert cfg["cond"] == "embedding" and cfg["encoder"] == encoder and cfg["pct_text"] == 0.5
+    caches = list((gen_run.parent / "cache").glob("embeddings-*.safetensors"))
+    assert len(caches) == 1
+    config = json.loads((gen_run / "checkpoints" / "latest").parent.joinpath("step_0000006", "generator",
+                                                                              "config.json").read_text())
+    assert config["cond_dim"] == 16
+
+
+def test_cache_is_reused_and_keyed_by_the_encoder(tmp_path, encoder):
+    emb = load_embedder(encoder)
+    data = ShapesDataset(size=16, length=40, seed=3)
+    key = cache_key("shapes", 16, 3, 40, encoder, emb.fingerprint)
+    first = dataset_embeddings(data, 40, emb, key, tmp_path, progress=False)
+    path = cache_file(tmp_path, key)
+    stamp = path.stat().st_mtime_ns
+    again = dataset_embeddings(data, 40, emb, key, tmp_path, progress=False)
+    assert path.stat().st_mtime_ns == stamp  # read, not rebuilt
+    torch.testing.assert_close(first["image"], again["image"], atol=0, rtol=0)
+    # the cached rows are the embedder's own outputs for those examples
+    images, _, captions = data.get_batch(range(5))
+    torch.testing.assert_close(first["image"][:5], emb.embed_images(images), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first["text"][:5], emb.embed_texts(captions), atol=1e-5, rtol=1e-4)
+    other = cache_key("shapes", 16, 3, 40, encoder, "another-weights")
+    assert cache_file(tmp_path, other) != path
+    path.write_bytes(b"damaged")  # a damaged cache is rebuilt, never trusted
+    rebuilt = dataset_embeddings(data, 40, emb, key, tmp_path, progress=False)
+    torch.testing.assert_close(rebuilt["image"], first["image"], atol=0, rtol=0)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("pct_text, source", [(0.0, "image"), (1.0, "text")])
+def test_pct_text_picks_the_embedding_source(tmp_path, encoder, pct_text, source):
+    overrides = dict(img_size=16, n_channels_unet=8, ch_mults=(1, 2), is_attn=(False, False), n_channels_disc=8,
+                     ch_mults_disc=(1, 2), is_attn_disc=(False, False), batch_size=8, z_dim=4, n_z_channels=8,
+                     n_cond_channels=8, cond_map_size=4, data_size=16, cond="embedding", encoder=encoder,
+                     pct_text=pct_text, pct_zeros=0.0, cache_dir=str(tmp_path / "cache"))
+    trainer = Trainer(resolve("fast", overrides), tmp_path / "run", progress=False)
+    _, cond = trainer.batch(3)  # examples 24..31 wrap to 8..15 of the 16
+    expected = trainer.embeddings[source][8:16]
+    torch.testing.assert_close(cond, expected)
+
+
+def test_use_cloob_flags_choose_which_net_is_conditioned(tmp_path, encoder):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY_GEN, "--encoder", encoder, "--use_cloob_unet", "false",
+                 "--cache_dir", str(tmp_path / "cache"), "--n_batches", "2"]) == 0
+    ckpt = out / "checkpoints" / "step_0000002"
+    assert json.loads((ckpt / "generator" / "config.json").read_text())["cond_dim"] == 0
+    assert json.loads((ckpt / "discriminator" / "config.json").read_text())["cond_dim"] == 16
+    code = main(["sample", "--checkpoint", str(out), "--prompt", "a red circle", "-o", str(tmp_path / "x.png")])
+    assert code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_prompt_grid_layout_and_reproducibility(tmp_path, gen_run):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    argv = ["sample", "--checkpoint", str(gen_run), "--prompt", "a red circle", "--prompt", "a blue square at the top",
+            "--cfg", "1,2,4", "--n", "2", "--seed", "5"]
+    assert main([*argv, "-o", str(a)]) == 0 and main([*argv, "-o", str(b)]) == 0
+    grid = Image.open(a)
+    # 2 rows (prompts) x 6 columns (3 guidance scales x 2 samples) of 16 px tiles with 2 px padding
+    assert grid.size == (6 * 18 + 2, 2 * 18 + 2)
+    assert np.array_equal(np.asarray(grid), np.asarray(Image.open(b)))
+
+
+def test_pipeline_api_negative_prompt_and_image_mixing(gen_run, tmp_path):
+    pipe = PromptPipeline.from_run(gen_run)
+    images = pipe("a red circle", n=3, guidance=3.0, seed=1)
+    assert len(images) == 3 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in images)
+    again = pipe("a red circle", n=3, guidance=3.0, seed=1)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, again))
+    negative = pipe("a red circle", n=3, guidance=3.0, seed=1, negative_prompt="a blue square")
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, negative))
+    # mixing: weight 0 is the prompt alone, weight 1 the image alone
+    picture = ShapesDataset(size=16, seed=9).get_batch([0])[0][0]
+    text_only = pipe.condition(["a red circle"])
+    image_only = pipe.condition(images=[picture])
+    torch.testing.assert_close(pipe.condition(["a red circle"], [picture], 0.0), text_only)
+    torch.testing.assert_close(pipe.condition(["a red circle"], [picture], 1.0), image_only)
+    mixed = pipe.condition(["a red circle"], [picture], 0.5)
+    torch.testing.assert_close(mixed.norm(dim=-1), torch.ones(1))
+
+
+def test_image_prompt_from_a_file(gen_run, tmp_path):
+    src = tmp_path / "prompt.png"
+    ShapesDataset(size=40, seed=2).sample(0).image.save(src)
+    out = tmp_path / "variations.png"
+    assert main(["sample", "--checkpoint", str(gen_run), "--image", str(src), "--n", "3", "-o", str(out)]) == 0
+    assert Image.open(out).size == (3 * 18 + 2, 18 + 2)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--prompt", "   "], "the prompt is empty"),
+    (["--prompt", "red " * 300], "tokens long"),
+    (["--image", "missing.png"], "does not exist"),
+    (["--prompt", "a", "--image_weight", "2", "--image", "IMG"], "image weight must be in [0, 1]"),
+    ([], "give --prompt"),
+])
+def test_prompt_bad_input_is_one_line(gen_run, tmp_path, capsys, extra, expected):
+    src = tmp_path / "img.png"
+    ShapesDataset(size=16).sample(0).image.save(src)
+    extra = [str(src) if e == "IMG" else e for e in extra]
+    code = main(["sample", "--checkpoint", str(gen_run), *extra, "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_unreadable_image_is_one_line(gen_run, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["sample", "--checkpoint", str(gen_run), "--image", str(bad), "-o", str(tmp_path / "o.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompts", ["text", "image"])
+def test_eval_reports_accuracy_and_cloob_score(gen_run, capsys, prompts):
+    assert main(["eval", "--checkpoint", str(gen_run), "--n", "8", "--batch_size", "4", "--prompts", prompts,
+                 "--cfg", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompts"] == prompts and report["n"] == 8
+    for key in ("color_acc", "shape_acc", "position_acc", "validity"):
+        assert 0 <= report[key] <= 1
+    assert -1 <= report["cloob_score"] <= 1 and -1 <= report["cloob_score_real"] <= 1

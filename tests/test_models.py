@@ -304,3 +304,17 @@ def test_spatial_conditioning_map_starts_off_and_lets_the_condition_say_where():
     assert mapped.cond_map(mapped.embed(t, c, None), (4, 4)).shape == (2, 32, 4, 4)  # any bottleneck size
     with pytest.raises(UserError, match="cond_map_size"):
         UNet(**kw, cond_map_size=-1)
+
+
+def test_cond_scale_multiplies_the_conditioning_and_keeps_the_null():
+    torch.manual_seed(0)
+    plain, scaled = perturb(unet()), unet(cond_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    d_plain, d_scaled = perturb(disc()), disc(cond_scale=4.0)
+    d_scaled.load_state_dict(d_plain.state_dict())
+    x, t, c, z = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 6), torch.randn(2, 4)
+    torch.testing.assert_close(scaled(x, t, c, z), plain(x, t, 4 * c, z))
+    torch.testing.assert_close(d_scaled(x, x, t, c), d_plain(x, x, t, 4 * c))
+    torch.testing.assert_close(scaled(x, t, None, z), plain(x, t, None, z))  # null stays zeros
+    with pytest.raises(UserError, match="cond_scale"):
+        unet(cond_scale=0.0)

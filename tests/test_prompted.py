@@ -51,6 +51,7 @@ def test_embedding_run_records_its_encoder_and_caches_embeddings_once(gen_run, e
     config = json.loads((gen_run / "checkpoints" / "latest").parent.joinpath("step_0000006", "generator",
                                                                               "config.json").read_text())
     assert config["cond_dim"] == 16
+    assert config["cond_scale"] == 4.0  # sqrt(dim): unit embeddings reach the net with unit-variance entries
 
 
 def test_cache_is_reused_and_keyed_by_the_encoder(tmp_path, encoder):
@@ -168,3 +169,19 @@ def test_eval_reports_accuracy_and_cloob_score(gen_run, capsys, prompts):
     for key in ("color_acc", "shape_acc", "position_acc", "validity"):
         assert 0 <= report[key] <= 1
     assert -1 <= report["cloob_score"] <= 1 and -1 <= report["cloob_score_real"] <= 1
+
+
+def test_pretrained_cloob_format_conditions_a_generator_end_to_end(tmp_path):
+    from test_cloob_pretrained import write_checkpoint
+
+    pkl = tmp_path / "tiny_cloob.pkl"
+    write_checkpoint(pkl)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY_GEN, "--encoder", f"cloob-vit-b16:{pkl}",
+                 "--cache_dir", str(tmp_path / "cache"), "--n_batches", "2"]) == 0
+    assert (tmp_path / "tiny_cloob.safetensors").is_file()  # converted once, beside the pickle
+    ckpt = out / "checkpoints" / "step_0000002"
+    assert json.loads((ckpt / "generator" / "config.json").read_text())["cond_dim"] == 16
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(out), "--prompt", "a red circle", "--n", "2", "-o", str(grid)]) == 0
+    assert Image.open(grid).size == (2 * 18 + 2, 18 + 2)

@@ -58,6 +58,13 @@ def check_bool_tuple(name: str, values: object, length: int, like: str) -> tuple
     return out
 
 
+def check_cond_scale(value: object) -> float:
+    """The factor conditioning vectors are multiplied by before the nets read them (> 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"cond_scale={value!r} is invalid: it must be a number > 0")
+    return float(value)
+
+
 def check_common(
     *,
     image_channels: int,

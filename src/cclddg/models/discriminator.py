@@ -19,6 +19,7 @@ from cclddg.models.blocks import (
     StepEmbedding,
     append_coords,
     check_common,
+    check_cond_scale,
     check_spatial,
     steps_tensor,
     vector_or_null,
@@ -53,6 +54,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         attn_heads: int = 4,
         sample_size: int | None = None,
         coord_channels: bool = False,
+        cond_scale: float = 1.0,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -61,6 +63,7 @@ class Discriminator(ModelMixin, ConfigMixin):
             n_time_channels=n_time_channels, denom_factor=denom_factor, dropout=dropout,
             norm_groups=norm_groups, injection=injection, attn_heads=attn_heads, sample_size=sample_size,
         )  # fmt: skip
+        check_cond_scale(cond_scale)
         ws = widths(n_channels, mults)
         self.levels = len(mults)
 
@@ -97,6 +100,8 @@ class Discriminator(ModelMixin, ConfigMixin):
         b = x_prev.shape[0]
         t = steps_tensor(t, b, x_prev.device)
         c = vector_or_null(c, cfg.cond_dim, "c", "cond_dim", b, x_prev)
+        if c is not None and cfg.cond_scale != 1.0:
+            c = c * cfg.cond_scale
         emb = self.step_emb(t)
         if self.cond_emb is not None:
             emb = torch.cat([emb, self.cond_emb(c)], dim=1)

@@ -21,6 +21,7 @@ from cclddg.models.blocks import (
     Upsample,
     append_coords,
     check_common,
+    check_cond_scale,
     check_positive_int,
     check_spatial,
     steps_tensor,
@@ -72,6 +73,7 @@ class UNet(ModelMixin, ConfigMixin):
         mid_attn: bool = True,
         coord_channels: bool = False,
         cond_map_size: int = 0,
+        cond_scale: float = 1.0,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -80,6 +82,7 @@ class UNet(ModelMixin, ConfigMixin):
             n_time_channels=n_time_channels, denom_factor=denom_factor, dropout=dropout,
             norm_groups=norm_groups, injection=injection, attn_heads=attn_heads, sample_size=sample_size,
         )  # fmt: skip
+        check_cond_scale(cond_scale)
         check_positive_int("z_dim", z_dim, allow_zero=True)
         if z_dim:
             check_positive_int("n_z_channels", n_z_channels)
@@ -161,6 +164,8 @@ class UNet(ModelMixin, ConfigMixin):
         b = x.shape[0]
         t = steps_tensor(t, b, x.device)
         c = vector_or_null(c, cfg.cond_dim, "c", "cond_dim", b, x)
+        if c is not None and cfg.cond_scale != 1.0:
+            c = c * cfg.cond_scale
         z = vector_or_null(z, cfg.z_dim, "z", "z_dim", b, x)
         emb = self.embed(t, c, z)
 

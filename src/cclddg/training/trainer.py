@@ -56,6 +56,12 @@ def label_dim(cfg: TrainConfig, embed_dim: int = 0) -> int:
     return LABEL_DIM
 
 
+def cond_scale(cfg: TrainConfig, embed_dim: int) -> float:
+    """Unit embeddings have per-dimension values ~1/sqrt(dim); scaling by sqrt(dim) gives the nets inputs of
+    unit variance, like the label vectors' ones (measured: much faster conditioning)."""
+    return math.sqrt(embed_dim) if cfg.cond == "embedding" and embed_dim else 1.0
+
+
 def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
     cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_unet else 0
     return UNet(image_channels=3, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
@@ -63,7 +69,7 @@ def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
                 n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
                 injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels,
-                cond_map_size=cfg.cond_map_size)
+                cond_map_size=cfg.cond_map_size, cond_scale=cond_scale(cfg, embed_dim))
 
 
 def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
@@ -73,7 +79,7 @@ def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
                          n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
                          denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.img_size,
-                         coord_channels=cfg.coord_channels)
+                         coord_channels=cfg.coord_channels, cond_scale=cond_scale(cfg, embed_dim))
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:

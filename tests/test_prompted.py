@@ -185,3 +185,10 @@ def test_pretrained_cloob_format_conditions_a_generator_end_to_end(tmp_path):
     grid = tmp_path / "grid.png"
     assert main(["sample", "--checkpoint", str(out), "--prompt", "a red circle", "--n", "2", "-o", str(grid)]) == 0
     assert Image.open(grid).size == (2 * 18 + 2, 18 + 2)
+
+
+def test_refused_out_is_reported_before_the_embedding_cache_is_built(tmp_path, gen_run, encoder, capsys):
+    cache = tmp_path / "fresh_cache"
+    code = main(["train", "--out", str(gen_run), *TINY_GEN, "--encoder", encoder, "--cache_dir", str(cache)])
+    assert code == 2 and "holds another run" in capsys.readouterr().err
+    assert not cache.exists()

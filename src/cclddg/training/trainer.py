@@ -111,8 +111,11 @@ def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
     return torch.stack([torch.from_numpy(attrs_to_label(r)) for r in grid_requests(rows)])
 
 
-def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
-    """Create the run folder, or check that the run being resumed matches the flags given."""
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> TrainConfig:
+    """Create the run folder, or check that the run being resumed matches the flags given.
+
+    `write=False` only checks, so slow setup (the embedding cache) never runs for an --out it would refuse.
+    """
     config_path = out / "config.json"
     if resume:
         if not config_path.is_file():
@@ -129,6 +132,8 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
         if config_path.exists():
             raise UserError(f"{out} holds another run; pass --resume to continue it or choose a new --out")
         raise UserError(f"{out} is not empty; choose a new or empty --out folder")
+    if not write:
+        return cfg
     out.mkdir(parents=True, exist_ok=True)
     ckpt_io.write_text_atomic(config_path, cfg.to_json())
     return cfg
@@ -155,7 +160,10 @@ class Trainer:
         self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
-        embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
+        embed_dim = 0
+        if cfg.cond == "embedding":
+            prepare_run_dir(self.out, cfg, resume, write=False)
+            embed_dim = self._prepare_embeddings()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.gen = build_generator(cfg, embed_dim).to(self.device)
         disc = build_discriminator(cfg, embed_dim).to(self.device) if cfg.objective == "ddgan" else None

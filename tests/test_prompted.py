@@ -192,3 +192,17 @@ def test_refused_out_is_reported_before_the_embedding_cache_is_built(tmp_path, g
     code = main(["train", "--out", str(gen_run), *TINY_GEN, "--encoder", encoder, "--cache_dir", str(cache)])
     assert code == 2 and "holds another run" in capsys.readouterr().err
     assert not cache.exists()
+
+
+def test_embedding_run_resumes_exactly(tmp_path, encoder):
+    from test_train_cli import _params
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*TINY_GEN, "--encoder", encoder, "--pct_text", "0.5", "--cache_dir", str(tmp_path / "cache"),
+              "--save_models_every", "3", "--log_images_every", "100"]
+    assert main(["train", "--out", str(straight), *common, "--n_batches", "6"]) == 0
+    assert main(["train", "--out", str(split), *common, "--n_batches", "3"]) == 0
+    assert main(["train", "--out", str(split), *common, "--n_batches", "6", "--resume"]) == 0
+    a, b = _params(straight), _params(split)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

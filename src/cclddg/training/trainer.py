@@ -226,7 +226,9 @@ class Trainer:
             return images, None
         if self.cfg.cond == "embedding":
             idx = torch.tensor(indices)
-            use_text = torch.rand(b, 1) < self.cfg.pct_text
+            # Grids (drop=False) use the image embeddings and draw nothing from the RNG, so logging
+            # never changes the training stream (exact resume).
+            use_text = torch.rand(b, 1) < self.cfg.pct_text if drop else torch.zeros(b, 1, dtype=torch.bool)
             labels = torch.where(use_text, self.embeddings["text"][idx], self.embeddings["image"][idx])
         labels = labels.to(self.device)
         if drop and self.cfg.pct_zeros > 0:

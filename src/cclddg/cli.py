@@ -284,16 +284,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = score([s.image for s in samples], [s.attrs for s in samples])
         report.update({"source": args.data})
         if args.encoder:  # how well the embedder reads this data: zero-shot by prompts, and the CLOOB score
-            from cclddg.evaluation.zero_shot import (
-                paraphrase_retrieval,
-                zero_shot_shapes,
-            )
+            from cclddg.evaluation.zero_shot import zero_shot_report
 
             embedder = load_embedder(args.encoder)
             report["cloob_score_real"] = real_clip_score(embedder, args.n, data.size)
-            report["zero_shot"] = zero_shot_shapes(embedder, args.n, data.size)
-            report["zero_shot_paraphrased"] = zero_shot_shapes(embedder, args.n, data.size, paraphrase=True)
-            report["paraphrase_top20_precision"] = paraphrase_retrieval(embedder, args.n, data.size)
+            report.update(zero_shot_report(embedder, args.n, data.size))
     else:
         from cclddg.pipeline import load_generator
 

@@ -197,8 +197,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _position_phrase(position: str, u: float) -> str:
-    """'in the top left', 'at the bottom', 'on the left', ... (one of a few variants)."""
+def position_phrase(position: str, u: float = 0.0) -> str:
+    """'in the top left', 'at the bottom', 'on the left', ... (one of a few variants; u=0 the canonical one)."""
     if position == "center":
         variants = ("in the center", "at the center")
     elif " " in position:
@@ -226,7 +226,7 @@ def _caption(attrs: Mapping[str, str], named: Sequence[str], u: np.ndarray) -> s
     bare = " ".join(words + [attrs["shape"] if "shape" in named else "shape"])
     noun = f"{_article(bare)} {bare}"
     pos_bare = attrs["position"] if "position" in named else None
-    pos = _position_phrase(attrs["position"], u[1]) if pos_bare else None
+    pos = position_phrase(attrs["position"], u[1]) if pos_bare else None
     bg_bare = f"{attrs['background']} background" if "background" in named else None
     bg = _background_phrase(attrs["background"], u[2]) if bg_bare else None
     templates = (

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cclddg.config import TrainConfig
 from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset, attrs_to_label
 from cclddg.evaluation.shapes_eval import score
-from cclddg.evaluation.zero_shot import HELD_OUT_SEED, position_phrase
+from cclddg.evaluation.zero_shot import HELD_OUT_SEED, held_out, request_prompt
 from cclddg.pipeline import sample
 
 REQUESTED = ("color", "shape", "position")
@@ -26,11 +26,6 @@ def random_requests(n: int, seed: int, attributes: tuple[str, ...] = REQUESTED) 
     """`n` requests naming `attributes`, each value drawn uniformly."""
     rng = np.random.default_rng(seed)
     return [{a: str(rng.choice(ATTRIBUTE_VALUES[a])) for a in attributes} for _ in range(n)]
-
-
-def request_prompt(request: dict[str, str]) -> str:
-    """The text prompt naming a request's colour, shape and position."""
-    return f"a {request['color']} {request['shape']} {position_phrase(request['position'])}"
 
 
 def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
@@ -47,8 +42,8 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
     if cfg.cond == "none":
         requests: list[dict[str, str]] = [{} for _ in range(n)]
     elif cfg.cond == "embedding" and prompts == "image":
-        held_out = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1)
-        requests = [{a: held_out.sample(i).attrs[a] for a in REQUESTED} for i in range(n)]
+        prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1)
+        requests = [{a: prompt_images.sample(i).attrs[a] for a in REQUESTED} for i in range(n)]
     else:
         requests = random_requests(n, seed)
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -59,7 +54,7 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
         if cfg.cond == "labels":
             cond = torch.from_numpy(np.stack([attrs_to_label(r) for r in chunk])).to(device)
         elif cfg.cond == "embedding" and prompts == "image":
-            cond = embedder.embed_images(held_out.get_batch(range(start, start + len(chunk)))[0]).to(device)
+            cond = embedder.embed_images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
         elif cfg.cond == "embedding":
             cond = embedder.embed_texts([request_prompt(r) for r in chunk]).to(device)
         images.append(sample(model, cfg, len(chunk), cond, guidance, sampler, n_sample_steps, rng, device).cpu())
@@ -74,6 +69,5 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
 @torch.no_grad()
 def real_clip_score(embedder, n: int = 500, size: int = 32) -> float:
     """The CLOOB score of real held-out images with prompts naming their colour, shape and position."""
-    data = ShapesDataset(size=size, seed=HELD_OUT_SEED + 1)
-    images = data.get_batch(range(n))[0]
-    return clip_score(embedder, images, [request_prompt(data.sample(i).attrs) for i in range(n)])
+    images, truth = held_out(n, size, HELD_OUT_SEED + 1)
+    return clip_score(embedder, images, [request_prompt(t) for t in truth])

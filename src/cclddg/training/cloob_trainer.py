@@ -197,15 +197,10 @@ class CLOOBTrainer:
         return self.evaluate()
 
     def evaluate(self) -> dict:
-        from cclddg.evaluation.zero_shot import paraphrase_retrieval, zero_shot_shapes
+        from cclddg.evaluation.zero_shot import zero_shot_report
 
         self.model.eval()
-        report = {"step": self.step,
-                  "zero_shot": zero_shot_shapes(self.embedder, self.cfg.eval_size, self.cfg.img_size),
-                  "zero_shot_paraphrased": zero_shot_shapes(self.embedder, self.cfg.eval_size, self.cfg.img_size,
-                                                            paraphrase=True),
-                  "paraphrase_top20_precision": paraphrase_retrieval(self.embedder, self.cfg.eval_size,
-                                                                     self.cfg.img_size)}
+        report = {"step": self.step, **zero_shot_report(self.embedder, self.cfg.eval_size, self.cfg.img_size)}
         self.model.train()
         ckpt_io.write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
         return report

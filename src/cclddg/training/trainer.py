@@ -97,9 +97,9 @@ def grid_requests(rows: int) -> list[dict[str, str]]:
 
 
 def grid_prompts(rows: int) -> list[str]:
-    from cclddg.evaluation.zero_shot import position_phrase
+    from cclddg.evaluation.zero_shot import request_prompt
 
-    return [f"a {r['color']} {r['shape']} {position_phrase(r['position'])}" for r in grid_requests(rows)]
+    return [request_prompt(r) for r in grid_requests(rows)]
 
 
 def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:

@@ -191,15 +191,13 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def write_outputs(images, nrow: int, output: str | None, singles: str | None) -> None:
-    from cclddg.data.images import make_grid, tensor_to_image
+    from cclddg.data.images import make_grid, save_image_atomic, tensor_to_image
 
     written = []
     if output:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp{out.suffix or '.png'}")
-        make_grid(images, nrow=nrow).save(tmp)
-        tmp.replace(out)
+        save_image_atomic(make_grid(images, nrow=nrow), out)
         written.append(str(out))
     if singles:
         folder = Path(singles)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ def _read(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 def dataset_embeddings(dataset, length: int, embedder: Embedder, key: dict, cache_dir: str | Path,
                        progress: bool = True, chunk: int = 1000) -> dict[str, torch.Tensor]:
     """{"image": (N, dim), "text": (N, dim)} for examples 0..N-1 of `dataset`, from the cache or computed now."""
-    from safetensors.torch import save_file
+    from cclddg.training.checkpoint import save_tensors_atomic
 
     path = cache_file(cache_dir, key)
     if path.is_file():
@@ -66,7 +65,5 @@ def dataset_embeddings(dataset, length: int, embedder: Embedder, key: dict, cach
     index = torch.tensor([position[c] for c in captions], dtype=torch.long)
     out = {"image": torch.cat(image_parts).contiguous(), "text": torch.cat(text_parts)[index].contiguous()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(out, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    os.replace(tmp, path)
+    save_tensors_atomic(path, out, metadata={"key": json.dumps(key, sort_keys=True)})
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pathlib import Path
+
 from PIL import Image
 
 from cclddg.errors import UserError
@@ -58,3 +60,11 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
         x = padding + (k % cols) * (w + padding)
         canvas[y:y + h, x:x + w] = tile
     return Image.fromarray(canvas, "RGB")
+
+
+def save_image_atomic(image: Image.Image, path: str | Path) -> None:
+    """Save under a temporary name beside `path` (same format suffix), then rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
+    image.save(tmp)
+    tmp.replace(path)

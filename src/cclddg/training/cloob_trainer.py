@@ -142,7 +142,7 @@ class CLOOBTrainer:
             for start in tqdm(range(0, len(unique), 512), desc="text features", disable=not self.progress):
                 feats.append(self.embedder.text_inputs(unique[start:start + 512]).cpu())
             text = torch.cat(feats)[torch.tensor([index[c] for c in captions])]
-            _save_tensors_atomic(cache, {"text": text.contiguous()})
+            ckpt_io.save_tensors_atomic(cache, {"text": text.contiguous()})
         return torch.cat(images), text
 
     # ---- training -----------------------------------------------------------------------------------
@@ -221,12 +221,3 @@ class CLOOBTrainer:
         self.step = int(state["step"])
         self.last_checkpoint = folder
 
-
-def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)

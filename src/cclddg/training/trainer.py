@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from cclddg import diffusion, objectives
 from cclddg.config import TrainConfig
-from cclddg.data.images import make_grid
+from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset
 from cclddg.errors import UserError
 from cclddg.models import Discriminator, UNet
@@ -364,9 +364,9 @@ class Trainer:
                                   rng, self.device)
         else:
             images = diffusion_sample(self.ema, self.schedule, shape, cond, 1.0, "ddim", 50, rng, self.device)
-        _save_png(make_grid(images.clamp(-1, 1).cpu(), nrow=cols), folder / f"step_{self.step:07d}.png")
+        save_image_atomic(make_grid(images.clamp(-1, 1).cpu(), nrow=cols), folder / f"step_{self.step:07d}.png")
         if self.cfg.objective == "ddgan":
-            _save_png(self.reconstruction_grid(), folder / f"recon_{self.step:07d}.png")
+            save_image_atomic(self.reconstruction_grid(), folder / f"recon_{self.step:07d}.png")
 
     @torch.no_grad()
     def reconstruction_grid(self, n: int = 6) -> Any:
@@ -417,12 +417,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
         self.last_checkpoint = folder
-
-
-def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
 
 
 def _start_wandb(cfg: TrainConfig):

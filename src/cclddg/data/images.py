@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 from cclddg.errors import UserError

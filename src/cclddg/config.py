@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cclddg.errors import UserError
 
@@ -21,8 +21,29 @@ INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
 
 
+class JsonConfig:
+    """JSON round trip for the flat config dataclasses (saved in run folders, read back on resume)."""
+
+    KIND: ClassVar[str] = "config"  # named in the unknown-keys error
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()  # JSON gives lists; these come back as tuples
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown {cls.KIND} keys {unknown}; this cclddg knows {sorted(known)}")
+        cfg = cls(**values)
+        for name in cls.TUPLE_FIELDS:
+            setattr(cfg, name, tuple(getattr(cfg, name)))
+        return cfg
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything that defines a training run. Field names follow the seed project's flags."""
 
     preset: str = "ddgan"
@@ -89,19 +110,7 @@ class TrainConfig:
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown config keys {unknown}; this cclddg knows {sorted(known)}")
-        cfg = cls(**values)
-        for name in ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas"):
-            setattr(cfg, name, tuple(getattr(cfg, name)))
-        return cfg
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas")
 
 
 # The seed project's recipe (train_cclddg.py): schedule 0.3..0.9 over 5 steps, the x_{t-1} fake step

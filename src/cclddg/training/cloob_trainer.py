@@ -11,17 +11,18 @@ zero_shot.json (held-out zero-shot accuracy, written at the end).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cclddg.config import JsonConfig
 from cclddg.data.sources import open_dataset
 from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
 from cclddg.errors import UserError
@@ -29,7 +30,7 @@ from cclddg.training import checkpoint as ckpt_io
 
 
 @dataclass
-class CLOOBTrainConfig:
+class CLOOBTrainConfig(JsonConfig):
     data: str = "shapes"
     img_size: int = 32
     train_size: int = 20000
@@ -51,18 +52,8 @@ class CLOOBTrainConfig:
     eval_size: int = 1000
     threads: int = 0
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "CLOOBTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown train-cloob config keys {unknown}")
-        cfg = cls(**values)
-        cfg.widths = tuple(cfg.widths)
-        return cfg
+    KIND: ClassVar[str] = "train-cloob config"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
 
     def validate(self) -> None:
         if self.text_tower not in TEXT_TOWERS:

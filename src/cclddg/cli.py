@@ -28,14 +28,24 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 1,2,2; got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer, e.g. 1,2,2")
-    return values
+def number_list(kind: type, example: str):
+    """An argparse type: numbers of `kind` separated by commas (or spaces), at least one."""
+    name = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.replace(" ", ",").split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name} separated by commas, e.g. {example}; got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {name[:-1]}, e.g. {example}")
+        return values
+
+    return parse
+
+
+int_list = number_list(int, "1,2,2")
+float_list = number_list(float, "3 or 1,2,3")
 
 
 def bool_list(text: str) -> tuple[bool, ...]:
@@ -178,16 +188,6 @@ def request_condition(attrs: str | None, n: int):
         return None
     label = attrs_to_label(parse_attrs(attrs))
     return torch.from_numpy(np.repeat(label[None], n, axis=0))
-
-
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,2,3; got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number, e.g. 3 or 1,2,3")
-    return values
 
 
 def write_outputs(images, nrow: int, output: str | None, singles: str | None) -> None:

@@ -217,9 +217,7 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...]) -> int:
     pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder)
     images = [read_image(p) for p in args.image or []]
     cond = pipe.condition(args.prompt, images, args.image_weight)
-    negative = None
-    if args.negative_prompt is not None:
-        negative = pipe.embedder.embed_texts([pipe.embedder.check_prompt(args.negative_prompt)])
+    negative = pipe.negative(args.negative_prompt)
     n = args.n or 4
     per_cfg = [pipe.generate(cond, n, g, args.seed, negative, args.sampler, args.steps).cpu() for g in cfgs]
     rows = cond.shape[0]

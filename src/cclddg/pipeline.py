@@ -182,6 +182,12 @@ class PromptPipeline:
         text, image = torch.broadcast_tensors(text[:, None], image[:, None])
         return torch.nn.functional.normalize((1 - image_weight) * text[:, 0] + image_weight * image[:, 0], dim=-1)
 
+    def negative(self, prompt: str | None) -> Tensor | None:
+        """The embedding guidance pushes away from instead of the null one (None: the null embedding)."""
+        if prompt is None:
+            return None
+        return self.embedder.embed_texts([self.embedder.check_prompt(prompt)])
+
     @torch.no_grad()
     def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
                  negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None) -> Tensor:
@@ -204,9 +210,7 @@ class PromptPipeline:
         tensors = [image_to_tensor(i) if isinstance(i, Image.Image) else
                    (read_image(i) if isinstance(i, (str, Path)) else i) for i in images or []]
         cond = self.condition(prompts, tensors, image_weight)
-        negative = None
-        if negative_prompt is not None:
-            negative = self.embedder.embed_texts([self.embedder.check_prompt(negative_prompt)])
+        negative = self.negative(negative_prompt)
         return [tensor_to_image(x) for x in self.generate(cond, n, guidance, seed, negative)]
 
 

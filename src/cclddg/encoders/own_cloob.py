@@ -157,7 +157,7 @@ class OwnCLOOB(Embedder):
     def text_inputs(self, texts: list[str]) -> Tensor:
         """What the trainable text head reads: frozen sentence features or token ids."""
         if self.sentence is not None:
-            return self.sentence.to(self.device).encode(texts)
+            return self.sentence.encode(texts)  # a submodule: already on the model's device
         return self.tokenizer(texts, context_length=self.model.config.bpe_context).to(self.device)
 
     def _embed_texts(self, texts: list[str]) -> Tensor:

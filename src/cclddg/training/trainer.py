@@ -160,10 +160,9 @@ class Trainer:
         self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
-        embed_dim = 0
-        if cfg.cond == "embedding":
-            prepare_run_dir(self.out, cfg, resume, write=False)
-            embed_dim = self._prepare_embeddings()
+        if self.accelerator.is_main_process:  # refuse a bad --out before any slow setup (the main process
+            prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
+        embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.gen = build_generator(cfg, embed_dim).to(self.device)
         disc = build_discriminator(cfg, embed_dim).to(self.device) if cfg.objective == "ddgan" else None

@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from cclddg.encoders.base import Embedder
@@ -490,17 +487,13 @@ def read_converted(path: Path) -> tuple[dict[str, Tensor], CLOOBConfig | None]:
 def write_converted(path: Path, model: PretrainedCLOOB) -> bool:
     """Write the weights and config to `path` atomically (temp file + rename); False if the folder
     is not writable, which only costs the speed-up."""
-    tmp: str | None = None
+    from cclddg.training.checkpoint import save_tensors_atomic
+
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(state, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.config.to_json()})
-        os.replace(tmp, path)
+        save_tensors_atomic(path, state, metadata={"format": "pt", CONFIG_METADATA_KEY: model.config.to_json()})
         return True
     except (OSError, SafetensorError):
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
         return False
 
 

@@ -1,0 +1,99 @@
+"""The `LatentSpace` interface: images in [-1, 1] <-> latents of unit variance.
+
+A latent space is an autoencoder seen from the diffusion model's side. Subclasses implement
+`_encode` (images -> raw latents, e.g. the mean of a KL posterior) and `_decode` (raw latents ->
+images); this class adds what every space needs: no gradients, batching, moving inputs to the
+model's device, and the scale factor that gives the latents unit variance. The scale factor is
+measured on the data (`measure_scale`), not hard-coded, and stored with the cache and the run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cclddg.errors import UserError
+
+
+class LatentSpace(nn.Module):
+    """An autoencoder, frozen. `channels` latent channels, `factor` spatial downsampling."""
+
+    channels: int
+    factor: int
+    batch_size: int = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0  # raw latents * scale have unit variance on the data (see measure_scale)
+        self.spec = ""
+        self.fingerprint = ""
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # ---- what subclasses implement -----------------------------------------------------------------
+    def _encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- the public interface ------------------------------------------------------------------------
+    def latent_shape(self, img_size: int) -> tuple[int, int, int]:
+        if img_size % self.factor:
+            raise UserError(f"image size {img_size} is not divisible by the autoencoder's downsampling "
+                            f"factor {self.factor}; use a multiple of {self.factor}")
+        return self.channels, img_size // self.factor, img_size // self.factor
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, channels, H/factor, W/factor), float32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(f"encode expects RGB images shaped (B, 3, H, W), got {tuple(images.shape)}")
+        self.latent_shape(images.shape[-1])
+        out = [self._encode(chunk.to(self.device, torch.float32)).float() for chunk in images.split(self.batch_size)]
+        return torch.cat(out) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1], float32."""
+        if latents.ndim != 4 or latents.shape[1] != self.channels:
+            raise UserError(f"decode expects latents shaped (B, {self.channels}, h, w), got {tuple(latents.shape)}; "
+                            "were they made with another autoencoder?")
+        out = [self._decode(chunk.to(self.device, torch.float32) / self.scale).float()
+               for chunk in latents.split(self.batch_size)]
+        return torch.cat(out).clamp(-1, 1)
+
+
+class PixelSpace(LatentSpace):
+    """The identity: pixel-space training is latent training with this space."""
+
+    channels = 3
+    factor = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = "pixels"
+        self.fingerprint = "pixels"
+
+    def _encode(self, images: Tensor) -> Tensor:
+        return images
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+
+@torch.no_grad()
+def measure_scale(space: LatentSpace, images: Tensor) -> float:
+    """1 / std of the raw latents of `images`: the factor that gives the data's latents unit variance."""
+    old, space.scale = space.scale, 1.0
+    try:
+        std = float(space.encode(images).std())
+    finally:
+        space.scale = old
+    if not std > 0:
+        raise UserError("the autoencoder's latents of these images have zero variance; is it trained?")
+    return 1.0 / std

@@ -1,0 +1,475 @@
+"""The encode-once latent cache: every example's latent, image embedding and caption embedding on disk.
+
+Training from the cache never runs the autoencoder or the embedder, which dominate the cost of a
+small generator's step. Layout (a folder):
+
+    CACHE/cache.json       metadata, written last (atomically) once every shard is done
+    CACHE/progress.json    while encoding: the key and the scale measured at the start
+    CACHE/shard_00000/     latents.npy (n,C,h,w) float16 [+ latents_flip.npy], image_emb.npy (n,D) float16
+                           [+ image_emb_flip.npy], text_emb.npy (n,D) float16, labels.npy float32, captions.json
+
+Each shard is written into `.tmp-shard_XXXXX` and renamed when complete, so an interrupted encode never
+leaves a half shard that looks complete; running the same encode again skips the finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cclddg.encoders.base import Embedder
+from cclddg.errors import UserError
+from cclddg.latents.base import LatentSpace, measure_scale
+
+FORMAT = 1
+META_FILE = "cache.json"
+PROGRESS_FILE = "progress.json"
+SCALE_IMAGES = 512  # images the scale factor is measured on
+KEY_FIELDS = ("format", "data", "seed", "count", "img_size", "autoencoder", "autoencoder_fingerprint",
+              "latent_shape", "encoder", "encoder_fingerprint", "embed_dim", "flip", "shard_size")
+META_FIELDS = ("scale", "has_labels", "shards", "content_hash")
+ENCODE_HINT = "make one with cclddg encode"
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}"
+
+
+def _absolute_autoencoder(spec: str) -> str:
+    from cclddg.latents import absolute_autoencoder_spec
+
+    return absolute_autoencoder_spec(spec)
+
+
+def _absolute_encoder(spec: str) -> str:
+    from cclddg.encoders import absolute_spec
+
+    return absolute_spec(spec)
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    from cclddg.training.checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__}); "
+                        f"delete {path.parent} and encode it again") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a latent cache's metadata; delete {path.parent} and encode it again")
+    return value
+
+
+# ---- the per-batch work ---------------------------------------------------------------------------------
+def embed_captions(captions: Sequence[str], embedder: Embedder) -> Tensor:
+    """Text embeddings of `captions`, each distinct caption embedded once (captions repeat a lot)."""
+    unique = sorted(set(captions))
+    position = {c: i for i, c in enumerate(unique)}
+    index = torch.tensor([position[c] for c in captions], dtype=torch.long)
+    return embedder.embed_texts(unique)[index.to(embedder.device)]
+
+
+@torch.no_grad()
+def encode_batch(images: Tensor, captions: Sequence[str] | None, space: LatentSpace, embedder: Embedder | None,
+                 flip: bool = False) -> dict[str, Tensor]:
+    """What the cache stores for one batch, float32 on the models' devices: `latents` (scaled by
+    `space.scale`), `image_emb`, `text_emb` (when there is an embedder; text only when captions are given)
+    and `latents_flip` / `image_emb_flip` of the horizontally flipped images when `flip`."""
+    out = {"latents": space.encode(images)}
+    flipped = images.flip(-1) if flip else None
+    if flipped is not None:
+        out["latents_flip"] = space.encode(flipped)
+    if embedder is not None:
+        out["image_emb"] = embedder.embed_images(images)
+        if flipped is not None:
+            out["image_emb_flip"] = embedder.embed_images(flipped)
+        if captions is not None:
+            out["text_emb"] = embed_captions(captions, embedder)
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+def _key(data_spec: str, seed: int, count: int, img_size: int, space: LatentSpace, embedder: Embedder | None,
+         flip: bool, shard_size: int) -> dict[str, Any]:
+    """Everything the cache's content depends on; a resumed or repeated encode must match it."""
+    if not space.spec:
+        raise UserError("the latent space has no spec; load it with cclddg.latents.load_latent_space")
+    if embedder is not None and not getattr(embedder, "spec", ""):
+        raise UserError("the embedder has no spec; load it with cclddg.encoders.load_embedder")
+    return {
+        "format": FORMAT, "data": data_spec, "seed": int(seed), "count": int(count), "img_size": int(img_size),
+        "autoencoder": _absolute_autoencoder(space.spec), "autoencoder_fingerprint": space.fingerprint,
+        "latent_shape": list(space.latent_shape(img_size)),
+        "encoder": _absolute_encoder(embedder.spec) if embedder is not None else None,
+        "encoder_fingerprint": embedder.fingerprint if embedder is not None else None,
+        "embed_dim": int(embedder.dim) if embedder is not None else 0,
+        "flip": bool(flip), "shard_size": int(shard_size),
+    }
+
+
+def _describe(key: dict) -> str:
+    enc = key.get("encoder") or "no encoder"
+    return (f"{key.get('count')} examples of {key.get('data')} (seed {key.get('seed')}, {key.get('img_size')} px) "
+            f"with {key.get('autoencoder')} and {enc}")
+
+
+def _check_key(out: Path, found: dict, key: dict) -> None:
+    differ = [k for k in KEY_FIELDS if found.get(k) != key[k]]
+    if differ:
+        raise UserError(f"{out} holds a cache of {_describe(found)} ({', '.join(differ)} differ from this "
+                        "command's); choose a new --out")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_sha256(folder: Path) -> str:
+    """One hash over a shard's files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(f"{f.name}:{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def content_hash(shard_hashes: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(shard_hashes).encode()).hexdigest()
+
+
+def _shard_count(folder: Path) -> int | None:
+    """Examples in a finished shard, or None when it is unreadable."""
+    try:
+        return int(np.load(folder / "latents.npy", mmap_mode="r").shape[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _measure(dataset, count: int, space: LatentSpace, batch_size: int) -> float:
+    n = min(count, SCALE_IMAGES)
+    images = torch.cat([dataset.get_batch(list(range(s, min(s + batch_size, n))))[0] for s in range(0, n, batch_size)])
+    return measure_scale(space, images)
+
+
+def _write_shard(tmp: Path, dataset, start: int, stop: int, space: LatentSpace, embedder: Embedder | None,
+                 flip: bool, batch_size: int, bar) -> None:
+    """Encode examples start..stop-1 into the folder `tmp` (which the caller renames when this returns).
+
+    Arrays are written through memory maps, so a shard of large pixel images never has to fit in memory."""
+    n = stop - start
+    files: dict[str, np.memmap] = {}
+    labels: list[np.ndarray] = []
+    captions: list[str] = []
+    for s in range(start, stop, batch_size):
+        images, batch_labels, batch_captions = dataset.get_batch(list(range(s, min(s + batch_size, stop))))
+        for name, value in encode_batch(images, None, space, embedder, flip).items():
+            if name not in files:
+                files[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16,
+                                                        shape=(n, *value.shape[1:]))
+            files[name][s - start:s - start + value.shape[0]] = value.cpu().to(torch.float16).numpy()
+        if batch_labels is not None:
+            labels.append(np.asarray(batch_labels, dtype=np.float32))
+        captions += [str(c) for c in batch_captions]
+        bar.update(images.shape[0])
+    for array in files.values():
+        array.flush()
+    files.clear()
+    if len(captions) != n:
+        raise UserError(f"the data source gave {len(captions)} examples for indices {start}..{stop - 1}")
+    if embedder is not None:  # distinct captions of the whole shard, embedded once
+        np.save(tmp / "text_emb.npy", embed_captions(captions, embedder).cpu().to(torch.float16).numpy())
+    if labels:
+        if sum(len(x) for x in labels) != n:
+            raise UserError("the data source gave labels for only some batches")
+        np.save(tmp / "labels.npy", np.concatenate(labels))
+    (tmp / "captions.json").write_text(json.dumps(captions))
+
+
+def _prepare(out: Path, key: dict, scale: float | None) -> dict | None:
+    """Check `out` against `key`: the progress record to resume from, {} for a fresh cache, None when complete."""
+    if (out / META_FILE).is_file():
+        meta = _read_json(out / META_FILE)
+        _check_key(out, meta, key)
+        if scale is not None and meta.get("scale") != float(scale):
+            raise UserError(f"{out} holds a cache encoded with scale {meta.get('scale')}, not --scale {scale}; "
+                            "choose a new --out")
+        return None
+    if (out / PROGRESS_FILE).is_file():
+        progress = _read_json(out / PROGRESS_FILE)
+        _check_key(out, progress, key)
+        if scale is not None and progress.get("scale") != float(scale):
+            raise UserError(f"{out} holds a partial cache with scale {progress.get('scale')}, not --scale {scale}; "
+                            "rerun without --scale to finish it, or choose a new --out")
+        return progress
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} is not empty and holds no latent cache; choose a new --out")
+    return {}
+
+
+def encode_dataset(dataset, data_spec: str, seed: int, count: int, img_size: int, space: LatentSpace,
+                   embedder: Embedder | None, out: Path, flip: bool = False, shard_size: int = 5000,
+                   batch_size: int = 256, scale: float | None = None, progress: bool = True) -> Path:
+    """Encode examples 0..count-1 of `dataset` into the cache folder `out` (resuming a partial one there).
+
+    A complete cache with the same key is left as it is; any other content in `out` is refused."""
+    out = Path(out)
+    for name, value in (("count", count), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise UserError(f"--{'n' if name == 'count' else name} must be >= 1, got {value}")
+    if scale is not None and not scale > 0:
+        raise UserError(f"--scale must be > 0, got {scale}")
+    key = _key(data_spec, seed, count, img_size, space, embedder, flip, shard_size)
+    state = _prepare(out, key, scale)
+    if state is None:
+        return out
+    if state:
+        cache_scale = float(state["scale"])
+    else:
+        cache_scale = float(scale) if scale is not None else _measure(dataset, count, space, batch_size)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": cache_scale})
+    for leftover in out.glob(".tmp-shard_*"):  # from a killed run: never complete
+        shutil.rmtree(leftover, ignore_errors=True)
+    n_shards = (count + shard_size - 1) // shard_size
+    bounds = [(i * shard_size, min((i + 1) * shard_size, count)) for i in range(n_shards)]
+    done = [(out / shard_name(i)).is_dir() and _shard_count(out / shard_name(i)) == b - a
+            for i, (a, b) in enumerate(bounds)]
+    old_scale, space.scale = space.scale, cache_scale
+    bar = tqdm(total=count, initial=sum(b - a for (a, b), d in zip(bounds, done) if d), desc="encoding",
+               unit="img", disable=not progress)
+    try:
+        for i, (a, b) in enumerate(bounds):
+            if done[i]:
+                continue
+            final, tmp = out / shard_name(i), out / f".tmp-{shard_name(i)}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                _write_shard(tmp, dataset, a, b, space, embedder, flip, batch_size, bar)
+                if final.exists():  # a damaged shard (wrong count) from before: replaced
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    finally:
+        space.scale = old_scale
+        bar.close()
+    return _finish(out, key, cache_scale, bounds)
+
+
+def _finish(out: Path, key: dict, scale: float, bounds: list[tuple[int, int]]) -> Path:
+    """Hash the shards and write cache.json: from now on the cache is complete."""
+    shards, has_labels = [], []
+    for i, (a, b) in enumerate(bounds):
+        folder = out / shard_name(i)
+        shards.append({"name": folder.name, "count": b - a, "sha256": shard_sha256(folder)})
+        has_labels.append((folder / "labels.npy").is_file())
+    if any(has_labels) and not all(has_labels):
+        raise UserError(f"{out}: the data source gave labels for some shards only")
+    meta = {**key, "scale": scale, "has_labels": all(has_labels), "shards": shards,
+            "content_hash": content_hash([s["sha256"] for s in shards])}
+    _write_json_atomic(out / META_FILE, meta)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    return out
+
+
+def shards_done(out: Path) -> int:
+    """Finished shards in a (possibly partial) cache folder."""
+    return sum(1 for p in Path(out).glob("shard_*") if p.is_dir())
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+class LatentCache:
+    """A complete cache, memory-mapped: batches are gathered from the shards without loading them whole."""
+
+    def __init__(self, path: str | Path, autoencoder: str | None = None, encoder: str | None = None) -> None:
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            progress = self.path / PROGRESS_FILE
+            if progress.is_file():
+                info = _read_json(progress)
+                total = -(-int(info.get("count", 0)) // max(1, int(info.get("shard_size", 1))))
+                raise UserError(f"{self.path} is incomplete ({shards_done(self.path)} of {total} shards); "
+                                "run the same `cclddg encode` command again to finish it")
+            what = "does not exist" if not self.path.exists() else "is not a latent cache (no cache.json)"
+            raise UserError(f"{self.path} {what}; {ENCODE_HINT}")
+        self.meta: dict[str, Any] = _read_json(meta_path)
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{self.path} is a latent cache of format {self.meta.get('format')}; this version reads "
+                            f"format {FORMAT}: encode it again with cclddg encode")
+        missing = [k for k in (*KEY_FIELDS, *META_FIELDS) if k not in self.meta]
+        if missing:
+            raise UserError(f"{meta_path} lacks {', '.join(missing)}; the cache is damaged: encode it again")
+        self._check_models(autoencoder, encoder)
+        self._arrays: list[dict[str, np.ndarray]] = []
+        self._captions: list[list[str]] = []
+        counts = []
+        for shard in self.meta["shards"]:
+            arrays, captions = self._open_shard(shard)
+            self._arrays.append(arrays)
+            self._captions.append(captions)
+            counts.append(int(shard["count"]))
+        if sum(counts) != self.meta["count"]:
+            raise UserError(f"{self.path}: its shards hold {sum(counts)} examples, not {self.meta['count']}; "
+                            "the cache is damaged: encode it again")
+        self._starts = np.cumsum([0, *counts])[:-1]
+
+    def _check_models(self, autoencoder: str | None, encoder: str | None) -> None:
+        if autoencoder is not None and _absolute_autoencoder(autoencoder) != self.meta["autoencoder"]:
+            raise UserError(f"{self.path} was encoded with --autoencoder {self.meta['autoencoder']}, not "
+                            f"{_absolute_autoencoder(autoencoder)}; use that autoencoder or encode a new cache")
+        if encoder is not None:
+            wanted = _absolute_encoder(encoder)
+            if self.meta["encoder"] is None:
+                raise UserError(f"{self.path} holds no embeddings (encoded without --encoder), but {wanted} was "
+                                "asked for; encode a new cache with --encoder")
+            if wanted != self.meta["encoder"]:
+                raise UserError(f"{self.path} was encoded with --encoder {self.meta['encoder']}, not {wanted}; "
+                                "use that encoder or encode a new cache")
+
+    def _open_shard(self, shard: dict) -> tuple[dict[str, np.ndarray], list[str]]:
+        folder = self.path / shard["name"]
+        n = int(shard["count"])
+        if not folder.is_dir():
+            raise UserError(f"{folder} is missing; the cache is damaged: encode it again")
+        names = ["latents"]
+        if self.has_flip:
+            names.append("latents_flip")
+        if self.embed_dim:
+            names += ["image_emb", "text_emb"] + (["image_emb_flip"] if self.has_flip else [])
+        if self.has_labels:
+            names.append("labels")
+        arrays = {}
+        for name in names:
+            path = folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path} is missing or damaged ({type(exc).__name__}); encode the cache again") from exc
+            expected = {"latents": tuple(self.meta["latent_shape"]), "latents_flip": tuple(self.meta["latent_shape"]),
+                        "labels": arrays[name].shape[1:]}.get(name, (self.embed_dim,))
+            if arrays[name].shape != (n, *expected):
+                raise UserError(f"{path} holds shape {arrays[name].shape}, expected {(n, *expected)}; "
+                                "the cache is damaged: encode it again")
+        captions = json.loads((folder / "captions.json").read_text()) if (folder / "captions.json").is_file() else None
+        if not isinstance(captions, list) or len(captions) != n:
+            raise UserError(f"{folder / 'captions.json'} is missing or does not hold {n} captions; "
+                            "the cache is damaged: encode it again")
+        return arrays, captions
+
+    # ---- properties ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["latent_shape"][0])
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.meta["latent_shape"][-1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.meta["img_size"])
+
+    @property
+    def scale(self) -> float:
+        return float(self.meta["scale"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def autoencoder(self) -> str:
+        return str(self.meta["autoencoder"])
+
+    @property
+    def encoder(self) -> str | None:
+        return self.meta["encoder"]
+
+    @property
+    def has_flip(self) -> bool:
+        return bool(self.meta["flip"])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.meta["has_labels"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    # ---- reading batches ----------------------------------------------------------------------------
+    def get_batch(self, indices: Sequence[int], flip: Tensor | None = None) -> dict[str, Any]:
+        """Examples `indices` (any order, repeats allowed) as float32 tensors; `flip[i]` picks the flipped
+        latent and image embedding of example i."""
+        idx = np.asarray(list(indices) if not isinstance(indices, (np.ndarray, Tensor)) else indices,
+                         dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            raise UserError("get_batch needs at least one index")
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"index out of range for a cache of {len(self)} examples")
+        flips = np.zeros(idx.size, dtype=bool) if flip is None else np.asarray(flip, dtype=bool).reshape(-1)
+        if flips.size != idx.size:
+            raise ValueError(f"flip has {flips.size} entries for {idx.size} indices")
+        if flips.any() and not self.has_flip:
+            raise UserError(f"{self.path} has no flipped latents; encode it with --flip to train with flips")
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        rows = idx - self._starts[shard_of]
+        shapes = {"latents": tuple(self.meta["latent_shape"])}
+        if self.embed_dim:
+            shapes.update(image_emb=(self.embed_dim,), text_emb=(self.embed_dim,))
+        if self.has_labels:
+            shapes["labels"] = self._arrays[0]["labels"].shape[1:]
+        out = {name: np.empty((idx.size, *shape), dtype=np.float32) for name, shape in shapes.items()}
+        captions: list[str] = [""] * idx.size
+        for s in np.unique(shard_of):
+            arrays = self._arrays[s]
+            for use_flip in (False, True):
+                where = np.nonzero((shard_of == s) & (flips == use_flip))[0]
+                if where.size == 0:
+                    continue
+                r = rows[where]
+                order = np.argsort(r, kind="stable")  # read the memory map in ascending order
+                r_sorted, w_sorted = r[order], where[order]
+                for name in out:
+                    source = f"{name}_flip" if use_flip and name in ("latents", "image_emb") else name
+                    out[name][w_sorted] = arrays[source][r_sorted]
+            for w in np.nonzero(shard_of == s)[0]:
+                captions[w] = self._captions[s][rows[w]]
+        batch: dict[str, Any] = {name: torch.from_numpy(value) for name, value in out.items()}
+        batch["captions"] = captions
+        return batch
+
+    def verify(self) -> str:
+        """Recompute every shard's hash; a damaged or edited file raises UserError. Returns the content hash."""
+        hashes = []
+        for shard in self.meta["shards"]:
+            got = shard_sha256(self.path / shard["name"])
+            if got != shard["sha256"]:
+                raise UserError(f"{self.path / shard['name']} does not match its recorded hash: the cache is damaged; "
+                                "encode it again")
+            hashes.append(got)
+        if content_hash(hashes) != self.content_hash:
+            raise UserError(f"{self.path}: the content hash does not match cache.json; the cache is damaged")
+        return self.content_hash

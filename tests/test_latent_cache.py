@@ -1,0 +1,277 @@
+"""The encode-once latent cache: what it stores equals what the models give, resume is exact, damaged or
+foreign folders are refused with one clear line, and `cclddg encode` works end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cclddg.cli import main
+from cclddg.data.latent_cache import LatentCache, encode_batch, encode_dataset
+from cclddg.data.sources import open_dataset
+from cclddg.encoders import load_embedder, weights_fingerprint
+from cclddg.errors import UserError
+from cclddg.latents import PixelSpace
+
+SIZE, COUNT, DATA = 16, 20, "shapes:16"
+FP16 = dict(atol=3e-3, rtol=2e-3)
+TINY_CLOOB = ["--text_tower", "bpe", "--n_batches", "4", "--train_size", "128", "--batch_size", "32",
+              "--eval_size", "16", "--img_size", str(SIZE), "--widths", "8,16", "--dim", "16", "--save_every", "4",
+              "--log_every", "4", "--warmup", "1", "--no_progress"]
+
+
+class StopAfter:
+    """A real dataset wrapper that raises (like Ctrl-C) on its `calls + 1`-th batch: an interrupted encode."""
+
+    def __init__(self, dataset, calls: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+        self.dataset, self.calls, self.error = dataset, calls, error
+
+    def get_batch(self, indices):
+        if self.calls <= 0:
+            raise self.error()
+        self.calls -= 1
+        return self.dataset.get_batch(indices)
+
+
+def shapes(count: int = COUNT):
+    return open_dataset(DATA, SIZE, seed=0, length=count)
+
+
+@pytest.fixture(scope="module")
+def cloob(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cloob") / "run"
+    assert main(["train-cloob", "--out", str(out), *TINY_CLOOB]) == 0
+    return load_embedder(f"cloob-tiny:{out}")
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    from cclddg.latents.vae import DiffusersVAE
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                          layers_per_block=1)
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    model.save_pretrained(folder)
+    space = DiffusersVAE(model)
+    space.spec, space.fingerprint = f"kl-f8:{folder}", weights_fingerprint(folder)
+    return space
+
+
+@pytest.fixture(scope="module")
+def vae_cache(tmp_path_factory, vae, cloob):
+    out = tmp_path_factory.mktemp("caches") / "vae"
+    encode_dataset(shapes(), DATA, 0, COUNT, SIZE, vae, cloob, out, flip=True, shard_size=8, batch_size=3,
+                   progress=False)
+    return out
+
+
+def test_cache_holds_what_encode_batch_gives(vae_cache, vae, cloob):
+    cache = LatentCache(vae_cache, autoencoder=vae.spec, encoder=cloob.spec)
+    meta = json.loads((vae_cache / "cache.json").read_text())
+    assert [s["count"] for s in meta["shards"]] == [8, 8, 4] and len(cache) == COUNT
+    assert (cache.channels, cache.latent_size, cache.img_size, cache.embed_dim) == (4, 8, SIZE, 16)
+    assert cache.has_flip and cache.has_labels and not (vae_cache / "progress.json").exists()
+    assert np.load(vae_cache / "shard_00001" / "latents.npy").dtype == np.float16
+
+    images, labels, captions = shapes().get_batch(range(COUNT))
+    old, vae.scale = vae.scale, cache.scale
+    try:
+        want = encode_batch(images, captions, vae, cloob, flip=True)
+    finally:
+        vae.scale = old
+    assert set(want) == {"latents", "latents_flip", "image_emb", "image_emb_flip", "text_emb"}
+    got = cache.get_batch(range(COUNT))
+    assert got["captions"] == captions
+    torch.testing.assert_close(got["labels"], labels.float())
+    for name in ("latents", "image_emb", "text_emb"):
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], **FP16)
+    flipped = cache.get_batch(range(COUNT), flip=torch.ones(COUNT, dtype=torch.bool))
+    torch.testing.assert_close(flipped["latents"], want["latents_flip"], **FP16)
+    torch.testing.assert_close(flipped["image_emb"], want["image_emb_flip"], **FP16)
+    torch.testing.assert_close(flipped["text_emb"], got["text_emb"])  # a caption does not flip
+    assert (flipped["latents"] - got["latents"]).abs().max() > 0.01  # shapes are rarely symmetric
+
+    # any order, repeats, across shards, a per-example flip mask
+    idx = [19, 0, 8, 7, 8, 15, 3]
+    mask = torch.tensor([True, False, True, False, False, True, True])
+    mixed = cache.get_batch(idx, flip=mask)
+    assert mixed["captions"] == [captions[i] for i in idx]
+    for j, i in enumerate(idx):
+        source = flipped if mask[j] else got
+        torch.testing.assert_close(mixed["latents"][j], source["latents"][i], atol=0, rtol=0)
+        torch.testing.assert_close(mixed["image_emb"][j], source["image_emb"][i], atol=0, rtol=0)
+        torch.testing.assert_close(mixed["text_emb"][j], got["text_emb"][i], atol=0, rtol=0)
+    assert cache.verify() == meta["content_hash"]
+
+
+def test_measured_scale_gives_unit_variance(vae_cache, tmp_path):
+    cache = LatentCache(vae_cache)
+    assert cache.get_batch(range(COUNT))["latents"].std().item() == pytest.approx(1.0, abs=0.01)
+    assert cache.scale != pytest.approx(1.0, abs=0.05)  # a random VAE's raw latents are not unit-variance
+
+    encode_dataset(shapes(), DATA, 0, COUNT, SIZE, PixelSpace(), None, tmp_path / "px", shard_size=8, progress=False)
+    pixels = LatentCache(tmp_path / "px", autoencoder="pixels")
+    images = shapes().get_batch(range(COUNT))[0]
+    assert pixels.scale == pytest.approx(1.0 / images.std().item(), rel=1e-5)
+    assert pixels.embed_dim == 0 and pixels.encoder is None and "image_emb" not in pixels.get_batch([0])
+    torch.testing.assert_close(pixels.get_batch(range(COUNT))["latents"], images * pixels.scale, **FP16)
+    assert not (tmp_path / "px" / "shard_00000" / "latents_flip.npy").exists()
+    with pytest.raises(UserError, match="encode it with --flip"):
+        pixels.get_batch([0], flip=torch.tensor([True]))
+
+
+def test_flip_latents_are_the_latents_of_flipped_images(tmp_path):
+    encode_dataset(shapes(), DATA, 0, COUNT, SIZE, PixelSpace(), None, tmp_path / "c", flip=True, shard_size=8,
+                   batch_size=5, scale=0.5, progress=False)
+    cache = LatentCache(tmp_path / "c")
+    images = shapes().get_batch(range(COUNT))[0]
+    assert cache.scale == 0.5  # --scale given: not measured
+    flipped = cache.get_batch(range(COUNT), flip=torch.ones(COUNT, dtype=torch.bool))["latents"]
+    torch.testing.assert_close(flipped, images.flip(-1) * 0.5, **FP16)
+
+
+def test_interrupted_encode_resumes_to_the_same_content(tmp_path, vae, cloob):
+    args = dict(data_spec=DATA, seed=0, count=COUNT, img_size=SIZE, space=vae, embedder=cloob, flip=True,
+                shard_size=8, batch_size=4, progress=False)
+    straight = encode_dataset(shapes(), out=tmp_path / "straight", **args)
+    out = tmp_path / "split"
+    # 5 batches measure the scale, 2 fill shard 0, then Ctrl-C in the middle of shard 1
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset(StopAfter(shapes(), 5 + 3), out=out, **args)
+    assert sorted(p.name for p in out.iterdir()) == ["progress.json", "shard_00000"]
+    with pytest.raises(UserError, match=r"incomplete \(1 of 3 shards\); run the same `cclddg encode`"):
+        LatentCache(out)
+    # a killed run's leftover temporary shard (complete-looking files) is not a finished shard
+    shutil.copytree(out / "shard_00000", out / ".tmp-shard_00001")
+    with pytest.raises(UserError, match=r"1 of 3 shards"):
+        LatentCache(out)
+    with pytest.raises(RuntimeError):  # another interruption, no shard finished
+        encode_dataset(StopAfter(shapes(), 1, RuntimeError), out=out, **args)
+    assert not (out / ".tmp-shard_00001").exists() and not (out / "shard_00001").exists()
+    encode_dataset(shapes(), out=out, **args)
+    a, b = LatentCache(straight), LatentCache(out)
+    assert a.content_hash == b.content_hash and a.meta == b.meta
+    assert b.verify() == a.content_hash
+
+
+def test_resume_keeps_the_scale_of_the_first_run(tmp_path):
+    out = tmp_path / "c"
+    args = dict(data_spec=DATA, seed=0, count=COUNT, img_size=SIZE, space=PixelSpace(), embedder=None,
+                out=out, shard_size=8, batch_size=8, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset(StopAfter(shapes(), 1), scale=0.25, **args)
+    assert json.loads((out / "progress.json").read_text())["scale"] == 0.25
+    with pytest.raises(UserError, match="not --scale 0.5"):
+        encode_dataset(shapes(), scale=0.5, **args)
+    encode_dataset(shapes(), **args)  # no --scale: the partial cache's own, not a new measurement
+    cache = LatentCache(out)
+    assert cache.scale == 0.25
+    torch.testing.assert_close(cache.get_batch(range(COUNT))["latents"], shapes().get_batch(range(COUNT))[0] / 4,
+                               **FP16)
+
+
+def test_complete_foreign_and_mismatched_folders(vae_cache, tmp_path, vae, cloob):
+    before = (vae_cache / "cache.json").read_bytes()
+    args = dict(data_spec=DATA, seed=0, count=COUNT, img_size=SIZE, space=vae, embedder=cloob, out=vae_cache,
+                flip=True, shard_size=8, batch_size=3, progress=False)
+    # the same key: already complete, the dataset is never read
+    assert encode_dataset(StopAfter(shapes(), 0, RuntimeError), **args) == vae_cache
+    assert (vae_cache / "cache.json").read_bytes() == before
+    for change in (dict(count=COUNT - 1), dict(space=PixelSpace()), dict(embedder=None), dict(seed=1)):
+        with pytest.raises(UserError, match="holds a cache of .*; choose a new --out"):
+            encode_dataset(StopAfter(shapes(), 0, RuntimeError), **{**args, **change})
+    assert (vae_cache / "cache.json").read_bytes() == before
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not empty and holds no latent cache"):
+        encode_dataset(shapes(), **{**args, "out": foreign})
+    assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"]
+    with pytest.raises(UserError, match=r"not a latent cache \(no cache.json\); make one with cclddg encode"):
+        LatentCache(foreign)
+
+
+def test_opening_checks_models_and_shards(vae_cache, tmp_path, vae, cloob):
+    with pytest.raises(UserError, match=r"encoded with --autoencoder kl-f8:/.*tiny-vae, not pixels"):
+        LatentCache(vae_cache, autoencoder="pixels")
+    other = tmp_path / "other-cloob"
+    with pytest.raises(UserError, match=rf"encoded with --encoder cloob-tiny:/.*, not cloob-tiny:{other}"):
+        LatentCache(vae_cache, encoder=f"cloob-tiny:{other}")
+    LatentCache(vae_cache, autoencoder=vae.spec, encoder=cloob.spec)  # the same models: fine
+
+    broken = tmp_path / "broken"
+    shutil.copytree(vae_cache, broken)
+    shutil.rmtree(broken / "shard_00002")
+    with pytest.raises(UserError, match="shard_00002 is missing"):
+        LatentCache(broken)
+    shutil.copytree(vae_cache / "shard_00001", broken / "shard_00002")  # 8 examples where 4 belong
+    with pytest.raises(UserError, match=r"shape \(8, 4, 8, 8\), expected \(4, 4, 8, 8\)"):
+        LatentCache(broken)
+
+
+def test_verify_catches_a_corrupted_shard(vae_cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(vae_cache, copy)
+    cache = LatentCache(copy)
+    assert cache.verify() == cache.content_hash
+    path = copy / "shard_00001" / "text_emb.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # one bit of one embedding: shapes and headers still fine
+    path.write_bytes(bytes(data))
+    damaged = LatentCache(copy)  # it still opens
+    with pytest.raises(UserError, match="shard_00001 does not match its recorded hash"):
+        damaged.verify()
+
+
+def test_cli_encodes_end_to_end(tmp_path, cloob, capsys):
+    out = tmp_path / "cache"
+    argv = ["encode", "--data", DATA, "--n", "12", "--seed", "3", "--autoencoder", "pixels", "--encoder", cloob.spec,
+            "--out", str(out), "--flip", "--shard_size", "5", "--batch_size", "4", "--threads", "1", "--no_progress"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"encoded 12 examples into {out}: latents (3, 16, 16)") and "3 shards" in line
+    cache = LatentCache(out, autoencoder="pixels", encoder=cloob.spec)
+    assert len(cache) == 12 and cache.has_flip and cache.meta["seed"] == 3 and cache.embed_dim == 16
+    assert cache.get_batch([11])["captions"] == open_dataset(DATA, SIZE, seed=3, length=12).get_batch([11])[2]
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main([*argv, "--n", "13"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "choose a new --out" in err and "count differ" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--n", "0"], "--n must be >= 1"),
+    (["--shard_size", "-1"], "--shard_size must be >= 1"),
+    (["--autoencoder", "vae"], "--autoencoder 'vae' is not valid"),
+    (["--encoder", "clip:x"], "--encoder 'clip:x' is not valid"),
+    (["--data", "imagenet"], "unknown data source 'imagenet'"),
+    (["--scale", "0"], "--scale must be > 0"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, expected):
+    out = tmp_path / "c"
+    base = ["encode", "--n", "4", "--autoencoder", "pixels", "--out", str(out), "--no_progress"]
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--n", "4", "--autoencoder", "pixels"], "the following arguments are required: --out"),
+    (["--n", "four", "--autoencoder", "pixels", "--out", "x"], "invalid int value: 'four'"),
+])
+def test_cli_usage_errors_exit_2(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected in err

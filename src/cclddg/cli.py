@@ -1,4 +1,4 @@
-"""`cclddg train | sample | eval`: the command line.
+"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo`: the command line.
 
 Flags keep the seed project's names (`--z_dim --n_channels_unet --batch_size --n_batches ...`), so its
 README command is valid. Every bad input ends in one line on stderr and a non-zero exit code.
@@ -94,7 +94,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "use_cloob_unet": "the generator sees the conditioning (true/false)",
              "use_cloob_disc": "the discriminator sees the conditioning (true/false)",
              "data_size": "examples in the dataset whose embeddings are cached (embedding runs)",
-             "cache_dir": "where dataset embeddings are cached (default ~/.cache/cclddg or $CCLDDG_CACHE)"}
+             "cache_dir": "where dataset embeddings are cached (default ~/.cache/cclddg or $CCLDDG_CACHE)",
+             "autoencoder": "latent space: pixels, own:RUN (cclddg train-ae), kl-f8:PATH or taesd:PATH",
+             "flip": "train on horizontally flipped latents half of the time (cache made with --flip)",
+             "latent_channels": "set from the cache / autoencoder", "latent_factor": "set from the cache / autoencoder",
+             "latent_scale": "set from the cache (measured on the data)"}
     for f in fields(TrainConfig):
         if f.name in ("preset", "extra"):
             continue
@@ -104,7 +108,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             kind = type(default) if default is not None else float
             kwargs = dict(type=parse_bool if kind is bool else kind)
         if f.name == "data":
-            p.add_argument("--data", dest="data", default=None, help="data source: shapes or shapes:SIZE")
+            p.add_argument("--data", dest="data", default=None,
+                           help="data source (shapes or shapes:SIZE) or a latent cache folder from `cclddg encode`")
             continue
         p.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=None, help=helps.get(f.name),
                        **kwargs)
@@ -122,6 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["encoder"] = absolute_spec(overrides["encoder"])
         if overrides.get("cond") is None:
             overrides["cond"] = "embedding"
+    if overrides.get("autoencoder"):
+        from cclddg.latents import absolute_autoencoder_spec
+
+        overrides["autoencoder"] = absolute_autoencoder_spec(overrides["autoencoder"])
     if args.resume and (out / "config.json").is_file():
         # Resume from the run's own config; flags given on top must agree with it (checked by the trainer).
         saved = json.loads((out / "config.json").read_text())
@@ -141,40 +150,79 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_cloob(args: argparse.Namespace) -> int:
-    from cclddg.training.cloob_trainer import CLOOBTrainConfig, CLOOBTrainer
+def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: type, command: str) -> dict | None:
+    """`train-cloob` / `train-ae`: flags over the run's saved config (on --resume), run, Ctrl-C saves.
 
-    names = {f.name for f in fields(CLOOBTrainConfig)}
+    Returns the trainer's final report, or None when interrupted (the message says how to resume)."""
+    names = {f.name for f in fields(config_cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     out = Path(args.out)
     values = json.loads((out / "config.json").read_text()) if args.resume and (out / "config.json").is_file() else {}
     values.update(overrides)
-    cfg = CLOOBTrainConfig.from_dict(values)
-    trainer = CLOOBTrainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+    trainer = trainer_cls(config_cls.from_dict(values), out, resume=args.resume, progress=not args.no_progress)
     try:
         report = trainer.run()
     except KeyboardInterrupt:
         print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-              f"continue with: cclddg train-cloob --out {out} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+              f"continue with: cclddg {command} --out {out} --resume", file=sys.stderr)
+        return None
     print(json.dumps(report, indent=2))
-    print(f"done: {trainer.step} steps; use it with --encoder cloob-tiny:{out}")
+    return report
+
+
+def cmd_train_cloob(args: argparse.Namespace) -> int:
+    from cclddg.training.cloob_trainer import CLOOBTrainConfig, CLOOBTrainer
+
+    if run_small_trainer(args, CLOOBTrainConfig, CLOOBTrainer, "train-cloob") is None:
+        return EXIT_INTERRUPTED
+    print(f"done; use it with --encoder cloob-tiny:{args.out}")
     return 0
+
+
+def cmd_train_ae(args: argparse.Namespace) -> int:
+    from cclddg.training.ae_trainer import AETrainConfig, AETrainer
+
+    if run_small_trainer(args, AETrainConfig, AETrainer, "train-ae") is None:
+        return EXIT_INTERRUPTED
+    print(f"done; use it with --autoencoder own:{args.out}")
+    return 0
+
+
+def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default_out: str,
+                           helps: dict[str, str]) -> None:
+    """--out/--resume/--no_progress and one flag per config field (defaults shown from the dataclass)."""
+    p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    for f in fields(config_cls):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", type=parse_bool, default=None, help=helps.get(f.name, f"default {f.default}"))
+            continue
+        kind = int_list if f.name == "widths" else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=helps.get(f.name, f"default {f.default}"))
 
 
 def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
     from cclddg.training.cloob_trainer import CLOOBTrainConfig
 
-    p.add_argument("--out", default="runs/cloob", help="run folder (default runs/cloob)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     helps = {"text_tower": "minilm (frozen pretrained sentence encoder + trained head) or bpe (from scratch)",
              "train_size": "number of training examples (embedded once)", "inv_tau": "InfoLOOB inverse temperature",
              "scale_hopfield": "Hopfield retrieval inverse temperature", "eval_size": "held-out images for zero-shot eval",
              "text_hidden": "hidden width of the MLP head over sentence features (0: a linear head)"}
-    for f in fields(CLOOBTrainConfig):
-        kind = int_list if f.name == "widths" else type(f.default)
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=helps.get(f.name, f"default {f.default}"))
+    add_small_trainer_args(p, CLOOBTrainConfig, "runs/cloob", helps)
+
+
+def add_train_ae_args(p: argparse.ArgumentParser) -> None:
+    from cclddg.training.ae_trainer import AETrainConfig
+
+    helps = {"widths": "channels per level; the downsampling factor is 2**(levels-1) (default 16,32,64: 4)",
+             "crop": "train on random crops of this size (0: whole images; default 32)",
+             "train_size": "training images (rendered or read once)", "eval_size": "held-out images for the PSNR report",
+             "kl_weight": "weight of the KL term (default 1e-6, as latent diffusion)",
+             "adv_weight": "weight of the patch-adversarial term (default 0: off)",
+             "adv_start": "step the adversarial term starts at", "mse_weight": "weight of the MSE term beside L1",
+             "sample_posterior": "reconstruct from a posterior sample instead of its mean (default false)"}
+    add_small_trainer_args(p, AETrainConfig, "runs/ae", helps)
 
 
 def request_condition(attrs: str | None, n: int):
@@ -312,6 +360,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode a dataset once into a latent cache (latents + embeddings), resuming a partial one."""
+    import time
+
+    import torch
+
+    from cclddg.data.latent_cache import META_FILE, encode_dataset, shards_done
+    from cclddg.data.sources import open_dataset, parse_data_spec
+    from cclddg.encoders import load_embedder
+    from cclddg.latents import load_latent_space
+
+    for name in ("n", "shard_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.scale is not None and not args.scale > 0:
+        raise UserError(f"--scale must be > 0, got {args.scale}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, img_size = parse_data_spec(args.data, args.img_size or 64)
+    out = Path(args.out)
+    was_complete = (out / META_FILE).is_file()
+    space = load_latent_space(args.autoencoder, args.device)
+    embedder = load_embedder(args.encoder, args.device) if args.encoder else None
+    dataset = open_dataset(args.data, img_size, seed=args.seed, length=args.n)
+    start = time.perf_counter()
+    try:
+        encode_dataset(dataset, args.data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
+                       shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        total = -(-args.n // args.shard_size)
+        print(f"interrupted; {shards_done(out)} of {total} shards are finished and kept in {out}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    meta = json.loads((out / META_FILE).read_text())
+    if was_complete:
+        print(f"{out} is already complete ({meta['count']} examples); nothing to do")
+        return 0
+    emb = f", {meta['embed_dim']}-dim embeddings" if meta["embed_dim"] else ", no embeddings"
+    print(f"encoded {meta['count']} examples into {out}: latents {tuple(meta['latent_shape'])} float16, "
+          f"scale {meta['scale']:.5g}{emb}{', flipped too' if meta['flip'] else ''}, {len(meta['shards'])} shards, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cclddg", description="CLOOB-conditioned latent denoising diffusion GANs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -323,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc = sub.add_parser("train-cloob", help="train our own CLOOB (image + text towers) on captioned data")
     add_train_cloob_args(tc)
     tc.set_defaults(func=cmd_train_cloob)
+
+    ta = sub.add_parser("train-ae", help="train a small KL autoencoder (a latent space: --autoencoder own:RUN)")
+    add_train_ae_args(ta)
+    ta.set_defaults(func=cmd_train_ae)
 
     smp = sub.add_parser("sample", help="sample images from a trained run")
     smp.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -363,6 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--encoder", help="embedder for the CLOOB score (default: the run's own)")
     ev.add_argument("-o", "--output", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
+    enc.add_argument("--data", default="shapes", help="data source, e.g. shapes:64 (default shapes)")
+    enc.add_argument("--img_size", type=int, default=None, help="image size when --data has none (default 64)")
+    enc.add_argument("--n", type=int, required=True, help="examples to encode (0..n-1 of the source)")
+    enc.add_argument("--seed", type=int, default=0, help="the data source's seed")
+    enc.add_argument("--autoencoder", required=True, help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
+    enc.add_argument("--encoder", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")
+    enc.add_argument("--out", required=True, help="cache folder (new, or a partial one to finish)")
+    enc.add_argument("--flip", action="store_true", help="also store the latents of horizontally flipped images")
+    enc.add_argument("--shard_size", type=int, default=5000, help="examples per shard (default 5000)")
+    enc.add_argument("--batch_size", type=int, default=256, help="images per encoder call (default 256)")
+    enc.add_argument("--scale", type=float, default=None,
+                     help="latent scale factor (default: measured on the first 512 images)")
+    enc.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    enc.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    enc.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    enc.set_defaults(func=cmd_encode)
     return parser
 
 

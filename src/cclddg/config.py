@@ -49,8 +49,14 @@ class TrainConfig(JsonConfig):
     preset: str = "ddgan"
     objective: str = "ddgan"
     # data and conditioning
-    data: str = "shapes"
+    data: str = "shapes"  # a data source (shapes, shapes:64) or a latent cache folder from `cclddg encode`
     img_size: int = 32
+    # the latent space (`--autoencoder`): filled from the cache or the autoencoder when the run starts
+    autoencoder: str = "pixels"
+    latent_channels: int = 3
+    latent_factor: int = 1
+    latent_scale: float = 1.0
+    flip: bool = False  # train on the cache's flipped latents half of the time (not for shapes: left/right)
     cond: str = "labels"
     pct_zeros: float = 0.1
     # embedding conditioning (cond="embedding"): the encoder, the fraction of examples conditioned on their
@@ -143,18 +149,70 @@ FAST = dict(DDGAN, beta_max=12.0, img_size=32, n_channels_unet=32, ch_mults=(1, 
             batch_size=32, lr_gen=5e-4, lr_disc=5e-4, recon_loss_scale=1.0, coord_channels=True, cond_map_size=8,
             n_batches=100_000, log_images_every=500, save_models_every=500, log_every=50)
 
-PRESETS: dict[str, dict[str, Any]] = {"ddgan": DDGAN, "fast": FAST, "seed": SEED, "diffusion": DIFFUSION}
+# The seed's four demos. Pixel DDPM, latent DDPM (needs --autoencoder or a latent cache as --data), pixel
+# DDGAN and the CLOOB-conditioned latent DDGAN: FAST's recipe on 64x64 images in a latent space, conditioned
+# on CLOOB embeddings of images and, half of the time, of their captions (needs --encoder or a cache with
+# embeddings). Widths are measured for a 16x16x4 latent (the own autoencoder, factor 4).
+STANDARD_DIFFUSION = DIFFUSION
+LATENT_DIFFUSION = dict(DIFFUSION, img_size=64, needs_latents=True)
+CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.5, needs_latents=True, n_channels_unet=64,
+              n_channels_disc=48, cond_map_size=4)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "standard-diffusion": STANDARD_DIFFUSION, "latent-diffusion": LATENT_DIFFUSION, "ddgan": DDGAN,
+    "cclddg": CCLDDG, "fast": FAST, "seed": SEED, "diffusion": DIFFUSION,
+}
 
 
 def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
     """The preset's values, then the user's flags (those not None) on top, then validation."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    needs_latents = values.pop("needs_latents", False)
+    values.update(given)
+    if is_cache(values.get("data", "shapes")):
+        values.update(cache_values(values, given))
+    elif needs_latents and values.get("autoencoder", "pixels") == "pixels":
+        raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
+                        "or a latent cache as --data (made by `cclddg encode`)")
     cfg = TrainConfig.from_dict(values)
     validate(cfg)
     return cfg
+
+
+def is_cache(data: str) -> bool:
+    """A data spec naming a folder is a latent cache (sources are names like `shapes:64`)."""
+    from pathlib import Path
+
+    return Path(data).expanduser().is_dir()
+
+
+def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The run settings a latent cache fixes (latent space, sizes, encoder); flags that contradict it are errors."""
+    from pathlib import Path
+
+    from cclddg.data.latent_cache import LatentCache
+
+    path = Path(values["data"]).expanduser().resolve()
+    cache = LatentCache(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
+    if "img_size" in given and given["img_size"] != cache.img_size:
+        raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {cache.img_size}px images; drop --img_size")
+    cond = values.get("cond", "labels")
+    if cond == "embedding" and not cache.embed_dim:
+        raise UserError(f"{path} holds no embeddings (encoded without --encoder); encode it with --encoder "
+                        "or train with --cond labels/none")
+    if cond == "labels" and not cache.has_labels:
+        raise UserError(f"{path} holds no labels; train it with --cond embedding or none")
+    if values.get("flip") and not cache.has_flip:
+        raise UserError(f"{path} has no flipped latents; encode it with --flip or drop --flip")
+    out = {"data": str(path), "autoencoder": cache.autoencoder, "img_size": cache.img_size,
+           "latent_channels": cache.channels, "latent_factor": cache.img_size // cache.latent_size,
+           "latent_scale": cache.scale, "data_size": len(cache)}
+    if cond == "embedding":
+        out["encoder"] = cache.encoder
+    return out
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -204,10 +262,16 @@ def validate(cfg: TrainConfig) -> None:
     if len(cfg.ch_mults_disc) != len(cfg.is_attn_disc):
         raise UserError(f"--ch_mults_disc has {len(cfg.ch_mults_disc)} levels but --is_attn_disc has "
                         f"{len(cfg.is_attn_disc)}; give one attention flag per level")
+    from cclddg.latents import parse_autoencoder_spec
+
+    parse_autoencoder_spec(cfg.autoencoder)
+    for name in ("latent_channels", "latent_factor", "latent_scale"):
+        _positive(name, getattr(cfg, name))
     for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
-        factor = 2 ** (len(mults) - 1)
+        factor = 2 ** (len(mults) - 1) * cfg.latent_factor
         if cfg.img_size % factor:
+            where = f" (x{cfg.latent_factor} by the autoencoder)" if cfg.latent_factor > 1 else ""
             raise UserError(f"--img_size {cfg.img_size} is not divisible by {factor}, the downsampling of "
-                            f"{len(mults)} levels in --{flag}; use a multiple of {factor} or fewer levels")
+                            f"{len(mults)} levels in --{flag}{where}; use a multiple of {factor} or fewer levels")
     if cfg.objective == "diffusion" and cfg.n_steps < 2:
         raise UserError("--objective diffusion needs --n_steps >= 2 (1000 is usual)")

@@ -6,6 +6,7 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -100,15 +101,27 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
 def sample(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None = None, guidance: float = 1.0,
            sampler: str | None = None, n_sample_steps: int | None = None, rng: torch.Generator | None = None,
            device: torch.device | str = "cpu", uncond: Tensor | None = None) -> Tensor:
-    """Images in [-1, 1] from a trained generator, using the run's own schedule and objective."""
+    """Images in [-1, 1] from a trained generator, using the run's own schedule and objective; a latent run's
+    samples are decoded by its autoencoder."""
     schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max)
-    shape = (n, model.config.image_channels, cfg.img_size, cfg.img_size)
+    size = cfg.img_size // cfg.latent_factor
+    shape = (n, model.config.image_channels, size, size)
     if cfg.objective == "ddgan":
         x = ddgan_sample(model, schedule, shape, cond, guidance, cfg.step_kind, cfg.z_dim, rng, device, uncond=uncond)
     else:
         x = diffusion_sample(model, schedule, shape, cond, guidance, sampler or "ddim", n_sample_steps, rng, device,
                              uncond=uncond)
-    return x.clamp(-1, 1)
+    if cfg.autoencoder == "pixels":
+        return x.clamp(-1, 1)
+    return run_latent_space(cfg.autoencoder, cfg.latent_scale, str(torch.device(device))).decode(x)
+
+
+@functools.lru_cache(maxsize=4)
+def run_latent_space(spec: str, scale: float, device: str):
+    """A run's autoencoder, loaded once per process (sampling in batches would otherwise reload it)."""
+    from cclddg.latents import load_latent_space
+
+    return load_latent_space(spec, device, scale=scale)
 
 
 def load_generator(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"):

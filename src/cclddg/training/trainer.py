@@ -6,9 +6,13 @@ Run folder layout:
     RUN/log.jsonl               one JSON object per logged step (losses, D(real), D(fake), samples/s)
     RUN/samples/step_*.png      grids from the EMA generator, fixed noise and conditioning
     RUN/samples/recon_*.png     real x_0, noised x_t and predicted x̂_0 for every step t
+                                (latent runs decode every row through the autoencoder)
     RUN/checkpoints/step_*/     the last two checkpoints (see checkpoint.py), `latest` names the newest
 
-The data position is the step: step s of rank r reads examples (s·world + r)·B ... + B-1 of the
+Data: a source (`shapes:64`) read on the fly, or a latent cache (`cclddg encode`) read memory-mapped, so a
+latent run never runs the autoencoder or the embedder in the loop (only to decode the sample grids). A
+latent run on a source (`--autoencoder own:runs/ae --data shapes:64`) first encodes it into a cache in
+--cache_dir. The data position is the step: step s of rank r reads examples (s·world + r)·B ... + B-1 of the
 deterministic stream, so a resumed run sees exactly the data it would have seen.
 """
 
@@ -27,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cclddg import diffusion, objectives
-from cclddg.config import TrainConfig
+from cclddg.config import TrainConfig, is_cache, validate
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset
 from cclddg.errors import UserError
@@ -62,23 +66,27 @@ def cond_scale(cfg: TrainConfig, embed_dim: int) -> float:
     return math.sqrt(embed_dim) if cfg.cond == "embedding" and embed_dim else 1.0
 
 
+def latent_size(cfg: TrainConfig) -> int:
+    return cfg.img_size // cfg.latent_factor
+
+
 def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
     cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_unet else 0
-    return UNet(image_channels=3, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
+    return UNet(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
                 n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                 n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
-                injection=cfg.injection, sample_size=cfg.img_size, coord_channels=cfg.coord_channels,
+                injection=cfg.injection, sample_size=latent_size(cfg), coord_channels=cfg.coord_channels,
                 cond_map_size=cfg.cond_map_size, cond_scale=cond_scale(cfg, embed_dim))
 
 
 def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
     cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_disc else 0
     n_cond = cfg.n_cond_channels_disc if cfg.n_cond_channels_disc > 0 else cfg.n_cond_channels
-    return Discriminator(image_channels=3, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
+    return Discriminator(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
                          n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
-                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.img_size,
+                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=latent_size(cfg),
                          coord_channels=cfg.coord_channels, cond_scale=cond_scale(cfg, embed_dim))
 
 
@@ -156,13 +164,17 @@ class Trainer:
         rank = self.accelerator.process_index
         # Everything that can reject the config runs before the run folder is touched.
         self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
-        length = cfg.data_size if cfg.cond == "embedding" else None
-        self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
+        self.cache = self.data = self.space = None
         if self.accelerator.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
-        embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
+        if is_cache(cfg.data) or cfg.autoencoder != "pixels":
+            embed_dim = self._open_cache()
+        else:
+            length = cfg.data_size if cfg.cond == "embedding" else None
+            self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
+            embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.gen = build_generator(cfg, embed_dim).to(self.device)
         disc = build_discriminator(cfg, embed_dim).to(self.device) if cfg.objective == "ddgan" else None
@@ -189,6 +201,55 @@ class Trainer:
         if cfg.wandb_project and cfg.wandb_project != "None" and self.accelerator.is_main_process:
             self.tracker = _start_wandb(cfg)
 
+    def _open_cache(self) -> int:
+        """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
+        autoencoder that decodes the grids; fill the run's latent settings from the cache."""
+        from cclddg.data.latent_cache import LatentCache
+        from cclddg.latents import load_latent_space
+
+        cfg, acc = self.cfg, self.accelerator
+        if is_cache(cfg.data):
+            path = Path(cfg.data)
+        else:
+            if acc.is_main_process:  # one process encodes, the others then read the finished cache
+                path = self._encode_source()
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                path = self._encode_source(progress=False)
+        self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
+        cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
+        cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
+        validate(cfg)
+        if cfg.cond == "embedding" and not self.cache.embed_dim:
+            raise UserError(f"{path} holds no embeddings; encode it with --encoder or train with --cond labels/none")
+        if cfg.cond == "labels" and not self.cache.has_labels:
+            raise UserError(f"{path} holds no labels; train it with --cond embedding or none")
+        self.space = load_latent_space(cfg.autoencoder, self.device, scale=cfg.latent_scale)
+        if cfg.cond != "embedding":
+            return 0
+        from cclddg.encoders import load_embedder
+
+        self.grid_cond = load_embedder(cfg.encoder, self.device).embed_texts(grid_prompts(6)).cpu()
+        return self.cache.embed_dim
+
+    def _encode_source(self, progress: bool | None = None) -> Path:
+        """A latent run on a data source: encode `data_size` examples once into a cache in --cache_dir."""
+        import hashlib
+
+        from cclddg.data.latent_cache import encode_dataset
+        from cclddg.encoders import default_cache_dir, load_embedder
+        from cclddg.latents import load_latent_space
+
+        cfg = self.cfg
+        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
+        space = load_latent_space(cfg.autoencoder, self.device)
+        key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, space.fingerprint,
+                          cfg.encoder, getattr(embedder, "fingerprint", None), cfg.flip])
+        path = Path(cfg.cache_dir or default_cache_dir()) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
+        data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size)
+        return encode_dataset(data, cfg.data, cfg.seed, cfg.data_size, cfg.img_size, space, embedder, path,
+                              flip=cfg.flip, progress=self.progress if progress is None else progress)
+
     def _prepare_embeddings(self) -> int:
         """Image and caption embeddings of the whole (finite) dataset, from the cache or computed once."""
         from cclddg.data.embedding_cache import cache_key, dataset_embeddings
@@ -214,21 +275,28 @@ class Trainer:
         its caption's text embedding. With `drop`, conditioning is replaced by the null embedding
         with probability pct_zeros (for CFG).
         """
-        b, world, rank = self.cfg.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        cfg = self.cfg
+        b, world, rank = cfg.batch_size, self.accelerator.num_processes, self.accelerator.process_index
         start = (step * world + rank) * b
         indices = range(start, start + b)
-        if self.cfg.cond == "embedding":
-            indices = [i % self.cfg.data_size for i in indices]
-        images, labels, _ = self.data.get_batch(indices)
-        images = images.to(self.device)
-        if self.cfg.cond == "none":
-            return images, None
-        if self.cfg.cond == "embedding":
+        if cfg.cond == "embedding" or self.cache is not None:
+            indices = [i % cfg.data_size for i in indices]
+        # Grids (drop=False) draw nothing from the RNG, so logging never changes the training stream.
+        if self.cache is not None:
+            flip = torch.rand(b) < 0.5 if drop and cfg.flip else None
+            found = self.cache.get_batch(indices, flip)
+            images, labels = found["latents"], found.get("labels")
+            embeddings = (found["image_emb"], found["text_emb"]) if cfg.cond == "embedding" else None
+        else:
+            images, labels, _ = self.data.get_batch(indices)
             idx = torch.tensor(indices)
-            # Grids (drop=False) use the image embeddings and draw nothing from the RNG, so logging
-            # never changes the training stream (exact resume).
-            use_text = torch.rand(b, 1) < self.cfg.pct_text if drop else torch.zeros(b, 1, dtype=torch.bool)
-            labels = torch.where(use_text, self.embeddings["text"][idx], self.embeddings["image"][idx])
+            embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if cfg.cond == "embedding" else None
+        images = images.to(self.device)
+        if cfg.cond == "none":
+            return images, None
+        if embeddings is not None:  # the image's embedding, or with probability pct_text its caption's
+            use_text = torch.rand(b, 1) < cfg.pct_text if drop else torch.zeros(b, 1, dtype=torch.bool)
+            labels = torch.where(use_text, embeddings[1], embeddings[0])
         labels = labels.to(self.device)
         if drop and self.cfg.pct_zeros > 0:
             keep = torch.rand(b, 1, device=self.device) >= self.cfg.pct_zeros
@@ -357,13 +425,14 @@ class Trainer:
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)
-        shape = (rows * cols, 3, self.cfg.img_size, self.cfg.img_size)
+        size = latent_size(self.cfg)
+        shape = (rows * cols, self.cfg.latent_channels, size, size)
         if self.cfg.objective == "ddgan":
             images = ddgan_sample(self.ema, self.schedule, shape, cond, 1.0, self.cfg.step_kind, self.cfg.z_dim,
                                   rng, self.device)
         else:
             images = diffusion_sample(self.ema, self.schedule, shape, cond, 1.0, "ddim", 50, rng, self.device)
-        save_image_atomic(make_grid(images.clamp(-1, 1).cpu(), nrow=cols), folder / f"step_{self.step:07d}.png")
+        save_image_atomic(make_grid(self.to_pixels(images).cpu(), nrow=cols), folder / f"step_{self.step:07d}.png")
         if self.cfg.objective == "ddgan":
             save_image_atomic(self.reconstruction_grid(), folder / f"recon_{self.step:07d}.png")
 
@@ -382,7 +451,11 @@ class Trainer:
             x_t = diffusion.q_sample(self.schedule, x0, t, noise=noise)
             z = torch.randn(n, self.cfg.z_dim, generator=gen, device=self.device) if self.cfg.z_dim else None
             rows += [x_t, self.ema(x_t, t, cond, z)]
-        return make_grid(torch.cat(rows).clamp(-1, 1).cpu(), nrow=n)
+        return make_grid(self.to_pixels(torch.cat(rows)).cpu(), nrow=n)
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] from model outputs: decoded by the autoencoder in latent runs."""
+        return x.clamp(-1, 1) if self.space is None else self.space.decode(x)
 
     def save(self) -> None:
         acc = self.accelerator

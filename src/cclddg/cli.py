@@ -405,6 +405,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cclddg.demo import Demo
+
+    demo = Demo(args.out, quick=args.quick, gen_minutes=args.minutes, progress=not args.no_progress,
+                threads=args.threads)
+    try:
+        demo.run()
+    except KeyboardInterrupt:
+        print(f"interrupted; finished stages are kept in {args.out}; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cclddg", description="CLOOB-conditioned latent denoising diffusion GANs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -460,6 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--encoder", help="embedder for the CLOOB score (default: the run's own)")
     ev.add_argument("-o", "--output", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="offline, from nothing to a prompt grid: autoencoder, CLOOB, cache, "
+                          "latent DDGAN, samples, eval, report (~30 min on 2 CPU cores)")
+    demo.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); rerun to resume")
+    demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
+    demo.add_argument("--minutes", type=float, default=None, help="the generator's training budget (default 15)")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    demo.set_defaults(func=cmd_demo)
 
     enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
     enc.add_argument("--data", default="shapes", help="data source, e.g. shapes:64 (default shapes)")

@@ -152,11 +152,11 @@ FAST = dict(DDGAN, beta_max=12.0, img_size=32, n_channels_unet=32, ch_mults=(1, 
 # The seed's four demos. Pixel DDPM, latent DDPM (needs --autoencoder or a latent cache as --data), pixel
 # DDGAN and the CLOOB-conditioned latent DDGAN: FAST's recipe on 64x64 images in a latent space, conditioned
 # on CLOOB embeddings of images and, half of the time, of their captions (needs --encoder or a cache with
-# embeddings). Widths are measured for a 16x16x4 latent (the own autoencoder, factor 4).
+# embeddings). FAST's widths suit the 16x16x4 latents of the own autoencoder (factor 4): the spatial
+# conditioning map sits at the 4x4 bottleneck.
 STANDARD_DIFFUSION = DIFFUSION
 LATENT_DIFFUSION = dict(DIFFUSION, img_size=64, needs_latents=True)
-CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.5, needs_latents=True, n_channels_unet=64,
-              n_channels_disc=48, cond_map_size=4)
+CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.5, needs_latents=True, cond_map_size=4)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "standard-diffusion": STANDARD_DIFFUSION, "latent-diffusion": LATENT_DIFFUSION, "ddgan": DDGAN,
@@ -174,6 +174,14 @@ def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
     values.update(given)
     if is_cache(values.get("data", "shapes")):
         values.update(cache_values(values, given))
+    elif ":" in values.get("data", ""):  # `shapes:64` names the image size
+        from cclddg.data.sources import parse_data_spec
+
+        _, size = parse_data_spec(values["data"], values.get("img_size", 32))
+        if "img_size" in given and given["img_size"] != size:
+            raise UserError(f"--data {values['data']} gives {size}px images but --img_size is {given['img_size']}; "
+                            "drop one of them")
+        values["img_size"] = size
     elif needs_latents and values.get("autoencoder", "pixels") == "pixels":
         raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
                         "or a latent cache as --data (made by `cclddg encode`)")

@@ -65,7 +65,7 @@ def load_embedder(spec: str, device: str | torch.device = "cpu") -> Embedder:
 def weights_fingerprint(path: str | Path) -> str:
     """A cheap identity of the weights behind `path` (names, sizes, mtimes of its files) for cache keys."""
     path = Path(path).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".pkl", ".pt", ".bin"))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".pkl", ".pt", ".bin", ".ckpt"))
     h = hashlib.sha1()
     for f in files:
         st = f.stat()

@@ -22,7 +22,7 @@ def build_autoencoder(widths: tuple[int, ...], latent_channels: int, layers_per_
 
     bad = [w for w in widths if w % norm_groups]
     if bad:
-        raise UserError(f"--widths {widths}: every width must be divisible by --norm_groups {norm_groups}")
+        raise UserError(f"widths {widths}: every width must be divisible by norm_groups {norm_groups}")
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(widths),
                          down_block_types=("DownEncoderBlock2D",) * len(widths),
                          up_block_types=("UpDecoderBlock2D",) * len(widths), layers_per_block=layers_per_block,

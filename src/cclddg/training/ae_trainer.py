@@ -80,6 +80,9 @@ class AETrainConfig(JsonConfig):
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if not self.widths:
             raise UserError("--widths needs at least one width, e.g. 16,32,64")
+        if any(w % self.norm_groups for w in self.widths):
+            raise UserError(f"--widths {','.join(map(str, self.widths))}: every width must be divisible by "
+                            f"--norm_groups {self.norm_groups}")
         if self.img_size % self.factor:
             raise UserError(f"--img_size {self.img_size} is not divisible by the downsampling factor {self.factor} "
                             f"of {len(self.widths)} --widths levels")

@@ -1,0 +1,125 @@
+"""Training steps/s from the latent cache vs encoding every batch on the fly (same run, same models).
+
+What it measures
+----------------
+One `Trainer` of the `cclddg` preset (latent DDGAN, CLOOB-conditioned, 16x16x4 latents) runs its real
+`train_step` in two ways, with the models of `--models` (random init: the cost does not depend on the
+weights; `--ae`/`--encoder` use trained demo ones):
+
+- ``demo``       64x64 shapes, the own autoencoder (factor 4) and the own CLOOB (MiniLM text tower);
+- ``full-size``  128x128 shapes, latent diffusion's KL-f8 (84 M parameters, factor 8) and the pretrained
+                 CLOOB ViT-B/16 architecture (images at 224 px, 12-layer text transformer).
+
+The two ways:
+
+- ``cache``       batches read from a memory-mapped latent cache (`cclddg encode`, built first, not timed);
+- ``on the fly``  every batch rendered from the source, encoded by the autoencoder and embedded (image AND
+                  caption) by the embedder with `latent_cache.encode_batch`, then the same optimisation step.
+
+Rounds alternate the two (a drift in machine load hits both alike); the ratio of the medians is printed.
+
+    python benchmarks/cache_vs_onthefly.py                      # ~2 min on 2 cores
+    python benchmarks/cache_vs_onthefly.py --models full-size   # ~4 min
+    python benchmarks/cache_vs_onthefly.py --ae runs/demo/ae --encoder cloob-tiny:runs/demo/cloob
+    python benchmarks/cache_vs_onthefly.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cclddg.config import resolve
+from cclddg.data.latent_cache import encode_batch, encode_dataset
+from cclddg.data.sources import open_dataset
+from cclddg.encoders import load_embedder
+from cclddg.latents import load_latent_space
+from cclddg.training.trainer import Trainer
+
+
+def random_models(root: Path, models: str) -> tuple[str, str, int]:
+    """Random-init autoencoder and embedder specs (saved in `root`) and the image size for `models`."""
+    torch.manual_seed(0)
+    if models == "full-size":
+        from diffusers import AutoencoderKL
+
+        from cclddg.encoders.cloob_pretrained import (
+            VIT_B16,
+            PretrainedCLOOB,
+            write_converted,
+        )
+        from cclddg.latents.pretrained import kl_f8_config
+
+        AutoencoderKL.from_config(kl_f8_config()).save_pretrained(root / "kl-f8")
+        write_converted(root / "cloob.safetensors", PretrainedCLOOB(VIT_B16))
+        return f"kl-f8:{root / 'kl-f8'}", f"cloob-vit-b16:{root / 'cloob.safetensors'}", 128
+    from cclddg.encoders.own_cloob import CLOOBModel
+    from cclddg.latents.own_ae import build_autoencoder
+
+    build_autoencoder((16, 32, 64), 4).save_pretrained(root / "ae")
+    CLOOBModel(dim=256, image_size=32, widths=(32, 64, 128)).save_pretrained(root / "cloob")
+    return f"own:{root / 'ae'}", f"cloob-tiny:{root / 'cloob'}", 64
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", choices=("demo", "full-size"), default="demo")
+    p.add_argument("--ae", help="own autoencoder run (default: random init of the demo's size)")
+    p.add_argument("--encoder", help="embedder spec (default: a random-init own CLOOB)")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (default 10; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    steps = args.steps or (2 if args.quick else 3 if args.models == "full-size" else 10)
+    repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ae, encoder, size = random_models(root, args.models)
+        ae = f"own:{Path(args.ae).resolve()}" if args.ae else ae
+        encoder = args.encoder or encoder
+        space = load_latent_space(ae)
+        embedder = load_embedder(encoder)
+        n = 64 if args.quick or args.models == "full-size" else 2048
+        data = open_dataset(f"shapes:{size}", size, seed=0, length=n)
+        encode_dataset(data, f"shapes:{size}", 0, n, size, space, embedder, root / "cache", progress=False)
+        cfg = resolve("cclddg", {"data": str(root / "cache"), "n_batches": 10**6})
+        trainer = Trainer(cfg, root / "run", progress=False)
+        cache_batch = trainer.batch
+
+        def onthefly_batch(step: int, drop: bool = True):
+            b = cfg.batch_size
+            indices = [i % n for i in range(step * b, step * b + b)]
+            images, _, captions = data.get_batch(indices)
+            found = encode_batch(images, captions, trainer.space, embedder)
+            use_text = torch.rand(b, 1) < cfg.pct_text
+            cond = torch.where(use_text, found["text_emb"], found["image_emb"])
+            keep = torch.rand(b, 1) >= cfg.pct_zeros
+            return found["latents"], cond * keep
+
+        times: dict[str, list[float]] = {"cache": [], "on the fly": []}
+        trainer.train_step()  # warm-up
+        for _ in range(repeats):
+            for name, batch in (("cache", cache_batch), ("on the fly", onthefly_batch)):
+                trainer.batch = batch
+                start = time.perf_counter()
+                for _ in range(steps):
+                    trainer.train_step()
+                times[name].append(steps / (time.perf_counter() - start))
+    rate = {k: statistics.median(v) for k, v in times.items()}
+    print(f"cclddg preset, {args.models} models, batch {cfg.batch_size}, {size}x{size} -> "
+          f"{cfg.latent_channels}x{size // cfg.latent_factor}^2 latents, {args.threads} threads, "
+          f"{repeats} rounds of {steps} steps")
+    for name, v in rate.items():
+        print(f"  {name:11s} {v:7.2f} steps/s")
+    print(f"ratio cache / on the fly: {rate['cache'] / rate['on the fly']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

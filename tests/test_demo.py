@@ -1,0 +1,51 @@
+"""`cclddg demo` end to end on tiny settings: every stage writes its output, a rerun resumes (skips what
+is done), and a folder holding something else is refused. (CI also runs the real `demo --quick`.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cclddg.cli import main
+from cclddg.demo import Demo, DemoSettings
+from cclddg.errors import UserError
+
+TINY = DemoSettings(ae_steps=3, cloob_steps=3, cloob_size=64, data_size=64, gen_minutes=0.02, eval_n=4,
+                    guidances=(2.0,))
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    Demo(out, quick=True, settings=TINY, progress=False).run()
+    return out
+
+
+def test_demo_writes_every_stage_and_a_report(demo_dir):
+    for path in ("ae/report.json", "cloob/zero_shot.json", "cache/cache.json", "gen/done", "prompts.png",
+                 "eval.json", "report.md", "report.json", "times.json"):
+        assert (demo_dir / path).is_file(), path
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert report["generator_steps"] >= 1 and set(report["eval"]) == {"2.0", "cloob_score_real"}
+    assert 0 <= report["eval"]["2.0"]["validity"] <= 1
+    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "eval"}
+    text = (demo_dir / "report.md").read_text()
+    assert "| 2.0 |" in text and "![prompts](prompts.png)" in text and "dB" in text
+
+
+def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
+    times = json.loads((demo_dir / "times.json").read_text())
+    Demo(demo_dir, quick=True, settings=TINY, progress=False).run()
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 6
+    assert json.loads((demo_dir / "times.json").read_text()) == times
+
+
+def test_demo_refuses_other_settings_and_foreign_folders(demo_dir, tmp_path, capsys):
+    with pytest.raises(UserError, match="other settings"):
+        Demo(demo_dir, quick=False, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    assert "holds no demo" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -238,3 +238,10 @@ def test_image_helpers():
     assert np.asarray(grid)[0, 0].tolist() == [255, 255, 255] and np.asarray(grid)[2, 2].tolist() == [128, 128, 128]
     with pytest.raises(UserError):
         imgs.make_grid(torch.zeros(3, 8, 8), nrow=2)
+
+
+def test_request_prompts_use_the_captions_article():
+    from cclddg.evaluation.zero_shot import request_prompt
+
+    assert request_prompt({"color": "orange", "shape": "circle", "position": "center"}).startswith("an orange circle")
+    assert request_prompt({"color": "red", "shape": "square", "position": "top left"}).startswith("a red square")

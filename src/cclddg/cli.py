@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "latent DDGAN, samples, eval, report (~30 min on 2 CPU cores)")
     demo.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); rerun to resume")
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
-    demo.add_argument("--minutes", type=float, default=None, help="the generator's training budget (default 15)")
+    demo.add_argument("--minutes", type=float, default=None, help="the generator's training budget (default 20)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=cmd_demo)

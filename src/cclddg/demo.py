@@ -33,10 +33,10 @@ PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", 
 @dataclass
 class DemoSettings:
     ae_steps: int = 2000
-    cloob_steps: int = 3000
+    cloob_steps: int = 2000
     cloob_size: int = 20000
     data_size: int = 20000
-    gen_minutes: float = 15.0
+    gen_minutes: float = 20.0
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
 

@@ -193,7 +193,8 @@ def render(size: int, attrs: Mapping[str, str], rng: np.random.Generator | None 
 # ---------------------------------------------------------------- captions
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """"an" before a vowel ("an orange circle"), else "a": the captions' grammar, also for prompts."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -213,7 +214,7 @@ def position_phrase(position: str, u: float = 0.0) -> str:
 def _background_phrase(background: str, u: float) -> str:
     """'on a blue background', 'against a blue background', ..."""
     lead = ("on", "against", "with")[int(u * 3)]
-    return f"{lead} {_article(background)} {background} background"
+    return f"{lead} {article(background)} {background} background"
 
 
 def _join(*parts: str | None) -> str:
@@ -224,7 +225,7 @@ def _caption(attrs: Mapping[str, str], named: Sequence[str], u: np.ndarray) -> s
     """Caption naming exactly the attributes in `named`; `u` holds 3 uniforms for the wording."""
     words = [attrs[a] for a in ("size", "color") if a in named]
     bare = " ".join(words + [attrs["shape"] if "shape" in named else "shape"])
-    noun = f"{_article(bare)} {bare}"
+    noun = f"{article(bare)} {bare}"
     pos_bare = attrs["position"] if "position" in named else None
     pos = position_phrase(attrs["position"], u[1]) if pos_bare else None
     bg_bare = f"{attrs['background']} background" if "background" in named else None
@@ -235,7 +236,7 @@ def _caption(attrs: Mapping[str, str], named: Sequence[str], u: np.ndarray) -> s
         lambda: _join(noun, bg, pos),
         lambda: _join("a picture of", noun, pos, bg),
         lambda: _join("there is", noun, pos, bg),
-        lambda: _join(bg_bare and f"{_article(bg_bare)} {bg_bare} with", noun, pos),
+        lambda: _join(bg_bare and f"{article(bg_bare)} {bg_bare} with", noun, pos),
         lambda: ", ".join(p for p in (bare, pos_bare, bg_bare) if p),
         lambda: _join(pos and pos + ",", noun, bg),
         lambda: _join("an image of", noun, bg, pos),

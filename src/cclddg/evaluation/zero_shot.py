@@ -11,7 +11,14 @@ import itertools
 
 import torch
 
-from cclddg.data.shapes import COLORS, POSITIONS, SHAPES, ShapesDataset, position_phrase
+from cclddg.data.shapes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    ShapesDataset,
+    article,
+    position_phrase,
+)
 from cclddg.encoders.base import Embedder
 
 # Wordings no shapes caption uses.
@@ -35,7 +42,7 @@ EXAMPLE_PARAPHRASES = {
 
 def request_prompt(request: dict[str, str]) -> str:
     """The text prompt naming a request's colour, shape and position ("a red circle in the top left")."""
-    return f"a {request['color']} {request['shape']} {position_phrase(request['position'])}"
+    return f"{article(request['color'])} {request['color']} {request['shape']} {position_phrase(request['position'])}"
 
 
 def prompt_table(paraphrase: bool = False) -> tuple[list[str], list[dict[str, str]]]:

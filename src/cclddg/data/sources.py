@@ -29,3 +29,17 @@ def open_dataset(spec: str, img_size: int, seed: int = 0, length: int | None = N
 
     _, size = parse_data_spec(spec, img_size)
     return ShapesDataset(size=size, length=length, seed=seed)
+
+
+def load_uint8(spec: str, img_size: int, seed: int, n: int, chunk: int = 1000):
+    """Examples 0..n-1 of a source, read once: (uint8 images (n, 3, S, S), captions) — small trainers keep
+    their whole training set in memory like this (a quarter of the float32 size)."""
+    import torch
+
+    data = open_dataset(spec, img_size, seed=seed, length=n)
+    images, captions = [], []
+    for start in range(0, n, chunk):
+        x, _, c = data.get_batch(range(start, min(start + chunk, n)))
+        images.append(((x + 1) * 127.5).round().to(torch.uint8))
+        captions += c
+    return torch.cat(images), captions

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cclddg.config import JsonConfig
-from cclddg.data.sources import open_dataset
+from cclddg.data.sources import load_uint8
 from cclddg.errors import UserError
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.training import checkpoint as ckpt_io
@@ -125,7 +125,7 @@ class AETrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)
-        self._prepare_dir(resume)
+        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-ae")
         torch.manual_seed(cfg.seed)
         self.ae = build_autoencoder(cfg.widths, cfg.latent_channels, cfg.layers_per_block, cfg.norm_groups)
         self.opt = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -139,30 +139,9 @@ class AETrainer:
             self._load(ckpt_io.resolve_checkpoint(self.out))
         self.images = self._load_images(cfg.seed, cfg.train_size)
 
-    def _prepare_dir(self, resume: bool) -> None:
-        config_path = self.out / "config.json"
-        if resume:
-            if not config_path.is_file():
-                raise UserError(f"--resume: {self.out} holds no train-ae run; start it without --resume")
-            old, new = json.loads(config_path.read_text()), json.loads(self.cfg.to_json())
-            clash = [k for k in new if k not in RESUMABLE and new[k] != old.get(k)]
-            if clash:
-                raise UserError(f"cannot resume {self.out} with a different config ({', '.join(clash[:4])} differ); "
-                                "drop those flags or start a new --out")
-            return
-        if self.out.exists() and any(self.out.iterdir()):
-            raise UserError(f"{self.out} is not empty; pass --resume to continue a run there or choose a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.write_text_atomic(config_path, self.cfg.to_json())
-
     def _load_images(self, seed: int, n: int) -> Tensor:
         """`n` images of the data source as uint8 (rendered or read once)."""
-        data = open_dataset(self.cfg.data, self.cfg.img_size, seed=seed, length=n)
-        parts = []
-        for start in range(0, n, 1000):
-            x, _, _ = data.get_batch(range(start, min(start + 1000, n)))
-            parts.append(((x + 1) * 127.5).round().to(torch.uint8))
-        return torch.cat(parts)
+        return load_uint8(self.cfg.data, self.cfg.img_size, seed, n)[0]
 
     # ---- training -----------------------------------------------------------------------------------
     def batch(self, step: int) -> Tensor:

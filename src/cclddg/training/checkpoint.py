@@ -46,6 +46,25 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         tmp.unlink(missing_ok=True)
 
 
+def prepare_small_run(out: Path, cfg: Any, resume: bool, resumable: set[str], command: str) -> None:
+    """`train-cloob` / `train-ae` run folders: create one (writing its config), or check that the run being
+    resumed has the same config except the `resumable` fields."""
+    config_path = out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise UserError(f"--resume: {out} holds no {command} run; start it without --resume")
+        old, new = json.loads(config_path.read_text()), json.loads(cfg.to_json())
+        clash = [k for k in new if k not in resumable and new[k] != old.get(k)]
+        if clash:
+            raise UserError(f"cannot resume {out} with a different config ({', '.join(clash[:4])} differ); "
+                            "drop those flags or start a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; pass --resume to continue a run there or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_path, cfg.to_json())
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cclddg.config import JsonConfig
-from cclddg.data.sources import open_dataset
+from cclddg.data.sources import load_uint8
 from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
 from cclddg.errors import UserError
 from cclddg.training import checkpoint as ckpt_io
@@ -81,7 +81,7 @@ class CLOOBTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)
-        self._prepare_dir(resume)
+        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-cloob")
         torch.manual_seed(cfg.seed)
         self.model = CLOOBModel(dim=cfg.dim, image_size=cfg.img_size, widths=cfg.widths, text_tower=cfg.text_tower,
                                 text_hidden=cfg.text_hidden, inv_tau=cfg.inv_tau, scale_hopfield=cfg.scale_hopfield)
@@ -95,32 +95,10 @@ class CLOOBTrainer:
         self.images, self.text_inputs = self._load_data()
 
     # ---- setup --------------------------------------------------------------------------------------
-    def _prepare_dir(self, resume: bool) -> None:
-        config_path = self.out / "config.json"
-        if resume:
-            if not config_path.is_file():
-                raise UserError(f"--resume: {self.out} holds no train-cloob run; start it without --resume")
-            old = json.loads(config_path.read_text())
-            new = json.loads(self.cfg.to_json())
-            clash = [k for k in new if k not in RESUMABLE and new[k] != old.get(k)]
-            if clash:
-                raise UserError(f"cannot resume {self.out} with a different config ({', '.join(clash[:4])} differ); "
-                                "drop those flags or start a new --out")
-            return
-        if self.out.exists() and any(self.out.iterdir()):
-            raise UserError(f"{self.out} is not empty; pass --resume to continue a run there or choose a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.write_text_atomic(config_path, self.cfg.to_json())
-
     def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8) and the text head's inputs for all captions, computed once."""
         cfg = self.cfg
-        data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.train_size)
-        images, captions = [], []
-        for start in range(0, cfg.train_size, 1000):
-            x, _, c = data.get_batch(range(start, min(start + 1000, cfg.train_size)))
-            images.append(((x + 1) * 127.5).round().to(torch.uint8))
-            captions += c
+        images, captions = load_uint8(cfg.data, cfg.img_size, cfg.seed, cfg.train_size)
         cache = self.out / "text_inputs.safetensors"
         if cache.is_file():
             from safetensors.torch import load_file
@@ -134,7 +112,7 @@ class CLOOBTrainer:
                 feats.append(self.embedder.text_inputs(unique[start:start + 512]).cpu())
             text = torch.cat(feats)[torch.tensor([index[c] for c in captions])]
             ckpt_io.save_tensors_atomic(cache, {"text": text.contiguous()})
-        return torch.cat(images), text
+        return images, text
 
     # ---- training -----------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:

@@ -198,28 +198,22 @@ def is_cache(data: str) -> bool:
 
 
 def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The run settings a latent cache fixes (latent space, sizes, encoder); flags that contradict it are errors."""
+    """The run settings a latent cache fixes (latent space, sizes, scale, encoder), read from its cache.json;
+    flags that contradict it are errors. (Whether the cache can give the run's conditioning is checked when
+    the trainer opens it.)"""
     from pathlib import Path
 
-    from cclddg.data.latent_cache import LatentCache
+    from cclddg.data.latent_cache import read_cache_meta
 
     path = Path(values["data"]).expanduser().resolve()
-    cache = LatentCache(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
-    if "img_size" in given and given["img_size"] != cache.img_size:
-        raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {cache.img_size}px images; drop --img_size")
-    cond = values.get("cond", "labels")
-    if cond == "embedding" and not cache.embed_dim:
-        raise UserError(f"{path} holds no embeddings (encoded without --encoder); encode it with --encoder "
-                        "or train with --cond labels/none")
-    if cond == "labels" and not cache.has_labels:
-        raise UserError(f"{path} holds no labels; train it with --cond embedding or none")
-    if values.get("flip") and not cache.has_flip:
-        raise UserError(f"{path} has no flipped latents; encode it with --flip or drop --flip")
-    out = {"data": str(path), "autoencoder": cache.autoencoder, "img_size": cache.img_size,
-           "latent_channels": cache.channels, "latent_factor": cache.img_size // cache.latent_size,
-           "latent_scale": cache.scale, "data_size": len(cache)}
-    if cond == "embedding":
-        out["encoder"] = cache.encoder
+    meta = read_cache_meta(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
+    img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
+    if "img_size" in given and given["img_size"] != img_size:
+        raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {img_size}px images; drop --img_size")
+    out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, "latent_channels": channels,
+           "latent_factor": img_size // latent, "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
+    if values.get("cond", "labels") == "embedding":
+        out["encoder"] = meta["encoder"]
     return out
 
 

@@ -296,29 +296,46 @@ def shards_done(out: Path) -> int:
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+def read_cache_meta(path: Path, autoencoder: str | None = None, encoder: str | None = None) -> dict[str, Any]:
+    """A complete cache's metadata, checked (format, fields, and the autoencoder/encoder specs if given);
+    reads cache.json only, so run settings can be taken from a cache without opening its shards."""
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        progress = path / PROGRESS_FILE
+        if progress.is_file():
+            info = _read_json(progress)
+            total = -(-int(info.get("count", 0)) // max(1, int(info.get("shard_size", 1))))
+            raise UserError(f"{path} is incomplete ({shards_done(path)} of {total} shards); "
+                            "run the same `cclddg encode` command again to finish it")
+        what = "does not exist" if not path.exists() else "is not a latent cache (no cache.json)"
+        raise UserError(f"{path} {what}; {ENCODE_HINT}")
+    meta: dict[str, Any] = _read_json(meta_path)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is a latent cache of format {meta.get('format')}; this version reads "
+                        f"format {FORMAT}: encode it again with cclddg encode")
+    missing = [k for k in (*KEY_FIELDS, *META_FIELDS) if k not in meta]
+    if missing:
+        raise UserError(f"{meta_path} lacks {', '.join(missing)}; the cache is damaged: encode it again")
+    if autoencoder is not None and _absolute_autoencoder(autoencoder) != meta["autoencoder"]:
+        raise UserError(f"{path} was encoded with --autoencoder {meta['autoencoder']}, not "
+                        f"{_absolute_autoencoder(autoencoder)}; use that autoencoder or encode a new cache")
+    if encoder is not None:
+        wanted = _absolute_encoder(encoder)
+        if meta["encoder"] is None:
+            raise UserError(f"{path} holds no embeddings (encoded without --encoder), but {wanted} was "
+                            "asked for; encode a new cache with --encoder")
+        if wanted != meta["encoder"]:
+            raise UserError(f"{path} was encoded with --encoder {meta['encoder']}, not {wanted}; "
+                            "use that encoder or encode a new cache")
+    return meta
+
+
 class LatentCache:
     """A complete cache, memory-mapped: batches are gathered from the shards without loading them whole."""
 
     def __init__(self, path: str | Path, autoencoder: str | None = None, encoder: str | None = None) -> None:
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            progress = self.path / PROGRESS_FILE
-            if progress.is_file():
-                info = _read_json(progress)
-                total = -(-int(info.get("count", 0)) // max(1, int(info.get("shard_size", 1))))
-                raise UserError(f"{self.path} is incomplete ({shards_done(self.path)} of {total} shards); "
-                                "run the same `cclddg encode` command again to finish it")
-            what = "does not exist" if not self.path.exists() else "is not a latent cache (no cache.json)"
-            raise UserError(f"{self.path} {what}; {ENCODE_HINT}")
-        self.meta: dict[str, Any] = _read_json(meta_path)
-        if self.meta.get("format") != FORMAT:
-            raise UserError(f"{self.path} is a latent cache of format {self.meta.get('format')}; this version reads "
-                            f"format {FORMAT}: encode it again with cclddg encode")
-        missing = [k for k in (*KEY_FIELDS, *META_FIELDS) if k not in self.meta]
-        if missing:
-            raise UserError(f"{meta_path} lacks {', '.join(missing)}; the cache is damaged: encode it again")
-        self._check_models(autoencoder, encoder)
+        self.meta: dict[str, Any] = read_cache_meta(self.path, autoencoder, encoder)
         self._arrays: list[dict[str, np.ndarray]] = []
         self._captions: list[list[str]] = []
         counts = []
@@ -332,18 +349,15 @@ class LatentCache:
                             "the cache is damaged: encode it again")
         self._starts = np.cumsum([0, *counts])[:-1]
 
-    def _check_models(self, autoencoder: str | None, encoder: str | None) -> None:
-        if autoencoder is not None and _absolute_autoencoder(autoencoder) != self.meta["autoencoder"]:
-            raise UserError(f"{self.path} was encoded with --autoencoder {self.meta['autoencoder']}, not "
-                            f"{_absolute_autoencoder(autoencoder)}; use that autoencoder or encode a new cache")
-        if encoder is not None:
-            wanted = _absolute_encoder(encoder)
-            if self.meta["encoder"] is None:
-                raise UserError(f"{self.path} holds no embeddings (encoded without --encoder), but {wanted} was "
-                                "asked for; encode a new cache with --encoder")
-            if wanted != self.meta["encoder"]:
-                raise UserError(f"{self.path} was encoded with --encoder {self.meta['encoder']}, not {wanted}; "
-                                "use that encoder or encode a new cache")
+    def check_fits(self, cond: str, flip: bool) -> None:
+        """Refuse a run whose conditioning or flips this cache cannot give."""
+        if cond == "embedding" and not self.embed_dim:
+            raise UserError(f"{self.path} holds no embeddings (encoded without --encoder); encode it with --encoder "
+                            "or train with --cond labels/none")
+        if cond == "labels" and not self.has_labels:
+            raise UserError(f"{self.path} holds no labels; train it with --cond embedding or none")
+        if flip and not self.has_flip:
+            raise UserError(f"{self.path} has no flipped latents; encode it with --flip or drop --flip")
 
     def _open_shard(self, shard: dict) -> tuple[dict[str, np.ndarray], list[str]]:
         folder = self.path / shard["name"]

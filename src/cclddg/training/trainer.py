@@ -220,10 +220,7 @@ class Trainer:
         cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
         cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
         validate(cfg)
-        if cfg.cond == "embedding" and not self.cache.embed_dim:
-            raise UserError(f"{path} holds no embeddings; encode it with --encoder or train with --cond labels/none")
-        if cfg.cond == "labels" and not self.cache.has_labels:
-            raise UserError(f"{path} holds no labels; train it with --cond embedding or none")
+        self.cache.check_fits(cfg.cond, cfg.flip)
         self.space = load_latent_space(cfg.autoencoder, self.device, scale=cfg.latent_scale)
         if cfg.cond != "embedding":
             return 0

@@ -205,46 +205,44 @@ class Trainer:
         """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
         autoencoder that decodes the grids; fill the run's latent settings from the cache."""
         from cclddg.data.latent_cache import LatentCache
+        from cclddg.encoders import load_embedder
         from cclddg.latents import load_latent_space
 
         cfg, acc = self.cfg, self.accelerator
+        self.space = load_latent_space(cfg.autoencoder, self.device)  # loaded once: encodes a source, decodes grids
+        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
         if is_cache(cfg.data):
             path = Path(cfg.data)
         else:
             if acc.is_main_process:  # one process encodes, the others then read the finished cache
-                path = self._encode_source()
+                path = self._encode_source(embedder)
             acc.wait_for_everyone()
             if not acc.is_main_process:
-                path = self._encode_source(progress=False)
+                path = self._encode_source(embedder, progress=False)
         self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
         cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
         cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
         validate(cfg)
         self.cache.check_fits(cfg.cond, cfg.flip)
-        self.space = load_latent_space(cfg.autoencoder, self.device, scale=cfg.latent_scale)
-        if cfg.cond != "embedding":
+        self.space.scale = cfg.latent_scale
+        if embedder is None:
             return 0
-        from cclddg.encoders import load_embedder
-
-        self.grid_cond = load_embedder(cfg.encoder, self.device).embed_texts(grid_prompts(6)).cpu()
+        self.grid_cond = embedder.embed_texts(grid_prompts(6)).cpu()
         return self.cache.embed_dim
 
-    def _encode_source(self, progress: bool | None = None) -> Path:
+    def _encode_source(self, embedder, progress: bool | None = None) -> Path:
         """A latent run on a data source: encode `data_size` examples once into a cache in --cache_dir."""
         import hashlib
 
         from cclddg.data.latent_cache import encode_dataset
-        from cclddg.encoders import default_cache_dir, load_embedder
-        from cclddg.latents import load_latent_space
+        from cclddg.encoders import default_cache_dir
 
         cfg = self.cfg
-        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
-        space = load_latent_space(cfg.autoencoder, self.device)
-        key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, space.fingerprint,
+        key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, self.space.fingerprint,
                           cfg.encoder, getattr(embedder, "fingerprint", None), cfg.flip])
         path = Path(cfg.cache_dir or default_cache_dir()) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
         data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size)
-        return encode_dataset(data, cfg.data, cfg.seed, cfg.data_size, cfg.img_size, space, embedder, path,
+        return encode_dataset(data, cfg.data, cfg.seed, cfg.data_size, cfg.img_size, self.space, embedder, path,
                               flip=cfg.flip, progress=self.progress if progress is None else progress)
 
     def _prepare_embeddings(self) -> int:

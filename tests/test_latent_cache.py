@@ -12,7 +12,7 @@ import torch
 
 from cclddg.cli import main
 from cclddg.data.latent_cache import LatentCache, encode_batch, encode_dataset
-from cclddg.data.sources import open_dataset
+from cclddg.data.sources import ShapesSource, open_dataset
 from cclddg.encoders import load_embedder, weights_fingerprint
 from cclddg.errors import UserError
 from cclddg.latents import PixelSpace
@@ -25,20 +25,30 @@ TINY_CLOOB = ["--text_tower", "bpe", "--n_batches", "4", "--train_size", "128", 
 
 
 class StopAfter:
-    """A real dataset wrapper that raises (like Ctrl-C) on its `calls + 1`-th batch: an interrupted encode."""
+    """A real source wrapper that raises (like Ctrl-C) when asked for its `records + 1`-th record."""
 
-    def __init__(self, dataset, calls: int, error: type[BaseException] = KeyboardInterrupt) -> None:
-        self.dataset, self.calls, self.error = dataset, calls, error
+    def __init__(self, source, records: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+        self.source, self.records, self.error = source, records, error
 
-    def get_batch(self, indices):
-        if self.calls <= 0:
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def record(self, index):
+        if self.records <= 0:
             raise self.error()
-        self.calls -= 1
-        return self.dataset.get_batch(indices)
+        self.records -= 1
+        return self.source.record(index)
 
 
 def shapes(count: int = COUNT):
-    return open_dataset(DATA, SIZE, seed=0, length=count)
+    return ShapesSource(SIZE, count, seed=0)
+
+
+def shapes_batch(count: int = COUNT):
+    return open_dataset(DATA, SIZE, seed=0, length=count).get_batch(range(count))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,7 @@ def test_cache_holds_what_encode_batch_gives(vae_cache, vae, cloob):
     assert cache.has_flip and cache.has_labels and not (vae_cache / "progress.json").exists()
     assert np.load(vae_cache / "shard_00001" / "latents.npy").dtype == np.float16
 
-    images, labels, captions = shapes().get_batch(range(COUNT))
+    images, labels, captions = shapes_batch()
     old, vae.scale = vae.scale, cache.scale
     try:
         want = encode_batch(images, captions, vae, cloob, flip=True)
@@ -113,15 +123,15 @@ def test_cache_holds_what_encode_batch_gives(vae_cache, vae, cloob):
     assert cache.verify() == meta["content_hash"]
 
 
-def test_measured_scale_gives_unit_variance(vae_cache, tmp_path):
+def test_measured_scale_gives_unit_variance_and_pixels_keep_their_range(vae_cache, tmp_path):
     cache = LatentCache(vae_cache)
     assert cache.get_batch(range(COUNT))["latents"].std().item() == pytest.approx(1.0, abs=0.01)
     assert cache.scale != pytest.approx(1.0, abs=0.05)  # a random VAE's raw latents are not unit-variance
 
     encode_dataset(shapes(), DATA, 0, COUNT, SIZE, PixelSpace(), None, tmp_path / "px", shard_size=8, progress=False)
     pixels = LatentCache(tmp_path / "px", autoencoder="pixels")
-    images = shapes().get_batch(range(COUNT))[0]
-    assert pixels.scale == pytest.approx(1.0 / images.std().item(), rel=1e-5)
+    images = shapes_batch()[0]
+    assert pixels.scale == 1.0  # pixel space keeps images in [-1, 1], as pixel runs without a cache see them
     assert pixels.embed_dim == 0 and pixels.encoder is None and "image_emb" not in pixels.get_batch([0])
     torch.testing.assert_close(pixels.get_batch(range(COUNT))["latents"], images * pixels.scale, **FP16)
     assert not (tmp_path / "px" / "shard_00000" / "latents_flip.npy").exists()
@@ -133,7 +143,7 @@ def test_flip_latents_are_the_latents_of_flipped_images(tmp_path):
     encode_dataset(shapes(), DATA, 0, COUNT, SIZE, PixelSpace(), None, tmp_path / "c", flip=True, shard_size=8,
                    batch_size=5, scale=0.5, progress=False)
     cache = LatentCache(tmp_path / "c")
-    images = shapes().get_batch(range(COUNT))[0]
+    images = shapes_batch()[0]
     assert cache.scale == 0.5  # --scale given: not measured
     flipped = cache.get_batch(range(COUNT), flip=torch.ones(COUNT, dtype=torch.bool))["latents"]
     torch.testing.assert_close(flipped, images.flip(-1) * 0.5, **FP16)
@@ -144,19 +154,20 @@ def test_interrupted_encode_resumes_to_the_same_content(tmp_path, vae, cloob):
                 shard_size=8, batch_size=4, progress=False)
     straight = encode_dataset(shapes(), out=tmp_path / "straight", **args)
     out = tmp_path / "split"
-    # 5 batches measure the scale, 2 fill shard 0, then Ctrl-C in the middle of shard 1
+    # 20 records measure the scale; records are read 16 at a time, so the first 16 fill shards 0 and 1 and
+    # Ctrl-C comes while shard 2 waits for record 16
     with pytest.raises(KeyboardInterrupt):
-        encode_dataset(StopAfter(shapes(), 5 + 3), out=out, **args)
-    assert sorted(p.name for p in out.iterdir()) == ["progress.json", "shard_00000"]
-    with pytest.raises(UserError, match=r"incomplete \(1 of 3 shards\); run the same `cclddg encode`"):
+        encode_dataset(StopAfter(shapes(), 20 + 16), out=out, **args)
+    assert sorted(p.name for p in out.iterdir()) == ["progress.json", "shard_00000", "shard_00001"]
+    with pytest.raises(UserError, match=r"incomplete \(2 of 3 shards\); run the same `cclddg encode`"):
         LatentCache(out)
     # a killed run's leftover temporary shard (complete-looking files) is not a finished shard
-    shutil.copytree(out / "shard_00000", out / ".tmp-shard_00001")
-    with pytest.raises(UserError, match=r"1 of 3 shards"):
+    shutil.copytree(out / "shard_00000", out / ".tmp-shard_00002")
+    with pytest.raises(UserError, match=r"2 of 3 shards"):
         LatentCache(out)
     with pytest.raises(RuntimeError):  # another interruption, no shard finished
         encode_dataset(StopAfter(shapes(), 1, RuntimeError), out=out, **args)
-    assert not (out / ".tmp-shard_00001").exists() and not (out / "shard_00001").exists()
+    assert not (out / ".tmp-shard_00002").exists() and not (out / "shard_00002").exists()
     encode_dataset(shapes(), out=out, **args)
     a, b = LatentCache(straight), LatentCache(out)
     assert a.content_hash == b.content_hash and a.meta == b.meta
@@ -175,7 +186,7 @@ def test_resume_keeps_the_scale_of_the_first_run(tmp_path):
     encode_dataset(shapes(), **args)  # no --scale: the partial cache's own, not a new measurement
     cache = LatentCache(out)
     assert cache.scale == 0.25
-    torch.testing.assert_close(cache.get_batch(range(COUNT))["latents"], shapes().get_batch(range(COUNT))[0] / 4,
+    torch.testing.assert_close(cache.get_batch(range(COUNT))["latents"], shapes_batch()[0] / 4,
                                **FP16)
 
 
@@ -246,7 +257,7 @@ def test_cli_encodes_end_to_end(tmp_path, cloob, capsys):
     assert "already complete" in capsys.readouterr().out
     assert main([*argv, "--n", "13"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "choose a new --out" in err and "count differ" in err
+    assert len(err.splitlines()) == 1 and "choose a new --out" in err and "limit differ" in err
 
 
 @pytest.mark.parametrize("argv, expected", [

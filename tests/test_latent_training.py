@@ -109,7 +109,7 @@ def test_latent_presets_need_a_latent_space():
 def test_incomplete_cache_is_refused(models, tmp_path, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "progress.json").write_text(json.dumps({"count": 40, "shard_size": 20}))
+    (partial / "progress.json").write_text(json.dumps({"limit": 40, "shard_size": 20}))
     code = main(["train", "--preset", "cclddg", "--data", str(partial), "--out", str(tmp_path / "r"), *TINY_GEN])
     err = capsys.readouterr().err
     assert code == 2 and "is incomplete (0 of 2 shards)" in err

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cclddg.config import OBJECTIVES, PRESETS, TrainConfig, resolve, validate
+from cclddg.data.sources import with_font
 from cclddg.errors import UserError
 
 EXIT_USAGE = 2
@@ -75,6 +76,35 @@ def optional_str(text: str) -> str | None:
     return None if text in ("", "None", "none") else text
 
 
+SPEC_HELP_SOURCES = ("shapes[:SIZE], emoji, folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
+                     "imagewoof[:PATH], cc12m")
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the data sources that are not part of a run's recipe."""
+    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that read and decode images (default: 2, at most the CPU count)")
+
+
+def resolve_workers(workers: int | None, spec) -> int:
+    """--workers, or the default: none for the rendered shapes, DEFAULT_WORKERS for files."""
+    from cclddg.data.sources import DEFAULT_WORKERS
+
+    if workers is not None:
+        if workers < 0:
+            raise UserError(f"--workers must be >= 0, got {workers}")
+        return workers
+    return 0 if spec.procedural else DEFAULT_WORKERS
+
+
+def skip_summary(skipped: dict) -> str:
+    """One line from a SkipLog.as_dict(): how many bad examples were skipped, and why."""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in skipped["by_kind"].items())
+    first = "; ".join(f"{key} ({why})" for key, why in skipped["first"][:3])
+    return f"skipped {skipped['skipped']} bad example(s) of {skipped['good'] + skipped['skipped']}: {kinds}; e.g. {first}"
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag defaulting to None: the preset fills what is not given."""
     p.add_argument("--preset", default="ddgan", help=f"recipe to start from: {', '.join(PRESETS)} (default ddgan)")
@@ -109,7 +139,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             kwargs = dict(type=parse_bool if kind is bool else kind)
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None,
-                           help="data source (shapes or shapes:SIZE) or a latent cache folder from `cclddg encode`")
+                           help=f"data source ({SPEC_HELP_SOURCES}) or a latent cache folder from `cclddg encode`")
+            p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
             continue
         p.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=None, help=helps.get(f.name),
                        **kwargs)
@@ -120,6 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if args.font:
+        overrides["data"] = with_font(overrides.get("data") or "shapes", args.font)
     out = Path(args.out)
     if overrides.get("encoder"):
         from cclddg.encoders import absolute_spec
@@ -159,6 +192,8 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
     out = Path(args.out)
     values = json.loads((out / "config.json").read_text()) if args.resume and (out / "config.json").is_file() else {}
     values.update(overrides)
+    if args.font:
+        values["data"] = with_font(values.get("data", "shapes"), args.font)
     trainer = trainer_cls(config_cls.from_dict(values), out, resume=args.resume, progress=not args.no_progress)
     try:
         report = trainer.run()
@@ -194,6 +229,8 @@ def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default
     p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
+    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
     for f in fields(config_cls):
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", type=parse_bool, default=None, help=helps.get(f.name, f"default {f.default}"))
@@ -367,31 +404,34 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
     from cclddg.data.latent_cache import META_FILE, encode_dataset, shards_done
-    from cclddg.data.sources import open_dataset, parse_data_spec
+    from cclddg.data.sources import open_source, parse_data_spec, with_font
     from cclddg.encoders import load_embedder
     from cclddg.latents import load_latent_space
 
     for name in ("n", "shard_size", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.scale is not None and not args.scale > 0:
         raise UserError(f"--scale must be > 0, got {args.scale}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, img_size = parse_data_spec(args.data, args.img_size or 64)
+    data = with_font(args.data, args.font)
+    spec = parse_data_spec(data)
+    if spec.procedural and args.n is None:
+        raise UserError("--data shapes is endless: give --n, the number of examples to encode")
+    img_size = spec.size or args.img_size or 64
     out = Path(args.out)
     was_complete = (out / META_FILE).is_file()
+    source = open_source(spec, img_size, seed=args.seed, length=args.n)
     space = load_latent_space(args.autoencoder, args.device)
     embedder = load_embedder(args.encoder, args.device) if args.encoder else None
-    dataset = open_dataset(args.data, img_size, seed=args.seed, length=args.n)
     start = time.perf_counter()
     try:
-        encode_dataset(dataset, args.data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
+        encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
                        shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, workers=resolve_workers(args.workers, spec), crop=args.crop)
     except KeyboardInterrupt:
-        total = -(-args.n // args.shard_size)
-        print(f"interrupted; {shards_done(out)} of {total} shards are finished and kept in {out}; "
+        print(f"interrupted; {shards_done(out)} finished shards are kept in {out}; "
               "rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     meta = json.loads((out / META_FILE).read_text())
@@ -402,6 +442,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     print(f"encoded {meta['count']} examples into {out}: latents {tuple(meta['latent_shape'])} float16, "
           f"scale {meta['scale']:.5g}{emb}{', flipped too' if meta['flip'] else ''}, {len(meta['shards'])} shards, "
           f"{time.perf_counter() - start:.1f} s")
+    if meta["skipped"]["skipped"]:
+        print(skip_summary(meta["skipped"]))
     return 0
 
 
@@ -485,9 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
-    enc.add_argument("--data", default="shapes", help="data source, e.g. shapes:64 (default shapes)")
+    enc.add_argument("--data", "--dataset", dest="data", default="shapes",
+                     help=f"data source (default shapes): {SPEC_HELP_SOURCES}")
     enc.add_argument("--img_size", type=int, default=None, help="image size when --data has none (default 64)")
-    enc.add_argument("--n", type=int, required=True, help="examples to encode (0..n-1 of the source)")
+    enc.add_argument("--n", type=int, default=None,
+                     help="good examples to encode, from the start of the source (default: all; shapes: required)")
+    add_data_flags(enc)
+    enc.add_argument("--crop", default="center", choices=("center", "random"),
+                     help="square crop after resizing the shorter side (default center)")
     enc.add_argument("--seed", type=int, default=0, help="the data source's seed")
     enc.add_argument("--autoencoder", required=True, help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
     enc.add_argument("--encoder", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")

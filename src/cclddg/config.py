@@ -49,7 +49,7 @@ class TrainConfig(JsonConfig):
     preset: str = "ddgan"
     objective: str = "ddgan"
     # data and conditioning
-    data: str = "shapes"  # a data source (shapes, shapes:64) or a latent cache folder from `cclddg encode`
+    data: str = "shapes"  # a data source (shapes:64, emoji, folder:PATH ...) or a latent cache from `cclddg encode`
     img_size: int = 32
     # the latent space (`--autoencoder`): filled from the cache or the autoencoder when the run starts
     autoencoder: str = "pixels"
@@ -65,8 +65,9 @@ class TrainConfig(JsonConfig):
     pct_text: float = 0.0
     use_cloob_unet: bool = True
     use_cloob_disc: bool = True
-    data_size: int = 20000
+    data_size: int = 20000  # examples used (a real source's default: 0 = all it has)
     cache_dir: str | None = None
+    workers: int = 2  # processes that read and decode a real source's images while it is encoded
     # diffusion
     n_steps: int = 4
     schedule: str = "vp"
@@ -174,20 +175,36 @@ def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
     values.update(given)
     if is_cache(values.get("data", "shapes")):
         values.update(cache_values(values, given))
-    elif ":" in values.get("data", ""):  # `shapes:64` names the image size
-        from cclddg.data.sources import parse_data_spec
-
-        _, size = parse_data_spec(values["data"], values.get("img_size", 32))
-        if "img_size" in given and given["img_size"] != size:
-            raise UserError(f"--data {values['data']} gives {size}px images but --img_size is {given['img_size']}; "
-                            "drop one of them")
-        values["img_size"] = size
-    elif needs_latents and values.get("autoencoder", "pixels") == "pixels":
+    else:
+        values.update(source_values(values, given))
+    if not is_cache(values.get("data", "shapes")) and needs_latents and values.get("autoencoder", "pixels") == "pixels":
         raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
                         "or a latent cache as --data (made by `cclddg encode`)")
     cfg = TrainConfig.from_dict(values)
     validate(cfg)
     return cfg
+
+
+def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Run settings a data source fixes: `shapes:64` the image size; a real source (finite, unlabelled)
+    uses all its examples unless --data_size is given, and cannot give --cond labels."""
+    from cclddg.data.sources import parse_data_spec
+
+    data = values.get("data", "shapes")
+    spec = parse_data_spec(data)
+    out: dict[str, Any] = {}
+    if spec.size is not None:
+        if "img_size" in given and given["img_size"] != spec.size:
+            raise UserError(f"--data {data} gives {spec.size}px images but --img_size is {given['img_size']}; "
+                            "drop one of them")
+        out["img_size"] = spec.size
+    if not spec.procedural:
+        if "data_size" not in given:
+            out["data_size"] = 0
+        if values.get("cond", "labels") == "labels":
+            raise UserError(f"--data {data} has no class labels (only shapes do): use --cond embedding "
+                            "--encoder SPEC (its images and captions), or --cond none")
+    return out
 
 
 def is_cache(data: str) -> bool:
@@ -253,7 +270,14 @@ def validate(cfg: TrainConfig) -> None:
         from cclddg.encoders import parse_encoder_spec
 
         parse_encoder_spec(cfg.encoder)
-        _positive("data_size", cfg.data_size)
+    _positive("data_size", cfg.data_size, allow_zero=True)
+    _positive("workers", cfg.workers, allow_zero=True)
+    if cfg.data_size == 0 and not is_cache(cfg.data):
+        from cclddg.data.sources import parse_data_spec
+
+        if parse_data_spec(cfg.data).procedural:
+            raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
+                            "give --data_size N")
     for name in ("pct_zeros", "ema_decay"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:

@@ -133,15 +133,15 @@ class Demo:
 
     def encode(self) -> None:
         from cclddg.data.latent_cache import encode_dataset
-        from cclddg.data.sources import open_dataset
+        from cclddg.data.sources import open_source
         from cclddg.encoders import load_embedder
         from cclddg.latents import load_latent_space
 
         n = self.settings.data_size
         space = load_latent_space(f"own:{(self.out / 'ae').resolve()}")
         embedder = load_embedder(f"cloob-tiny:{(self.out / 'cloob').resolve()}")
-        data = open_dataset("shapes:64", 64, seed=0, length=n)
-        encode_dataset(data, "shapes:64", 0, n, 64, space, embedder, self.out / "cache", shard_size=5000,
+        source = open_source("shapes:64", 64, seed=0, length=n)
+        encode_dataset(source, "shapes:64", 0, n, 64, space, embedder, self.out / "cache", shard_size=5000,
                        progress=self.progress)
 
     def train_generator(self) -> None:

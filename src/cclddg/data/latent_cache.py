@@ -30,13 +30,14 @@ from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
 from cclddg.latents.base import LatentSpace, measure_scale
 
-FORMAT = 1
+FORMAT = 2
 META_FILE = "cache.json"
 PROGRESS_FILE = "progress.json"
+SHARD_FILE = "shard.json"
 SCALE_IMAGES = 512  # images the scale factor is measured on
-KEY_FIELDS = ("format", "data", "seed", "count", "img_size", "autoencoder", "autoencoder_fingerprint",
+KEY_FIELDS = ("format", "data", "seed", "limit", "img_size", "crop", "autoencoder", "autoencoder_fingerprint",
               "latent_shape", "encoder", "encoder_fingerprint", "embed_dim", "flip", "shard_size")
-META_FIELDS = ("scale", "has_labels", "shards", "content_hash")
+META_FIELDS = ("count", "scale", "has_labels", "shards", "skipped", "content_hash")
 ENCODE_HINT = "make one with cclddg encode"
 
 
@@ -102,15 +103,16 @@ def encode_batch(images: Tensor, captions: Sequence[str] | None, space: LatentSp
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def _key(data_spec: str, seed: int, count: int, img_size: int, space: LatentSpace, embedder: Embedder | None,
-         flip: bool, shard_size: int) -> dict[str, Any]:
+def _key(data_spec: str, seed: int, count: int | None, img_size: int, space: LatentSpace, embedder: Embedder | None,
+         flip: bool, shard_size: int, crop: str = "center") -> dict[str, Any]:
     """Everything the cache's content depends on; a resumed or repeated encode must match it."""
     if not space.spec:
         raise UserError("the latent space has no spec; load it with cclddg.latents.load_latent_space")
     if embedder is not None and not getattr(embedder, "spec", ""):
         raise UserError("the embedder has no spec; load it with cclddg.encoders.load_embedder")
     return {
-        "format": FORMAT, "data": data_spec, "seed": int(seed), "count": int(count), "img_size": int(img_size),
+        "format": FORMAT, "data": data_spec, "seed": int(seed), "limit": None if count is None else int(count),
+        "img_size": int(img_size), "crop": crop,
         "autoencoder": _absolute_autoencoder(space.spec), "autoencoder_fingerprint": space.fingerprint,
         "latent_shape": list(space.latent_shape(img_size)),
         "encoder": _absolute_encoder(embedder.spec) if embedder is not None else None,
@@ -122,7 +124,8 @@ def _key(data_spec: str, seed: int, count: int, img_size: int, space: LatentSpac
 
 def _describe(key: dict) -> str:
     enc = key.get("encoder") or "no encoder"
-    return (f"{key.get('count')} examples of {key.get('data')} (seed {key.get('seed')}, {key.get('img_size')} px) "
+    limit = key.get("limit")
+    return (f"{'all' if limit is None else limit} examples of {key.get('data')} (seed {key.get('seed')}, {key.get('img_size')} px) "
             f"with {key.get('autoencoder')} and {enc}")
 
 
@@ -161,44 +164,56 @@ def _shard_count(folder: Path) -> int | None:
         return None
 
 
-def _measure(dataset, count: int, space: LatentSpace, batch_size: int) -> float:
-    n = min(count, SCALE_IMAGES)
-    images = torch.cat([dataset.get_batch(list(range(s, min(s + batch_size, n))))[0] for s in range(0, n, batch_size)])
-    return measure_scale(space, images)
+def _measure(source, img_size: int, space: LatentSpace, batch_size: int, workers: int, crop: str) -> float:
+    """The scale factor, on the first SCALE_IMAGES good examples (pixel space keeps 1: images in [-1, 1])."""
+    if space.spec == "pixels":
+        return 1.0
+    from cclddg.data.preprocess import SkipLog
+    from cclddg.data.stream import iter_batches
+
+    batches = iter_batches(source, img_size, batch_size, workers=workers, limit=SCALE_IMAGES, crop=crop,
+                           skips=SkipLog(warn=False))
+    return measure_scale(space, torch.cat([b.images for b in batches]))
 
 
-def _write_shard(tmp: Path, dataset, start: int, stop: int, space: LatentSpace, embedder: Embedder | None,
-                 flip: bool, batch_size: int, bar) -> None:
-    """Encode examples start..stop-1 into the folder `tmp` (which the caller renames when this returns).
+class _ShardWriter:
+    """One shard's arrays, filled batch by batch through memory maps (a shard of large pixel images never
+    has to fit in memory), in the folder `tmp` that the caller renames once `close` returns."""
 
-    Arrays are written through memory maps, so a shard of large pixel images never has to fit in memory."""
-    n = stop - start
-    files: dict[str, np.memmap] = {}
-    labels: list[np.ndarray] = []
-    captions: list[str] = []
-    for s in range(start, stop, batch_size):
-        images, batch_labels, batch_captions = dataset.get_batch(list(range(s, min(s + batch_size, stop))))
-        for name, value in encode_batch(images, None, space, embedder, flip).items():
-            if name not in files:
-                files[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16,
-                                                        shape=(n, *value.shape[1:]))
-            files[name][s - start:s - start + value.shape[0]] = value.cpu().to(torch.float16).numpy()
-        if batch_labels is not None:
-            labels.append(np.asarray(batch_labels, dtype=np.float32))
-        captions += [str(c) for c in batch_captions]
-        bar.update(images.shape[0])
-    for array in files.values():
-        array.flush()
-    files.clear()
-    if len(captions) != n:
-        raise UserError(f"the data source gave {len(captions)} examples for indices {start}..{stop - 1}")
-    if embedder is not None:  # distinct captions of the whole shard, embedded once
-        np.save(tmp / "text_emb.npy", embed_captions(captions, embedder).cpu().to(torch.float16).numpy())
-    if labels:
-        if sum(len(x) for x in labels) != n:
-            raise UserError("the data source gave labels for only some batches")
-        np.save(tmp / "labels.npy", np.concatenate(labels))
-    (tmp / "captions.json").write_text(json.dumps(captions))
+    def __init__(self, tmp: Path, capacity: int) -> None:
+        self.tmp, self.capacity, self.n = tmp, capacity, 0
+        self.files: dict[str, np.memmap] = {}
+        self.labels: list[np.ndarray] = []
+        self.captions: list[str] = []
+
+    def add(self, encoded: dict[str, Tensor], labels: Tensor | None, captions: list[str]) -> None:
+        k = len(captions)
+        for name, value in encoded.items():
+            if name not in self.files:
+                self.files[name] = np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=np.float16,
+                                                             shape=(self.capacity, *value.shape[1:]))
+            self.files[name][self.n:self.n + k] = value.cpu().to(torch.float16).numpy()
+        if labels is not None:
+            self.labels.append(labels.numpy().astype(np.float32))
+        self.captions += captions
+        self.n += k
+
+    def close(self, embedder: Embedder | None, info: dict) -> None:
+        for name, array in self.files.items():
+            array.flush()
+            if self.n < self.capacity:  # the last shard of a stream: keep the filled part only
+                np.save(self.tmp / f"{name}.part.npy", array[:self.n])
+                del array
+                os.replace(self.tmp / f"{name}.part.npy", self.tmp / f"{name}.npy")
+        self.files.clear()
+        if embedder is not None:  # distinct captions of the whole shard, embedded once
+            np.save(self.tmp / "text_emb.npy", embed_captions(self.captions, embedder).cpu().to(torch.float16).numpy())
+        if self.labels:
+            if sum(len(x) for x in self.labels) != self.n:
+                raise UserError("the data source gave labels for only some examples")
+            np.save(self.tmp / "labels.npy", np.concatenate(self.labels))
+        (self.tmp / "captions.json").write_text(json.dumps(self.captions))
+        (self.tmp / SHARD_FILE).write_text(json.dumps({**info, "count": self.n}))
 
 
 def _prepare(out: Path, key: dict, scale: float | None) -> dict | None:
@@ -222,69 +237,127 @@ def _prepare(out: Path, key: dict, scale: float | None) -> dict | None:
     return {}
 
 
-def encode_dataset(dataset, data_spec: str, seed: int, count: int, img_size: int, space: LatentSpace,
-                   embedder: Embedder | None, out: Path, flip: bool = False, shard_size: int = 5000,
-                   batch_size: int = 256, scale: float | None = None, progress: bool = True) -> Path:
-    """Encode examples 0..count-1 of `dataset` into the cache folder `out` (resuming a partial one there).
+def _finished_shards(out: Path) -> list[dict]:
+    """The shard.json of each finished shard, in order, up to the first missing or damaged one."""
+    infos = []
+    while True:
+        folder = out / shard_name(len(infos))
+        try:
+            info = json.loads((folder / SHARD_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return infos
+        if _shard_count(folder) != info.get("count"):
+            return infos
+        infos.append(info)
 
-    A complete cache with the same key is left as it is; any other content in `out` is refused."""
+
+def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_size: int, space: LatentSpace,
+                   embedder: Embedder | None, out: Path, flip: bool = False, shard_size: int = 5000,
+                   batch_size: int = 256, scale: float | None = None, progress: bool = True, workers: int = 0,
+                   crop: str = "center") -> Path:
+    """Encode the first `count` good examples of `source` (all of them when None) into the cache folder
+    `out`, resuming a partial one there. A complete cache with the same key is left as it is; any other
+    content in `out` is refused. Bad examples are skipped, counted per shard and summed in cache.json."""
+    from cclddg.data.preprocess import SkipLog
+    from cclddg.data.stream import iter_examples
+
     out = Path(out)
-    for name, value in (("count", count), ("shard_size", shard_size), ("batch_size", batch_size)):
+    for name, value in (("count", count or 1), ("shard_size", shard_size), ("batch_size", batch_size)):
         if value < 1:
             raise UserError(f"--{'n' if name == 'count' else name} must be >= 1, got {value}")
     if scale is not None and not scale > 0:
         raise UserError(f"--scale must be > 0, got {scale}")
-    key = _key(data_spec, seed, count, img_size, space, embedder, flip, shard_size)
+    key = _key(data_spec, seed, count, img_size, space, embedder, flip, shard_size, crop)
     state = _prepare(out, key, scale)
     if state is None:
         return out
     if state:
         cache_scale = float(state["scale"])
     else:
-        cache_scale = float(scale) if scale is not None else _measure(dataset, count, space, batch_size)
+        cache_scale = float(scale) if scale is not None else _measure(source, img_size, space, batch_size, workers, crop)
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": cache_scale})
     for leftover in out.glob(".tmp-shard_*"):  # from a killed run: never complete
         shutil.rmtree(leftover, ignore_errors=True)
-    n_shards = (count + shard_size - 1) // shard_size
-    bounds = [(i * shard_size, min((i + 1) * shard_size, count)) for i in range(n_shards)]
-    done = [(out / shard_name(i)).is_dir() and _shard_count(out / shard_name(i)) == b - a
-            for i, (a, b) in enumerate(bounds)]
-    old_scale, space.scale = space.scale, cache_scale
-    bar = tqdm(total=count, initial=sum(b - a for (a, b), d in zip(bounds, done) if d), desc="encoding",
-               unit="img", disable=not progress)
-    try:
-        for i, (a, b) in enumerate(bounds):
-            if done[i]:
-                continue
-            final, tmp = out / shard_name(i), out / f".tmp-{shard_name(i)}"
+    done = _finished_shards(out)
+    for stale in out.glob("shard_*"):  # damaged shards, or shards after a damaged one: encoded again
+        if not stale.name < shard_name(len(done)):
+            shutil.rmtree(stale)
+    encoded = sum(d["count"] for d in done)
+    if not (done and done[-1].get("end")) and (count is None or encoded < count):
+        total = count if count is not None else (len(source) if hasattr(source, "__len__") else None)
+        bar = tqdm(total=total, initial=encoded, desc="encoding", unit="img", disable=not progress)
+        old_scale, space.scale = space.scale, cache_scale
+        try:
+            _encode_shards(out, iter_examples, source, img_size, space, embedder, flip, shard_size, batch_size,
+                           workers, crop, done, None if count is None else count - encoded, SkipLog(), bar)
+        finally:
+            space.scale = old_scale
+            bar.close()
+    return _finish(out, key, cache_scale)
+
+
+def _encode_shards(out: Path, iter_examples, source, img_size: int, space: LatentSpace, embedder: Embedder | None,
+                   flip: bool, shard_size: int, batch_size: int, workers: int, crop: str, done: list[dict],
+                   remaining: int | None, skips, bar) -> None:
+    """Fill shards from where the finished ones stopped until the source (or `remaining`) runs out."""
+    start = done[-1]["stop"] if done else 0
+    examples = iter_examples(source, img_size, workers=workers, skips=skips, limit=remaining, start=start, crop=crop)
+    index, finished = len(done), False
+    while not finished:
+        final, tmp = out / shard_name(index), out / f".tmp-{shard_name(index)}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            writer, before, named = _ShardWriter(tmp, shard_size), dict(skips.counts), len(skips.examples)
+            last = start - 1
+            while writer.n < shard_size:
+                batch = [e for _, e in zip(range(min(batch_size, shard_size - writer.n)), examples)]
+                if not batch:
+                    finished = True
+                    break
+                images = torch.stack([e.image for e in batch]).float().mul_(1 / 127.5).sub_(1.0)
+                labels = None
+                if all(e.labels is not None for e in batch):
+                    labels = torch.from_numpy(np.stack([np.asarray(e.labels, dtype=np.float32) for e in batch]))
+                writer.add(encode_batch(images, None, space, embedder, flip), labels, [e.caption for e in batch])
+                last = batch[-1].position
+                bar.update(len(batch))
+            if writer.n == 0:  # the source ended exactly at a shard boundary: mark the previous shard
+                shutil.rmtree(tmp)
+                if index > 0:
+                    info = json.loads((out / shard_name(index - 1) / SHARD_FILE).read_text())
+                    _write_json_atomic(out / shard_name(index - 1) / SHARD_FILE, {**info, "end": True})
+                return
+            finished = finished or (remaining is not None and writer.n >= remaining)
+            skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
+            writer.close(embedder, {"start": start, "stop": last + 1, "skipped": skipped,
+                                    "first_skipped": [list(e) for e in skips.examples[named:]], "end": finished})
+            os.replace(tmp, final)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
-                _write_shard(tmp, dataset, a, b, space, embedder, flip, batch_size, bar)
-                if final.exists():  # a damaged shard (wrong count) from before: replaced
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    finally:
-        space.scale = old_scale
-        bar.close()
-    return _finish(out, key, cache_scale, bounds)
+            raise
+        if remaining is not None:
+            remaining -= writer.n
+        start, index = last + 1, index + 1
 
 
-def _finish(out: Path, key: dict, scale: float, bounds: list[tuple[int, int]]) -> Path:
-    """Hash the shards and write cache.json: from now on the cache is complete."""
-    shards, has_labels = [], []
-    for i, (a, b) in enumerate(bounds):
-        folder = out / shard_name(i)
-        shards.append({"name": folder.name, "count": b - a, "sha256": shard_sha256(folder)})
+def _finish(out: Path, key: dict, scale: float) -> Path:
+    """Hash the shards, sum their skipped examples and write cache.json: from now on the cache is complete."""
+    from cclddg.data.preprocess import SkipLog
+
+    shards, has_labels, skips = [], [], SkipLog(warn=False)
+    for info in _finished_shards(out):
+        folder = out / shard_name(len(shards))
+        shards.append({"name": folder.name, "count": int(info["count"]), "sha256": shard_sha256(folder)})
         has_labels.append((folder / "labels.npy").is_file())
+        skips.merge({"good": info["count"], "by_kind": info.get("skipped", {}), "first": info.get("first_skipped", [])})
+    if not shards:
+        raise UserError(f"{out}: no examples were encoded")
     if any(has_labels) and not all(has_labels):
         raise UserError(f"{out}: the data source gave labels for some shards only")
-    meta = {**key, "scale": scale, "has_labels": all(has_labels), "shards": shards,
-            "content_hash": content_hash([s["sha256"] for s in shards])}
+    meta = {**key, "count": sum(s["count"] for s in shards), "scale": scale, "has_labels": all(has_labels),
+            "shards": shards, "skipped": skips.as_dict(), "content_hash": content_hash([s["sha256"] for s in shards])}
     _write_json_atomic(out / META_FILE, meta)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return out
@@ -304,8 +377,9 @@ def read_cache_meta(path: Path, autoencoder: str | None = None, encoder: str | N
         progress = path / PROGRESS_FILE
         if progress.is_file():
             info = _read_json(progress)
-            total = -(-int(info.get("count", 0)) // max(1, int(info.get("shard_size", 1))))
-            raise UserError(f"{path} is incomplete ({shards_done(path)} of {total} shards); "
+            limit = info.get("limit")
+            of = f" of {-(-int(limit) // max(1, int(info.get('shard_size', 1))))}" if limit else ""
+            raise UserError(f"{path} is incomplete ({shards_done(path)}{of} shards); "
                             "run the same `cclddg encode` command again to finish it")
         what = "does not exist" if not path.exists() else "is not a latent cache (no cache.json)"
         raise UserError(f"{path} {what}; {ENCODE_HINT}")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cclddg.config import JsonConfig
-from cclddg.data.sources import load_uint8
+from cclddg.data.sources import check_source, load_held_out, load_training_set
 from cclddg.errors import UserError
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.training import checkpoint as ckpt_io
@@ -60,6 +60,7 @@ class AETrainConfig(JsonConfig):
     save_every: int = 500
     eval_size: int = 500
     threads: int = 0
+    workers: int = 2
 
     KIND: ClassVar[str] = "train-ae config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
@@ -91,7 +92,7 @@ class AETrainConfig(JsonConfig):
                             f"--img_size {self.img_size} (0: whole images)")
 
 
-RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads"}
+RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
 
 
 class PatchDiscriminator(nn.Module):
@@ -125,6 +126,7 @@ class AETrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)
+        check_source(cfg.data, cfg.img_size)
         ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-ae")
         torch.manual_seed(cfg.seed)
         self.ae = build_autoencoder(cfg.widths, cfg.latent_channels, cfg.layers_per_block, cfg.norm_groups)
@@ -137,18 +139,15 @@ class AETrainer:
         self.last_checkpoint: Path | None = None
         if resume and ckpt_io.list_checkpoints(self.out):
             self._load(ckpt_io.resolve_checkpoint(self.out))
-        self.images = self._load_images(cfg.seed, cfg.train_size)
-
-    def _load_images(self, seed: int, n: int) -> Tensor:
-        """`n` images of the data source as uint8 (rendered or read once)."""
-        return load_uint8(self.cfg.data, self.cfg.img_size, seed, n)[0]
+        self.images = load_training_set(cfg.data, cfg.img_size, cfg.seed, cfg.train_size, cfg.eval_size,
+                                        workers=cfg.workers, progress=progress)[0]
 
     # ---- training -----------------------------------------------------------------------------------
     def batch(self, step: int) -> Tensor:
         """The crops of `step`: a pure function of (seed, step), so a resumed run sees the same data."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
-        idx = torch.from_numpy(rng.integers(0, cfg.train_size, cfg.batch_size))
+        idx = torch.from_numpy(rng.integers(0, len(self.images), cfg.batch_size))
         x = self.images[idx].float() / 127.5 - 1
         if cfg.crop and cfg.crop < cfg.img_size:
             top, left = (rng.integers(0, (cfg.img_size - cfg.crop) // cfg.factor + 1, 2) * cfg.factor).tolist()
@@ -227,7 +226,8 @@ class AETrainer:
         from cclddg.latents.vae import DiffusersVAE
 
         space = DiffusersVAE(self.ae)
-        held_out = self._load_images(HELD_OUT_SEED, self.cfg.eval_size).float() / 127.5 - 1
+        held_out = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, HELD_OUT_SEED,
+                                 workers=self.cfg.workers)[0].float() / 127.5 - 1
         rec = space.decode(space.encode(held_out))
         report = {"step": self.step, "psnr_held_out": round(psnr(rec, held_out), 3),
                   "l1_held_out": round(float((rec - held_out).abs().mean()), 5),

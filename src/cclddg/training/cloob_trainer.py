@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cclddg.config import JsonConfig
-from cclddg.data.sources import load_uint8
+from cclddg.data.sources import check_source, load_held_out, load_training_set, parse_data_spec
 from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
 from cclddg.errors import UserError
 from cclddg.training import checkpoint as ckpt_io
@@ -51,6 +51,7 @@ class CLOOBTrainConfig(JsonConfig):
     save_every: int = 500
     eval_size: int = 1000
     threads: int = 0
+    workers: int = 2
 
     KIND: ClassVar[str] = "train-cloob config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
@@ -71,7 +72,7 @@ class CLOOBTrainConfig(JsonConfig):
                             f"needs negatives), got {self.batch_size}")
 
 
-RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads"}
+RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
 
 
 class CLOOBTrainer:
@@ -81,6 +82,7 @@ class CLOOBTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)
+        check_source(cfg.data, cfg.img_size)
         ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-cloob")
         torch.manual_seed(cfg.seed)
         self.model = CLOOBModel(dim=cfg.dim, image_size=cfg.img_size, widths=cfg.widths, text_tower=cfg.text_tower,
@@ -98,7 +100,11 @@ class CLOOBTrainer:
     def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8) and the text head's inputs for all captions, computed once."""
         cfg = self.cfg
-        images, captions = load_uint8(cfg.data, cfg.img_size, cfg.seed, cfg.train_size)
+        images, captions = load_training_set(cfg.data, cfg.img_size, cfg.seed, cfg.train_size, cfg.eval_size,
+                                             workers=cfg.workers, progress=self.progress)
+        if len(images) < cfg.batch_size:
+            raise UserError(f"--data {cfg.data} gave {len(images)} training images (after {cfg.eval_size} held out), "
+                            f"fewer than --batch_size {cfg.batch_size}; lower --batch_size or --eval_size")
         cache = self.out / "text_inputs.safetensors"
         if cache.is_file():
             from safetensors.torch import load_file
@@ -117,9 +123,10 @@ class CLOOBTrainer:
     # ---- training -----------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
         """Examples of `step`: a slice of the permutation of its epoch (a pure function of the step)."""
-        per_epoch = self.cfg.train_size // self.cfg.batch_size
+        n = len(self.images)
+        per_epoch = n // self.cfg.batch_size
         epoch, k = divmod(step, per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.cfg.train_size)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
         b = self.cfg.batch_size
         return torch.from_numpy(perm[k * b:(k + 1) * b])
 
@@ -169,7 +176,14 @@ class CLOOBTrainer:
         from cclddg.evaluation.zero_shot import zero_shot_report
 
         self.model.eval()
-        report = {"step": self.step, **zero_shot_report(self.embedder, self.cfg.eval_size, self.cfg.img_size)}
+        if parse_data_spec(self.cfg.data).procedural:
+            report = {"step": self.step, **zero_shot_report(self.embedder, self.cfg.eval_size, self.cfg.img_size)}
+        else:  # real data: does each held-out image find its own caption?
+            from cclddg.evaluation.retrieval import retrieval_report
+
+            images, captions = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, 0,
+                                             workers=self.cfg.workers)
+            report = {"step": self.step, **retrieval_report(self.embedder, images.float() / 127.5 - 1, captions)}
         self.model.train()
         ckpt_io.write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
         return report

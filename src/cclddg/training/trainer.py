@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from cclddg import diffusion, objectives
 from cclddg.config import TrainConfig, is_cache, validate
 from cclddg.data.images import make_grid, save_image_atomic
-from cclddg.data.sources import open_dataset
+from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.errors import UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import ddgan_sample, diffusion_sample
@@ -41,7 +42,7 @@ from cclddg.training import checkpoint as ckpt_io
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project",
+RESUMABLE_CHANGES = {"workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project",
                      "threads", "cache_dir"}
 
 
@@ -169,7 +170,7 @@ class Trainer:
         self.cache = self.data = self.space = None
         if self.accelerator.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
-        if is_cache(cfg.data) or cfg.autoencoder != "pixels":
+        if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
             embed_dim = self._open_cache()
         else:
             length = cfg.data_size if cfg.cond == "embedding" else None
@@ -231,7 +232,8 @@ class Trainer:
         return self.cache.embed_dim
 
     def _encode_source(self, embedder, progress: bool | None = None) -> Path:
-        """A latent run on a data source: encode `data_size` examples once into a cache in --cache_dir."""
+        """A latent run on a data source (or a pixel run on a real one): encode `data_size` examples (0: all)
+        once into a cache in --cache_dir, so training never decodes an image file or runs the autoencoder."""
         import hashlib
 
         from cclddg.data.latent_cache import encode_dataset
@@ -241,9 +243,16 @@ class Trainer:
         key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, self.space.fingerprint,
                           cfg.encoder, getattr(embedder, "fingerprint", None), cfg.flip])
         path = Path(cfg.cache_dir or default_cache_dir()) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
-        data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size)
-        return encode_dataset(data, cfg.data, cfg.seed, cfg.data_size, cfg.img_size, self.space, embedder, path,
-                              flip=cfg.flip, progress=self.progress if progress is None else progress)
+        source = open_source(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size or None)
+        out = encode_dataset(source, cfg.data, cfg.seed, cfg.data_size or None, cfg.img_size, self.space, embedder,
+                             path, flip=cfg.flip, progress=self.progress if progress is None else progress,
+                             workers=0 if parse_data_spec(cfg.data).procedural else cfg.workers)
+        skipped = json.loads((out / "cache.json").read_text())["skipped"]
+        if skipped["skipped"] and self.accelerator.is_main_process and progress is None:
+            from cclddg.cli import skip_summary
+
+            print(f"{cfg.data}: {skip_summary(skipped)} (also in {out / 'cache.json'})")
+        return out
 
     def _prepare_embeddings(self) -> int:
         """Image and caption embeddings of the whole (finite) dataset, from the cache or computed once."""
@@ -263,6 +272,18 @@ class Trainer:
         return embedder.dim
 
     # ---- data -------------------------------------------------------------------------------------
+    def _cache_order(self, positions: range) -> list[int]:
+        """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
+        n = self.cfg.data_size
+        out = []
+        for p in positions:
+            epoch, k = divmod(p, n)
+            if getattr(self, "_perm_epoch", None) != epoch:
+                self._perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+                self._perm_epoch = epoch
+            out.append(int(self._perm[k]))
+        return out
+
     def batch(self, step: int, drop: bool = True) -> tuple[Tensor, Tensor | None]:
         """The examples of this step and rank: a pure function of the step (exact resume).
 
@@ -274,7 +295,9 @@ class Trainer:
         b, world, rank = cfg.batch_size, self.accelerator.num_processes, self.accelerator.process_index
         start = (step * world + rank) * b
         indices = range(start, start + b)
-        if cfg.cond == "embedding" or self.cache is not None:
+        if self.cache is not None:  # a fresh permutation of the cache each epoch
+            indices = self._cache_order(indices)
+        elif cfg.cond == "embedding":
             indices = [i % cfg.data_size for i in indices]
         # Grids (drop=False) draw nothing from the RNG, so logging never changes the training stream.
         if self.cache is not None:

@@ -1,0 +1,59 @@
+"""What every data source hands to the one preprocessing path: raw records.
+
+A source only *reads*: it turns its storage (files, a Hugging Face dataset, tar shards, a font) into
+`Record`s. Decoding, the bad-file checks, resizing and cropping happen in one place for all of them
+(`cclddg.data.preprocess`), and splitting the work across processes and workers in another
+(`cclddg.data.stream`). Two kinds of source:
+
+- a *map* source has a length and random access (`record(i)`): folders, HF datasets, emoji, shapes;
+- a *stream* source has only an ordered list of shards and reads them front to back
+  (`records(shards)`): webdataset tar files, local or remote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Record:
+    """One example as stored.
+
+    `key` names it in warnings (a file path, `shard.tar:member`, `row 17`). `image` is the encoded file's
+    bytes or an already-decoded PIL image; `caption` is text, or bytes still to be decoded as UTF-8.
+    `error` says why the stored example cannot be used at all (e.g. an unreadable tar member): such a
+    record is skipped and counted, never decoded. `labels` are optional per-example class labels (shapes).
+    """
+
+    key: str
+    image: bytes | Image.Image | None
+    caption: str | bytes | None = ""
+    error: str | None = None
+    labels: np.ndarray | None = None
+
+
+@runtime_checkable
+class MapSource(Protocol):
+    """A finite source with random access."""
+
+    def __len__(self) -> int: ...
+
+    def record(self, index: int) -> Record: ...
+
+    def describe(self) -> str: ...
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    """A source read shard by shard, front to back (no length known in advance)."""
+
+    shards: Sequence[str]
+
+    def records(self, shards: Sequence[str]) -> Iterator[Record]: ...
+
+    def describe(self) -> str: ...

@@ -1,0 +1,31 @@
+"""How well an embedder reads real captioned data: does each image find its own caption?
+
+For data without the shapes' attributes this is the zero-shot test: every held-out image is compared with
+every distinct held-out caption; a hit is the image's own caption text ranked first (top 1) or within
+the first five (top 5). Chance is 1 / (distinct captions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cclddg.errors import UserError
+
+
+@torch.no_grad()
+def retrieval_report(embedder, images: torch.Tensor, captions: list[str], batch_size: int = 256) -> dict:
+    """Image -> caption retrieval over the distinct captions, and the mean cosine of matched pairs."""
+    if len(images) != len(captions) or not captions:
+        raise UserError(f"retrieval needs one caption per image, got {len(images)} images, {len(captions)} captions")
+    distinct = sorted(set(captions))
+    position = {c: i for i, c in enumerate(distinct)}
+    own = torch.tensor([position[c] for c in captions])
+    texts = torch.cat([embedder.embed_texts(distinct[s:s + batch_size]) for s in range(0, len(distinct), batch_size)])
+    feats = torch.cat([embedder.embed_images(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+    sims = feats.float().cpu() @ texts.float().cpu().T
+    rank = (sims > sims.gather(1, own[:, None])).sum(1)  # captions scored above the image's own
+    return {"n": len(captions), "distinct_captions": len(distinct),
+            "top1": round(float((rank < 1).float().mean()) * 100, 2),
+            "top5": round(float((rank < 5).float().mean()) * 100, 2),
+            "chance_top1": round(100 / len(distinct), 3),
+            "cloob_score": round(float(sims.gather(1, own[:, None]).mean()), 4)}

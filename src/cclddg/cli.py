@@ -451,7 +451,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cclddg.demo import Demo
 
     demo = Demo(args.out, quick=args.quick, gen_minutes=args.minutes, progress=not args.no_progress,
-                threads=args.threads)
+                threads=args.threads, data=args.data)
     try:
         demo.run()
     except KeyboardInterrupt:
@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "latent DDGAN, samples, eval, report (~30 min on 2 CPU cores)")
     demo.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); rerun to resume")
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
+    demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
+                      help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
     demo.add_argument("--minutes", type=float, default=None, help="the generator's training budget (default 20)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")

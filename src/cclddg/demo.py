@@ -1,4 +1,4 @@
-"""`cclddg demo`: from nothing to a prompt grid, offline, on the built-in 64x64 shapes.
+"""`cclddg demo`: from nothing to a prompt grid, offline, on the built-in 64x64 shapes (or `--data emoji`).
 
 Stages (each one resumes or is skipped when the demo is run again after an interruption):
 
@@ -7,7 +7,8 @@ Stages (each one resumes or is skipped when the demo is run again after an inter
     3. encode   latents + image/caption embeddings, once (`encode`)  -> OUT/cache/
     4. train    the CLOOB-conditioned latent DDGAN, T=4 (`train --preset cclddg --data OUT/cache`) -> OUT/gen/
     5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png
-    6. eval     text prompts naming colour, shape and position       -> OUT/eval.json
+    6. eval     shapes: text prompts naming colour, shape and position; emoji: held-out emoji names,
+                the samples' CLOOB score and caption retrieval vs the real images' -> OUT/eval.json
     7. report   figures, timings and pictures                         -> OUT/report.md
 
 `--quick` shrinks every stage (a few minutes, lower quality): the smoke test CI runs.
@@ -28,6 +29,10 @@ from cclddg.training import checkpoint as ckpt_io
 
 PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", "a large yellow triangle in the center",
            "a green circle on the right", "a purple square in the top right", "a white triangle on the left")
+# emoji names, each followed by a paraphrase the captions never use
+EMOJI_PROMPTS = ("red apple", "a shiny red apple", "dog face", "the face of a puppy", "grinning face",
+                 "a happy smiling face", "flag of France", "the French flag")
+DATA = ("shapes", "emoji")
 
 
 @dataclass
@@ -39,6 +44,7 @@ class DemoSettings:
     gen_minutes: float = 20.0
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
+    data: str = "shapes"
 
 
 FULL = DemoSettings()
@@ -48,10 +54,16 @@ QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2
 
 class Demo:
     def __init__(self, out: str | Path, quick: bool = False, gen_minutes: float | None = None,
-                 progress: bool = True, threads: int = 0, settings: DemoSettings | None = None) -> None:
+                 progress: bool = True, threads: int = 0, settings: DemoSettings | None = None,
+                 data: str = "shapes") -> None:
+        if data not in DATA:
+            raise UserError(f"the demo runs on {' or '.join(DATA)}, not {data!r}; for other data use the commands "
+                            "it runs (train-ae, train-cloob, encode, train)")
         self.out = Path(out)
         self.quick = quick
         self.settings = settings or (QUICK if quick else FULL)
+        if data != self.settings.data:
+            self.settings = DemoSettings(**{**self.settings.__dict__, "data": data})
         if gen_minutes is not None:
             if gen_minutes <= 0:
                 raise UserError(f"--minutes must be > 0, got {gen_minutes}")
@@ -117,7 +129,7 @@ class Demo:
         from cclddg.training.ae_trainer import AETrainConfig, AETrainer
 
         folder = self.out / "ae"
-        cfg = AETrainConfig(img_size=64, n_batches=self.settings.ae_steps,
+        cfg = AETrainConfig(data=self.spec, img_size=64, n_batches=self.settings.ae_steps,
                             train_size=min(20000, self.settings.data_size), eval_size=200 if self.quick else 500)
         print(json.dumps(AETrainer(cfg, folder, resume=folder.exists(), progress=self.progress).run()))
 
@@ -126,7 +138,7 @@ class Demo:
 
         folder = self.out / "cloob"
         s = self.settings
-        cfg = CLOOBTrainConfig(img_size=32, train_size=s.cloob_size, n_batches=s.cloob_steps,
+        cfg = CLOOBTrainConfig(data=self.spec, img_size=32, train_size=s.cloob_size, n_batches=s.cloob_steps,
                                batch_size=min(256, s.cloob_size), eval_size=200 if self.quick else 1000)
         report = CLOOBTrainer(cfg, folder, resume=folder.exists(), progress=self.progress).run()
         print(json.dumps(report["zero_shot"] if "zero_shot" in report else report)[:400])
@@ -140,9 +152,9 @@ class Demo:
         n = self.settings.data_size
         space = load_latent_space(f"own:{(self.out / 'ae').resolve()}")
         embedder = load_embedder(f"cloob-tiny:{(self.out / 'cloob').resolve()}")
-        source = open_source("shapes:64", 64, seed=0, length=n)
-        encode_dataset(source, "shapes:64", 0, n, 64, space, embedder, self.out / "cache", shard_size=5000,
-                       progress=self.progress)
+        source = open_source(self.spec, 64, seed=0, length=n)
+        encode_dataset(source, self.spec, 0, n if self.shapes else None, 64, space, embedder, self.out / "cache",
+                       shard_size=5000, progress=self.progress, workers=0 if self.shapes else 2)
 
     def train_generator(self) -> None:
         from cclddg.config import resolve
@@ -167,13 +179,28 @@ class Demo:
         from cclddg.pipeline import PromptPipeline
 
         pipe = PromptPipeline.from_run(self.out / "gen")
-        cond = pipe.condition(list(PROMPTS))
+        prompts = self.prompts
+        cond = pipe.condition(list(prompts))
         n, guidances = 4, (1.0, 2.0, 3.0)
-        per = [pipe.generate(cond, n, g, seed=0).cpu().view(len(PROMPTS), n, 3, 64, 64) for g in guidances]
+        per = [pipe.generate(cond, n, g, seed=0).cpu().view(len(prompts), n, 3, 64, 64) for g in guidances]
         grid = torch.stack(per, dim=1).flatten(0, 2)  # rows: prompts; columns: n samples per guidance
         save_image_atomic(make_grid(grid, nrow=n * len(guidances)), self.out / "prompts.png")
 
+    @property
+    def shapes(self) -> bool:
+        return self.settings.data == "shapes"
+
+    @property
+    def spec(self) -> str:
+        return "shapes:64" if self.shapes else self.settings.data
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return PROMPTS if self.shapes else EMOJI_PROMPTS
+
     def evaluate(self) -> None:
+        if not self.shapes:
+            return self.evaluate_named()
         from cclddg.encoders import load_embedder
         from cclddg.evaluation.generated import evaluate_model, real_clip_score
         from cclddg.pipeline import load_generator
@@ -190,6 +217,25 @@ class Demo:
         results["cloob_score_real"] = real_clip_score(embedder, min(self.settings.eval_n, 500), 64)
         self._write_json("eval.json", results)
 
+    @torch.no_grad()
+    def evaluate_named(self) -> None:
+        """Real captioned data: one sample per held-out caption; the samples' CLOOB score and caption
+        retrieval (does a sample find its own prompt among all the captions?) next to the real images'."""
+        from cclddg.data.sources import load_held_out
+        from cclddg.evaluation.retrieval import retrieval_report
+        from cclddg.pipeline import PromptPipeline
+
+        images, captions = load_held_out(self.spec, 64, self.settings.eval_n, 0)
+        pipe = PromptPipeline.from_run(self.out / "gen")
+        results: dict[str, Any] = {"real": retrieval_report(pipe.embedder, images.float() / 127.5 - 1, captions)}
+        for g in self.settings.guidances:
+            start = time.perf_counter()
+            samples = torch.cat([pipe.generate(pipe.condition(captions[i:i + 100]), 1, g, seed=i).cpu()
+                                 for i in range(0, len(captions), 100)])
+            results[str(g)] = {**retrieval_report(pipe.embedder, samples, captions),
+                               "seconds": round(time.perf_counter() - start, 1)}
+        self._write_json("eval.json", results)
+
     # ---- the report -------------------------------------------------------------------------------------
     def write_report(self) -> dict[str, Any]:
         ae = json.loads((self.out / "ae" / "report.json").read_text())
@@ -199,26 +245,43 @@ class Demo:
         report = {"quick": self.quick, "minutes_total": round(sum(self.times.values()) / 60, 1),
                   "minutes": {k: round(v / 60, 2) for k, v in self.times.items()}, "ae_psnr_held_out": ae["psnr_held_out"],
                   "latent_scale": ae["scale"], "generator_steps": steps, "eval": evals,
-                  "cloob_zero_shot": zero_shot.get("zero_shot")}
+                  "cloob_zero_shot": zero_shot.get("zero_shot") if self.shapes else zero_shot}
         self._write_json("report.json", report)
         lines = [f"# cclddg demo{' (quick)' if self.quick else ''}", "",
                  f"Total wall time: **{report['minutes_total']} min** "
                  f"({', '.join(f'{k} {v} min' for k, v in report['minutes'].items())}).", "",
                  f"- Autoencoder: held-out PSNR **{ae['psnr_held_out']:.2f} dB**, latents {ae['latent_channels']}x"
                  f"{64 // ae['factor']}x{64 // ae['factor']}, scale factor {ae['scale']:.4g} (measured).",
-                 f"- Own CLOOB zero-shot (held-out images): {_fmt(zero_shot.get('zero_shot', {}))}.",
-                 f"- Generator: {steps} steps of the latent DDGAN (T=4).", "",
-                 "| guidance | colour | shape | position | validity | CLOOB score |", "|---|---|---|---|---|---|"]
-        for g, r in ((g, r) for g, r in evals.items() if isinstance(r, dict)):
-            lines.append(f"| {g} | {_pct(r, 'color')} | {_pct(r, 'shape')} | {_pct(r, 'position')} | "
-                         f"{_pct(r, 'validity')} | {r.get('cloob_score', float('nan')):.3f} |")
-        lines += ["", f"Samples per row: {self.settings.eval_n}, text prompts naming colour, shape and position, "
-                  "4 generator calls each. Real images' CLOOB score: "
-                  f"{evals.get('cloob_score_real', float('nan')):.3f}.", "",
-                  "Prompts (rows) x guidance 1, 2, 3 (4 samples each):", "", "![prompts](prompts.png)", "",
-                  "Prompts: " + "; ".join(PROMPTS), ""]
+                 f"- Own CLOOB on held-out images: {self._cloob_line(zero_shot)}.",
+                 f"- Generator: {steps} steps of the latent DDGAN (T=4).", ""]
+        lines += self._eval_lines(evals)
+        lines += ["", "Prompts (rows) x guidance 1, 2, 3 (4 samples each):", "", "![prompts](prompts.png)", "",
+                  "Prompts: " + "; ".join(self.prompts), ""]
         ckpt_io.write_text_atomic(self.out / "report.md", "\n".join(lines))
         return report
+
+
+    def _cloob_line(self, zero_shot: dict) -> str:
+        if self.shapes:
+            return "zero-shot " + _fmt(zero_shot.get("zero_shot", {}))
+        return (f"image -> own caption among {zero_shot.get('distinct_captions')}: top-1 {zero_shot.get('top1')}%, "
+                f"top-5 {zero_shot.get('top5')}% (chance {zero_shot.get('chance_top1')}%)")
+
+    def _eval_lines(self, evals: dict) -> list[str]:
+        rows = [(g, r) for g, r in evals.items() if isinstance(r, dict) and g != "real"]
+        if self.shapes:
+            lines = ["| guidance | colour | shape | position | validity | CLOOB score |", "|---|---|---|---|---|---|"]
+            lines += [f"| {g} | {_pct(r, 'color')} | {_pct(r, 'shape')} | {_pct(r, 'position')} | "
+                      f"{_pct(r, 'validity')} | {r.get('cloob_score', float('nan')):.3f} |" for g, r in rows]
+            return lines + ["", f"Samples per row: {self.settings.eval_n}, text prompts naming colour, shape and "
+                            "position, 4 generator calls each. Real images' CLOOB score: "
+                            f"{evals.get('cloob_score_real', float('nan')):.3f}."]
+        real = evals["real"]
+        lines = ["| images | CLOOB score | finds its caption: top-1 | top-5 |", "|---|---|---|---|",
+                 f"| real held-out | {real['cloob_score']:.3f} | {real['top1']}% | {real['top5']}% |"]
+        lines += [f"| samples, guidance {g} | {r['cloob_score']:.3f} | {r['top1']}% | {r['top5']}% |" for g, r in rows]
+        return lines + ["", f"One sample per held-out emoji name ({real['n']} names, 4 generator calls each); "
+                        f"retrieval among {real['distinct_captions']} names (chance {real['chance_top1']}%)."]
 
 
 def _pct(report: dict, key: str) -> str:

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cclddg.data.preprocess import CROPS, DEFAULT_MAX_PIXELS, BadExample, SkipLog, prepare
+from cclddg.data.preprocess import (
+    CROPS,
+    DEFAULT_MAX_PIXELS,
+    BadExample,
+    SkipLog,
+    prepare,
+)
 from cclddg.data.source import MapSource, Record, StreamSource
 from cclddg.errors import UserError
 

@@ -23,7 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cclddg.config import JsonConfig
-from cclddg.data.sources import check_source, load_held_out, load_training_set, parse_data_spec
+from cclddg.data.sources import (
+    check_source,
+    load_held_out,
+    load_training_set,
+    parse_data_spec,
+)
 from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
 from cclddg.errors import UserError
 from cclddg.training import checkpoint as ckpt_io

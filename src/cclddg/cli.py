@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -560,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval" and not (args.checkpoint or args.data):
         parser.exit(EXIT_USAGE, "cclddg eval: error: give --checkpoint RUN or --data shapes:SIZE\n")
+    show = warnings.showwarning
+    warnings.showwarning = _one_line_data_warnings(show, args.command)
     try:
         return args.func(args)
     except UserError as exc:
@@ -568,6 +571,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"cclddg {args.command}: stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        warnings.showwarning = show
+
+
+def _one_line_data_warnings(show, command: str):
+    """Skipped bad files are warned about as one line each (no source line of the library under it)."""
+    from cclddg.data.preprocess import BadDataWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, BadDataWarning):
+            print(f"cclddg {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _load(name: str):
+def _load(name: str, alias: str | None = None):
     """A Dataset or DatasetDict from a local save_to_disk folder, a local data folder, or the hub."""
     try:
         import datasets
@@ -55,8 +55,9 @@ def _load(name: str):
         return datasets.load_dataset(str(path) if local else name)
     except ConnectionError as exc:
         why = "this machine is offline (HF_HUB_OFFLINE is set)" if _offline() else f"the hub could not be reached ({exc})"
+        use = f"{'celebA' if alias == 'celeba' else alias}:DIR" if alias else "hf:DIR"
         raise UserError(f"hf:{name} is a hub dataset and {why}; on a machine with a network run "
-                        f"datasets.load_dataset('{name}').save_to_disk('DIR'), copy DIR here and use hf:DIR") from None
+                        f"datasets.load_dataset('{name}').save_to_disk('DIR'), copy DIR here and use {use}") from None
     except FileNotFoundError as exc:
         what = "folder holds no data files datasets can read" if local else "is neither a local folder nor a hub dataset"
         raise UserError(f"hf:{name}: the {what} ({str(exc).splitlines()[0]})") from None
@@ -88,7 +89,7 @@ class HFSource:
         import datasets
 
         self.name, self.alias = name, alias
-        table = _pick_split(_load(name), name, split)
+        table = _pick_split(_load(name, alias), name, split)
         image_columns = [c for c, f in table.features.items() if isinstance(f, datasets.Image)]
         if not image_columns:
             raise UserError(f"hf:{name} has no image column (columns: {', '.join(table.column_names)})")

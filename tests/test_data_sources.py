@@ -262,17 +262,18 @@ def test_shuffle_and_random_crop_are_seeded(tmp_path):
 
 
 # ---- the commands -----------------------------------------------------------------------------------
-def test_encode_a_folder_with_bad_files_records_them_in_the_cache(tmp_path, capsys):
+@pytest.mark.parametrize("shard_size", [4, 6])  # 6: the last three (bad) files come after a full shard
+def test_encode_a_folder_with_bad_files_records_them_in_the_cache(tmp_path, capsys, shard_size):
     root = make_bad_folder(tmp_path / "bad")
     out = tmp_path / "cache"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadDataWarning)
         assert main(["encode", "--data", f"folder:{root}", "--autoencoder", "pixels", "--img_size", "16",
-                     "--out", str(out), "--shard_size", "4", "--no_progress", "--workers", "2"]) == 0
+                     "--out", str(out), "--shard_size", str(shard_size), "--no_progress", "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert "encoded 6 examples" in text and "skipped 5 bad example(s) of 11" in text
     meta = json.loads((out / "cache.json").read_text())
-    assert meta["count"] == 6 and [s["count"] for s in meta["shards"]] == [4, 2]
+    assert meta["count"] == 6 and [s["count"] for s in meta["shards"]] == ([4, 2] if shard_size == 4 else [6])
     assert meta["skipped"]["skipped"] == 5 and meta["skipped"]["by_kind"]["too many pixels"] == 1
     from cclddg.data.latent_cache import LatentCache
 
@@ -319,3 +320,41 @@ def test_small_trainers_read_a_folder_with_a_held_out_part(tmp_path):
                  "--norm_groups", "4", "--n_batches", "2", "--batch_size", "4", "--eval_size", "5",
                  "--out", str(out), "--no_progress"]) == 0
     assert json.loads((out / "report.json").read_text())["psnr_held_out"] > 0
+
+
+class StopAfterRecords:
+    """A real stream source that raises like Ctrl-C after `n` records: an interrupted encode."""
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n, self.shards = source, n, source.shards
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def records(self, shards):
+        for k, record in enumerate(self.source.records(shards)):
+            if k == self.n:
+                raise KeyboardInterrupt
+            yield record
+
+
+def test_interrupted_webdataset_encode_resumes_to_the_same_content(tmp_path):
+    from cclddg.data.latent_cache import LatentCache, encode_dataset
+    from cclddg.latents import PixelSpace
+
+    write_shards(tmp_path / "shards", n_shards=5, bad=True)  # 20 good samples + 2 bad ones in shard 1
+    spec = f"wds:{tmp_path / 'shards'}/{{000..004}}.tar"
+    args = dict(data_spec=spec, seed=0, count=None, img_size=16, space=PixelSpace(), embedder=None, shard_size=5,
+                batch_size=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadDataWarning)
+        straight = encode_dataset(open_source(spec), out=tmp_path / "straight", **args)
+        # records come 16 at a time: the first 16 (14 good) fill shards 0 and 1, then Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            encode_dataset(StopAfterRecords(open_source(spec), 16), out=tmp_path / "split", **args)
+        assert sorted(p.name for p in (tmp_path / "split").glob("shard_*")) == ["shard_00000", "shard_00001"]
+        encode_dataset(open_source(spec), out=tmp_path / "split", **args)
+    a, b = LatentCache(straight), LatentCache(tmp_path / "split")
+    assert a.content_hash == b.content_hash and len(b) == 20
+    assert b.meta["skipped"]["by_kind"] == {"not an image": 1, "caption not UTF-8": 1}
+    assert b.get_batch(range(20))["captions"] == [f"caption {k}" for k in range(20)]

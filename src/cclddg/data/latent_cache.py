@@ -258,9 +258,6 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
     """Encode the first `count` good examples of `source` (all of them when None) into the cache folder
     `out`, resuming a partial one there. A complete cache with the same key is left as it is; any other
     content in `out` is refused. Bad examples are skipped, counted per shard and summed in cache.json."""
-    from cclddg.data.preprocess import SkipLog
-    from cclddg.data.stream import iter_examples
-
     out = Path(out)
     for name, value in (("count", count or 1), ("shard_size", shard_size), ("batch_size", batch_size)):
         if value < 1:
@@ -289,18 +286,25 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
         bar = tqdm(total=total, initial=encoded, desc="encoding", unit="img", disable=not progress)
         old_scale, space.scale = space.scale, cache_scale
         try:
-            _encode_shards(out, iter_examples, source, img_size, space, embedder, flip, shard_size, batch_size,
-                           workers, crop, done, None if count is None else count - encoded, SkipLog(), bar)
+            _encode_shards(out, source, img_size, space, embedder, flip, shard_size, batch_size, workers, crop,
+                           done, None if count is None else count - encoded, bar)
         finally:
             space.scale = old_scale
             bar.close()
     return _finish(out, key, cache_scale)
 
 
-def _encode_shards(out: Path, iter_examples, source, img_size: int, space: LatentSpace, embedder: Embedder | None,
-                   flip: bool, shard_size: int, batch_size: int, workers: int, crop: str, done: list[dict],
-                   remaining: int | None, skips, bar) -> None:
-    """Fill shards from where the finished ones stopped until the source (or `remaining`) runs out."""
+def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedder: Embedder | None, flip: bool,
+                   shard_size: int, batch_size: int, workers: int, crop: str, done: list[dict], remaining: int | None,
+                   bar) -> None:
+    """Fill shards from where the finished ones stopped until the source (or `remaining`) runs out.
+
+    A shard's shard.json records where in the source it starts and stops (`stop`: after its last good
+    example, so a resumed encode starts there) and the bad examples skipped on the way to its examples."""
+    from cclddg.data.preprocess import SkipLog
+    from cclddg.data.stream import iter_examples
+
+    skips = SkipLog()
     start = done[-1]["stop"] if done else 0
     examples = iter_examples(source, img_size, workers=workers, skips=skips, limit=remaining, start=start, crop=crop)
     index, finished = len(done), False
@@ -323,14 +327,16 @@ def _encode_shards(out: Path, iter_examples, source, img_size: int, space: Laten
                 writer.add(encode_batch(images, None, space, embedder, flip), labels, [e.caption for e in batch])
                 last = batch[-1].position
                 bar.update(len(batch))
-            if writer.n == 0:  # the source ended exactly at a shard boundary: mark the previous shard
-                shutil.rmtree(tmp)
-                if index > 0:
-                    info = json.loads((out / shard_name(index - 1) / SHARD_FILE).read_text())
-                    _write_json_atomic(out / shard_name(index - 1) / SHARD_FILE, {**info, "end": True})
+            skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
+            if writer.n == 0:  # the source ended at a shard boundary: the previous shard is the last, and
+                shutil.rmtree(tmp)  # the bad examples after it are its own
+                previous = out / shard_name(index - 1) / SHARD_FILE
+                info = json.loads(previous.read_text())
+                merged = {k: info["skipped"].get(k, 0) + skipped.get(k, 0) for k in {*info["skipped"], *skipped}}
+                _write_json_atomic(previous, {**info, "skipped": merged, "end": True,
+                                              "first_skipped": info["first_skipped"] + [list(e) for e in skips.examples[named:]]})
                 return
             finished = finished or (remaining is not None and writer.n >= remaining)
-            skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
             writer.close(embedder, {"start": start, "stop": last + 1, "skipped": skipped,
                                     "first_skipped": [list(e) for e in skips.examples[named:]], "end": finished})
             os.replace(tmp, final)

@@ -302,7 +302,7 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
     A shard's shard.json records where in the source it starts and stops (`stop`: after its last good
     example, so a resumed encode starts there) and the bad examples skipped on the way to its examples."""
     from cclddg.data.preprocess import SkipLog
-    from cclddg.data.stream import iter_examples
+    from cclddg.data.stream import collate, iter_examples
 
     skips = SkipLog()
     start = done[-1]["stop"] if done else 0
@@ -320,12 +320,9 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
                 if not batch:
                     finished = True
                     break
-                images = torch.stack([e.image for e in batch]).float().mul_(1 / 127.5).sub_(1.0)
-                labels = None
-                if all(e.labels is not None for e in batch):
-                    labels = torch.from_numpy(np.stack([np.asarray(e.labels, dtype=np.float32) for e in batch]))
-                writer.add(encode_batch(images, None, space, embedder, flip), labels, [e.caption for e in batch])
-                last = batch[-1].position
+                found = collate(batch)
+                writer.add(encode_batch(found.images, None, space, embedder, flip), found.labels, found.captions)
+                last = found.positions[-1]
                 bar.update(len(batch))
             skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
             if writer.n == 0:  # the source ended at a shard boundary: the previous shard is the last, and

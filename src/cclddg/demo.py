@@ -138,7 +138,8 @@ class Demo:
 
         folder = self.out / "cloob"
         s = self.settings
-        cfg = CLOOBTrainConfig(data=self.spec, img_size=32, train_size=s.cloob_size, n_batches=s.cloob_steps,
+        data = "shapes" if self.shapes else self.spec  # shapes: rendered at 32 px, not 64 px scaled down
+        cfg = CLOOBTrainConfig(data=data, img_size=32, train_size=s.cloob_size, n_batches=s.cloob_steps,
                                batch_size=min(256, s.cloob_size), eval_size=200 if self.quick else 1000)
         report = CLOOBTrainer(cfg, folder, resume=folder.exists(), progress=self.progress).run()
         print(json.dumps(report["zero_shot"] if "zero_shot" in report else report)[:400])

@@ -81,9 +81,13 @@ SPEC_HELP_SOURCES = ("shapes[:SIZE], emoji, folder:PATH, hf:NAME_OR_PATH[:SPLIT]
                      "imagewoof[:PATH], cc12m")
 
 
+def add_font_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the data sources that are not part of a run's recipe."""
-    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+    add_font_flag(p)
     p.add_argument("--workers", type=int, default=None,
                    help="processes that read and decode images (default: 2, at most the CPU count)")
 
@@ -97,13 +101,6 @@ def resolve_workers(workers: int | None, spec) -> int:
             raise UserError(f"--workers must be >= 0, got {workers}")
         return workers
     return 0 if spec.procedural else DEFAULT_WORKERS
-
-
-def skip_summary(skipped: dict) -> str:
-    """One line from a SkipLog.as_dict(): how many bad examples were skipped, and why."""
-    kinds = ", ".join(f"{n} {kind}" for kind, n in skipped["by_kind"].items())
-    first = "; ".join(f"{key} ({why})" for key, why in skipped["first"][:3])
-    return f"skipped {skipped['skipped']} bad example(s) of {skipped['good'] + skipped['skipped']}: {kinds}; e.g. {first}"
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -141,7 +138,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None,
                            help=f"data source ({SPEC_HELP_SOURCES}) or a latent cache folder from `cclddg encode`")
-            p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+            add_font_flag(p)
             continue
         p.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=None, help=helps.get(f.name),
                        **kwargs)
@@ -231,7 +228,7 @@ def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
-    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+    add_font_flag(p)
     for f in fields(config_cls):
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", type=parse_bool, default=None, help=helps.get(f.name, f"default {f.default}"))
@@ -444,7 +441,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
           f"scale {meta['scale']:.5g}{emb}{', flipped too' if meta['flip'] else ''}, {len(meta['shards'])} shards, "
           f"{time.perf_counter() - start:.1f} s")
     if meta["skipped"]["skipped"]:
-        print(skip_summary(meta["skipped"]))
+        from cclddg.data.preprocess import SkipLog
+
+        print(SkipLog.from_dict(meta["skipped"]).summary(named=3))
     return 0
 
 

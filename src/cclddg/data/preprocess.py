@@ -58,16 +58,26 @@ class SkipLog:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    def summary(self) -> str:
-        """One line: how many were skipped and why (empty when none were)."""
+    def summary(self, named: int = 0) -> str:
+        """One line: how many were skipped and why, with the first `named` of them (empty when none were)."""
         if not self.skipped:
             return ""
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
-        return f"skipped {self.skipped} bad example(s) of {self.good + self.skipped} read: {kinds}"
+        line = f"skipped {self.skipped} bad example(s) of {self.good + self.skipped} read: {kinds}"
+        if named and self.examples:
+            line += "; e.g. " + "; ".join(f"{key} ({why})" for key, why in self.examples[:named])
+        return line
 
     def as_dict(self) -> dict:
         return {"good": self.good, "skipped": self.skipped, "by_kind": dict(self.counts.most_common()),
                 "first": [list(e) for e in self.examples]}
+
+    @classmethod
+    def from_dict(cls, counts: dict) -> SkipLog:
+        """A log holding the counts of an `as_dict()` (e.g. a cache's `skipped`), without warnings."""
+        log = cls(warn=False)
+        log.merge(counts)
+        return log
 
     def merge(self, other: dict) -> None:
         """Add the counts of another log's `as_dict()` (e.g. one finished cache shard's)."""

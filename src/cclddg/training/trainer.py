@@ -168,6 +168,7 @@ class Trainer:
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
         self.cache = self.data = self.space = None
+        self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
         if self.accelerator.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
         if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
@@ -249,9 +250,9 @@ class Trainer:
                              workers=0 if parse_data_spec(cfg.data).procedural else cfg.workers)
         skipped = json.loads((out / "cache.json").read_text())["skipped"]
         if skipped["skipped"] and self.accelerator.is_main_process and progress is None:
-            from cclddg.cli import skip_summary
+            from cclddg.data.preprocess import SkipLog
 
-            print(f"{cfg.data}: {skip_summary(skipped)} (also in {out / 'cache.json'})")
+            print(f"{cfg.data}: {SkipLog.from_dict(skipped).summary(named=3)} (also in {out / 'cache.json'})")
         return out
 
     def _prepare_embeddings(self) -> int:
@@ -278,7 +279,7 @@ class Trainer:
         out = []
         for p in positions:
             epoch, k = divmod(p, n)
-            if getattr(self, "_perm_epoch", None) != epoch:
+            if self._perm_epoch != epoch:
                 self._perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
                 self._perm_epoch = epoch
             out.append(int(self._perm[k]))

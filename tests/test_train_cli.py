@@ -117,7 +117,7 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
     trainer.cfg.n_batches = 4
     with torch.no_grad():
         next(trainer.gen.parameters()).fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 3; the last good checkpoint is .*step_0000002"):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient of D at step 3; the last good checkpoint is .*step_0000002"):
         trainer.run()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
 

@@ -1,4 +1,4 @@
-"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo`: the command line.
+"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo | plot`: the command line.
 
 Flags keep the seed project's names (`--z_dim --n_channels_unet --batch_size --n_batches ...`), so its
 README command is valid. Every bad input ends in one line on stderr and a non-zero exit code.
@@ -14,7 +14,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from cclddg.config import OBJECTIVES, PRESETS, TrainConfig, resolve, validate
+from cclddg.config import (
+    OBJECTIVES,
+    PRECISIONS,
+    PRESETS,
+    TrainConfig,
+    resolve,
+    validate,
+)
 from cclddg.data.sources import with_font
 from cclddg.errors import UserError
 
@@ -115,6 +122,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
         "adam_betas": dict(type=float_pair), "wandb_project": dict(type=optional_str),
         "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str), "cache_dir": dict(type=str),
+        "mixed_precision": dict(choices=PRECISIONS),
     }
     aliases = {"n_cond_channels": ["--n_cloob_channels_unet"], "n_cond_channels_disc": ["--n_cloob_channels_disc"]}
     helps = {"encoder": "conditioning embedder for --cond embedding, e.g. cloob-tiny:runs/cloob",
@@ -126,7 +134,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "autoencoder": "latent space: pixels, own:RUN (cclddg train-ae), kl-f8:PATH or taesd:PATH",
              "flip": "train on horizontally flipped latents half of the time (cache made with --flip)",
              "latent_channels": "set from the cache / autoencoder", "latent_factor": "set from the cache / autoencoder",
-             "latent_scale": "set from the cache (measured on the data)"}
+             "latent_scale": "set from the cache (measured on the data)",
+             "batch_size": "examples per process and micro-batch; the global batch is batch_size x processes x "
+                           "grad_accum",
+             "grad_accum": "micro-batches per optimizer step (a larger global batch in the same memory)",
+             "mixed_precision": "no, fp16 (with loss scaling) or bf16: activations in 16 bits, weights in fp32",
+             "channels_last": "NHWC memory layout (faster convolutions on recent GPUs)",
+             "compile": "torch.compile the generator (and the discriminator when --r1_gamma is 0)",
+             "deterministic": "deterministic kernels (exact reruns on GPUs; slower)",
+             "skip_nonfinite": "skip a step whose loss or gradient is not finite instead of stopping",
+             "lr_warmup": "steps of linear learning-rate warmup (default 0)",
+             "tensorboard": "also log to RUN/tensorboard when tensorboard is installed (default true)",
+             "wandb_project": "log to this Weights & Biases project (None: off)"}
     for f in fields(TrainConfig):
         if f.name in ("preset", "extra"):
             continue
@@ -177,6 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
               f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        trainer.close()
     print(f"done: {trainer.step} steps; run folder {out}; latest checkpoint {trainer.last_checkpoint}")
     return 0
 
@@ -461,6 +482,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cclddg.training.plot import plot_run
+
+    out = plot_run(Path(args.run), Path(args.output) if args.output else None, smooth=args.smooth)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cclddg", description="CLOOB-conditioned latent denoising diffusion GANs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -550,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     enc.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     enc.set_defaults(func=cmd_encode)
+
+    plot = sub.add_parser("plot", help="draw a run's log.jsonl (losses, D outputs, R1, grad norms, lr, ...) as a PNG")
+    plot.add_argument("run", help="run folder of cclddg train (it has a log.jsonl)")
+    plot.add_argument("-o", "--output", help="PNG to write (default RUN/plot.png)")
+    plot.add_argument("--smooth", type=float, default=0.9,
+                      help="EMA factor of the smoothed line, in [0, 1): 0 = raw values (default 0.9)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -19,6 +19,7 @@ SCHEDULES = ("seed", "vp", "linear")
 CONDS = ("labels", "embedding", "none")
 INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
+PRECISIONS = ("no", "fp16", "bf16")
 
 
 class JsonConfig:
@@ -108,12 +109,21 @@ class TrainConfig(JsonConfig):
     r1_gamma: float = 0.05
     lazy_reg: int = 15
     recon_loss_scale: float = 0.0
+    lr_warmup: int = 0  # steps of linear learning-rate warmup (large global batches)
+    # scale: batch_size is per process and per micro-batch; global batch = batch_size × processes × grad_accum
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    skip_nonfinite: bool = False
     # bookkeeping
     seed: int = 0
     log_every: int = 10
     log_images_every: int = 500
     save_models_every: int = 1000
     wandb_project: str | None = None
+    tensorboard: bool = True
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -252,10 +262,11 @@ def validate(cfg: TrainConfig) -> None:
     _choice("cond", cfg.cond, CONDS)
     _choice("injection", cfg.injection, INJECTIONS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
     for name in ("img_size", "n_steps", "n_channels_unet", "n_channels_disc", "batch_size", "n_blocks",
-                 "n_blocks_disc", "log_every", "log_images_every", "save_models_every", "lazy_reg"):
+                 "n_blocks_disc", "log_every", "log_images_every", "save_models_every", "lazy_reg", "grad_accum"):
         _positive(name, getattr(cfg, name))
-    for name in ("n_batches", "max_minutes", "z_dim", "cond_map_size", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
+    for name in ("n_batches", "max_minutes", "lr_warmup", "z_dim", "cond_map_size", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
         _positive(name, getattr(cfg, name), allow_zero=True)
     for name in ("lr_gen", "lr_disc"):
         _positive(name, getattr(cfg, name))

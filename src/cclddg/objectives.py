@@ -29,19 +29,21 @@ def fake_step(schedule: Schedule, step_kind: str, x_t: Tensor, x0_pred: Tensor, 
 
 
 def discriminator_loss(disc: torch.nn.Module, x_prev: Tensor, fake_prev: Tensor, x_t: Tensor, t: Tensor,
-                       cond: Tensor | None, r1_weight: float) -> tuple[Tensor, dict[str, float]]:
+                       cond: Tensor | None, r1_weight: float, grad_scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """L_D on a real and a (detached) fake pair; R1 on the real x_{t-1} when r1_weight > 0.
 
-    `r1_weight` is already γ/2·k for a lazy step (k = the lazy interval), 0 otherwise.
+    `r1_weight` is already γ/2·k for a lazy step (k = the lazy interval), 0 otherwise. `grad_scale` is the fp16
+    loss scale: R1's input gradient is taken of the scaled output (so small gradients do not underflow in fp16)
+    and unscaled before it is squared, so the penalty is the same at any scale.
     """
     x_prev = x_prev.detach().requires_grad_(r1_weight > 0)
-    d_real = disc(x_prev, x_t, t, cond)
-    d_fake = disc(fake_prev.detach(), x_t, t, cond)
+    d_real = disc(x_prev, x_t, t, cond).float()
+    d_fake = disc(fake_prev.detach(), x_t, t, cond).float()
     loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
     logs = {"d_real": d_real.detach().mean().item(), "d_fake": d_fake.detach().mean().item()}
     if r1_weight > 0:
-        (grad,) = torch.autograd.grad(d_real.sum(), x_prev, create_graph=True)
-        r1 = grad.pow(2).flatten(1).sum(1).mean()
+        (grad,) = torch.autograd.grad(d_real.sum() * grad_scale, x_prev, create_graph=True)
+        r1 = (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()
         loss = loss + r1_weight * r1
         logs["r1"] = r1.detach().item()
     logs["loss_d"] = loss.detach().item()
@@ -51,11 +53,11 @@ def discriminator_loss(disc: torch.nn.Module, x_prev: Tensor, fake_prev: Tensor,
 def generator_loss(disc: torch.nn.Module, fake_prev: Tensor, x_t: Tensor, t: Tensor, cond: Tensor | None,
                    x0_pred: Tensor, x0: Tensor, recon_scale: float) -> tuple[Tensor, dict[str, float]]:
     """L_G: the non-saturating GAN loss plus the seed's optional reconstruction term."""
-    adv = F.softplus(-disc(fake_prev, x_t, t, cond)).mean()
+    adv = F.softplus(-disc(fake_prev, x_t, t, cond).float()).mean()
     loss = adv
     logs = {"loss_g_adv": adv.detach().item()}
     if recon_scale > 0:
-        recon = F.mse_loss(x0_pred, x0)
+        recon = F.mse_loss(x0_pred.float(), x0.float())
         loss = loss + recon_scale * recon
         logs["recon"] = recon.detach().item()
     logs["loss_g"] = loss.detach().item()
@@ -68,5 +70,5 @@ def diffusion_loss(model: torch.nn.Module, schedule: Schedule, x0: Tensor,
     t = sample_steps(x0.shape[0], schedule.n_steps, x0.device)
     noise = torch.randn_like(x0)
     x_t = diffusion.q_sample(schedule, x0, t, noise=noise)
-    loss = F.mse_loss(model(x_t, t, cond), noise)
+    loss = F.mse_loss(model(x_t, t, cond).float(), noise)
     return loss, {"loss": loss.detach().item()}

@@ -4,7 +4,8 @@ Layout of one checkpoint (a folder, written under a temporary name and renamed w
 
     checkpoints/step_000500/
         generator/  generator_ema/  discriminator/   config.json + diffusion_pytorch_model.safetensors
-        training_state.pt     optimizers, step, RNG states (tensors and numbers only: loaded with weights_only)
+        training_state.pt     optimizers, schedulers, loss scalers, step, data position, every rank's RNG states
+                              (tensors and numbers only: loaded with weights_only)
         train_config.json     the resolved TrainConfig
     checkpoints/latest        the name of the newest complete checkpoint
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -91,8 +93,37 @@ def save_checkpoint(run_dir: Path, step: int, models: dict[str, torch.nn.Module]
         raise
     write_text_atomic(root / "latest", final.name)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".tmp-del-{old.name}")  # renamed first: never a half-deleted "complete" one
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy's and Python's global ones) as tensors and plain numbers."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

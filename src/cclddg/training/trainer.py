@@ -1,23 +1,32 @@
-"""The training loop for DDGAN and DDPM, on accelerate (CPU, one GPU or many with the same code).
+"""The training loop for DDGAN and DDPM, on accelerate: CPU, one GPU, or several GPUs and nodes with the same code.
 
 Run folder layout:
 
     RUN/config.json             the resolved TrainConfig of the run
-    RUN/log.jsonl               one JSON object per logged step (losses, D(real), D(fake), samples/s)
+    RUN/log.jsonl               one JSON object per logged step (losses, D(real), D(fake), R1, grad norms,
+                                learning rates, samples/s, resident memory); `cclddg plot RUN` draws it
+    RUN/tensorboard/            the same scalars and the grids, when tensorboard is installed
     RUN/samples/step_*.png      grids from the EMA generator, fixed noise and conditioning
     RUN/samples/recon_*.png     real x_0, noised x_t and predicted x̂_0 for every step t
                                 (latent runs decode every row through the autoencoder)
     RUN/checkpoints/step_*/     the last two checkpoints (see checkpoint.py), `latest` names the newest
 
+Several processes (`accelerate launch` / `torchrun`): data parallel, the same weights on every rank (gradients
+are averaged), each rank reads its own examples; logs, grids and checkpoints come from the main process.
+`--batch_size` is per process and per micro-batch: the global batch is batch_size × processes × grad_accum.
+
 Data: a source (`shapes:64`) read on the fly, or a latent cache (`cclddg encode`) read memory-mapped, so a
 latent run never runs the autoencoder or the embedder in the loop (only to decode the sample grids). A
 latent run on a source (`--autoencoder own:runs/ae --data shapes:64`) first encodes it into a cache in
---cache_dir. The data position is the step: step s of rank r reads examples (s·world + r)·B ... + B-1 of the
-deterministic stream, so a resumed run sees exactly the data it would have seen.
+--cache_dir. The data position is a pure function of the step: step s reads the global examples
+P(s) ... P(s) + global batch - 1 of the deterministic stream (micro-batch m of rank r the slice
+(m·world + r)·B), P(s) = the position stored in the checkpoint it resumed from + (s - its step) · global batch.
+With every RNG state in the checkpoint too, a resumed run takes exactly the steps it would have taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,11 +48,15 @@ from cclddg.errors import UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import ddgan_sample, diffusion_sample
 from cclddg.training import checkpoint as ckpt_io
+from cclddg.training import precision
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every", "wandb_project",
-                     "threads", "cache_dir"}
+RESUMABLE_CHANGES = {"workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every",
+                     "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
+                     "channels_last", "compile", "deterministic", "skip_nonfinite"}
+# --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 class TrainingError(RuntimeError):
@@ -160,16 +173,20 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)  # denormals made CPU steps ~10x slower on these machines
-        self.accelerator = Accelerator()
-        self.device = self.accelerator.device
-        rank = self.accelerator.process_index
+        if cfg.deterministic:
+            use_deterministic_algorithms()
+        # Data parallel when launched by accelerate/torchrun; precision is ours (precision.py: R1 needs the scale).
+        self.accelerator = acc = Accelerator(cpu=launched_without_gpus())
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        precision.check_precision(cfg.mixed_precision, self.device)
         # Everything that can reject the config runs before the run folder is touched.
         self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
         self.cache = self.data = self.space = None
         self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
-        if self.accelerator.is_main_process:  # refuse a bad --out before any slow setup (the main process
+        if acc.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
         if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
             embed_dim = self._open_cache()
@@ -178,30 +195,54 @@ class Trainer:
             self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
             embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.gen = build_generator(cfg, embed_dim).to(self.device)
-        disc = build_discriminator(cfg, embed_dim).to(self.device) if cfg.objective == "ddgan" else None
-        if self.accelerator.is_main_process:
-            prepare_run_dir(self.out, cfg, resume)
-        self.accelerator.wait_for_everyone()
-        torch.manual_seed(cfg.seed + 1000 * rank + 1)
-        self.ema = copy.deepcopy(self.gen).requires_grad_(False).eval()
-        self.opt_g = make_optimizer(cfg, self.gen.parameters(), cfg.lr_gen)
-        self.disc = self.opt_d = None
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        gen = build_generator(cfg, embed_dim).to(self.device, memory_format=memory_format)
+        disc = None
         if cfg.objective == "ddgan":
-            self.disc = disc
-            self.opt_d = make_optimizer(cfg, self.disc.parameters(), cfg.lr_disc)
-            self.gen, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(
-                self.gen, self.disc, self.opt_g, self.opt_d)
+            disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
+        if acc.is_main_process:
+            prepare_run_dir(self.out, cfg, resume)
+        acc.wait_for_everyone()
+        torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
+        self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
+        self.opt_g = make_optimizer(cfg, gen.parameters(), cfg.lr_gen)
+        self.sched_g = warmup_scheduler(self.opt_g, cfg.lr_warmup)
+        self.scaler_g = precision.grad_scaler(cfg.mixed_precision, self.device)
+        self.disc = self.opt_d = self.sched_d = self.scaler_d = self.disc_frozen = None
+        if disc is not None:
+            self.opt_d = make_optimizer(cfg, disc.parameters(), cfg.lr_disc)
+            self.sched_d = warmup_scheduler(self.opt_d, cfg.lr_warmup)
+            self.scaler_d = precision.grad_scaler(cfg.mixed_precision, self.device)
+            self.gen, self.disc, self.opt_g, self.opt_d = acc.prepare(gen, disc, self.opt_g, self.opt_d)
+            # G's loss looks through D without training it: the plain module, outside data parallel's hooks.
+            self.disc_frozen = disc
         else:
-            self.gen, self.opt_g = self.accelerator.prepare(self.gen, self.opt_g)
+            self.gen, self.opt_g = acc.prepare(gen, self.opt_g)
+        if cfg.compile:
+            self._compile()
         self.step = 0
+        self.base_step = self.base_position = 0  # P(s) = base_position + (s - base_step) · global batch
+        self.skipped = self.skipped_in_a_row = 0  # optimizer updates skipped by --skip_nonfinite
         self.last_checkpoint: Path | None = None
         if resume:
             self._load(ckpt_io.resolve_checkpoint(self.out) if ckpt_io.list_checkpoints(self.out) else None)
-        self.log_file = self.out / "log.jsonl"
-        self.tracker = None
-        if cfg.wandb_project and cfg.wandb_project != "None" and self.accelerator.is_main_process:
-            self.tracker = _start_wandb(cfg)
+        self.resumed = resume
+        self.trackers = None  # opened by the main process when it first logs (_open_trackers), closed by run()
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all processes and micro-batches."""
+        return self.cfg.batch_size * self.world * self.cfg.grad_accum
+
+    def _compile(self) -> None:
+        """torch.compile the generator, and the discriminator unless R1 needs its double backward (which
+        torch.compile cannot differentiate)."""
+        if not hasattr(torch, "compile"):
+            raise UserError("--compile needs torch >= 2.0; drop --compile")
+        self.gen = torch.compile(self.gen)
+        if self.disc is not None and self.cfg.r1_gamma == 0:
+            self.disc = torch.compile(self.disc)
+            self.disc_frozen = torch.compile(self.disc_frozen)
 
     def _open_cache(self) -> int:
         """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
@@ -285,21 +326,34 @@ class Trainer:
             out.append(int(self._perm[k]))
         return out
 
-    def batch(self, step: int, drop: bool = True) -> tuple[Tensor, Tensor | None]:
-        """The examples of this step and rank: a pure function of the step (exact resume).
+    def position(self, step: int) -> int:
+        """Global stream position of the first example of `step` (over all ranks and micro-batches)."""
+        return self.base_position + (step - self.base_step) * self.global_batch
+
+    def example_indices(self, step: int, micro: int = 0) -> list[int]:
+        """The examples that micro-batch `micro` of this rank reads at `step`: a pure function of the step.
+
+        The global positions of one step are split into consecutive slices, micro-batch-major then rank, so
+        within an epoch of a finite dataset no example is read twice, by any rank."""
+        b = self.cfg.batch_size
+        start = self.position(step) + (micro * self.world + self.rank) * b
+        positions = range(start, start + b)
+        if self.cache is not None:  # a fresh permutation of the cache each epoch
+            return self._cache_order(positions)
+        if self.cfg.cond == "embedding":
+            return [i % self.cfg.data_size for i in positions]
+        return list(positions)
+
+    def batch(self, step: int, micro: int = 0, drop: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The examples of this step, micro-batch and rank (`example_indices`).
 
         Embedding runs condition each example on its image embedding, or with probability pct_text on
         its caption's text embedding. With `drop`, conditioning is replaced by the null embedding
         with probability pct_zeros (for CFG).
         """
         cfg = self.cfg
-        b, world, rank = cfg.batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        start = (step * world + rank) * b
-        indices = range(start, start + b)
-        if self.cache is not None:  # a fresh permutation of the cache each epoch
-            indices = self._cache_order(indices)
-        elif cfg.cond == "embedding":
-            indices = [i % cfg.data_size for i in indices]
+        b = cfg.batch_size
+        indices = self.example_indices(step, micro)
         # Grids (drop=False) draw nothing from the RNG, so logging never changes the training stream.
         if self.cache is not None:
             flip = torch.rand(b) < 0.5 if drop and cfg.flip else None
@@ -310,7 +364,8 @@ class Trainer:
             images, labels, _ = self.data.get_batch(indices)
             idx = torch.tensor(indices)
             embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if cfg.cond == "embedding" else None
-        images = images.to(self.device)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        images = images.to(self.device, memory_format=memory_format)
         if cfg.cond == "none":
             return images, None
         if embeddings is not None:  # the image's embedding, or with probability pct_text its caption's
@@ -323,68 +378,135 @@ class Trainer:
         return images, labels
 
     # ---- one optimisation step ------------------------------------------------------------------
-    def ddgan_step(self, x0: Tensor, cond: Tensor | None) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
-        t = objectives.sample_steps(x0.shape[0], cfg.n_steps, x0.device)
-        x_prev, x_t = diffusion.q_pair(self.schedule, x0, t)
-        z = torch.randn(x0.shape[0], cfg.z_dim, device=x0.device) if cfg.z_dim else None
-        cond_g, cond = self._split_cond(cond)
-        x0_pred = self.gen(x_t, t, cond_g, z)
-        fake_prev = objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
+    def ddgan_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
+        """D's update on every micro-batch, then G's (through the updated D).
 
+        With one micro-batch G's forward pass is made once and serves both updates; with several it is made
+        without gradients for D's update and again, on the same inputs, for G's (memory stays that of one)."""
+        cfg, k = self.cfg, len(micro)
         lazy = cfg.r1_gamma > 0 and (self.step % cfg.lazy_reg == 0)
         r1_weight = cfg.r1_gamma / 2 * cfg.lazy_reg if lazy else 0.0
+        logs = MeanLogs()
+        kept = []
         self.disc.requires_grad_(True)
-        loss_d, logs = objectives.discriminator_loss(self.disc, x_prev, fake_prev, x_t, t, cond, r1_weight)
-        self.opt_d.zero_grad(set_to_none=True)
-        acc.backward(loss_d)
-        logs["grad_norm_d"] = self._clip(self.disc)
-        self.opt_d.step()
+        for i, (x0, cond) in enumerate(micro):
+            cond_g, cond_d = self._split_cond(cond)
+            with self._sync_on_last(self.disc, i, k), self._autocast():
+                t = objectives.sample_steps(x0.shape[0], cfg.n_steps, x0.device)
+                x_prev, x_t = diffusion.q_pair(self.schedule, x0, t)
+                z = torch.randn(x0.shape[0], cfg.z_dim, device=x0.device) if cfg.z_dim else None
+                with torch.set_grad_enabled(k == 1):
+                    x0_pred = self.gen(x_t, t, cond_g, z)
+                    fake_prev = objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
+                loss_d, step_logs = objectives.discriminator_loss(self.disc, x_prev, fake_prev, x_t, t, cond_d,
+                                                                  r1_weight, self.scaler_d.get_scale())
+            self.scaler_d.scale(loss_d / k).backward()
+            logs.add(step_logs)
+            kept.append((x0, x_t, t, z, cond_g, cond_d, (x0_pred, fake_prev) if k == 1 else None))
+        # fp16: an R1 that overflows the loss scale is the scaler's to skip; D's outputs must still be finite.
+        checked = ["d_real", "d_fake"] + ([] if self.scaler_d.is_enabled() else ["loss_d"])
+        norm_d = self._optimizer_step(self.opt_d, self.scaler_d, self.disc, logs.collected(checked), "D")
 
         self.disc.requires_grad_(False)  # G's loss needs gradients through D, not for D
-        loss_g, logs_g = objectives.generator_loss(self.disc, fake_prev, x_t, t, cond, x0_pred, x0,
-                                                   cfg.recon_loss_scale)
-        self.opt_g.zero_grad(set_to_none=True)
-        acc.backward(loss_g)
-        logs_g["grad_norm_g"] = self._clip(self.gen)
-        self.opt_g.step()
-        self._check_finite(loss_d, loss_g)
-        return {**logs, **logs_g}
+        for i, (x0, x_t, t, z, cond_g, cond_d, made) in enumerate(kept):
+            with self._sync_on_last(self.gen, i, k), self._autocast():
+                if made is None:
+                    x0_pred = self.gen(x_t, t, cond_g, z)
+                    made = x0_pred, objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
+                x0_pred, fake_prev = made
+                loss_g, step_logs = objectives.generator_loss(self.disc_frozen, fake_prev, x_t, t, cond_d, x0_pred,
+                                                              x0, cfg.recon_loss_scale)
+            self.scaler_g.scale(loss_g / k).backward()
+            logs.add(step_logs)
+        norm_g = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.collected(["loss_g"]), "G")
+        return {**logs.means(), "grad_norm_d": norm_d, "grad_norm_g": norm_g}
+
+    def diffusion_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
+        k, logs = len(micro), MeanLogs()
+        for i, (x0, cond) in enumerate(micro):
+            with self._sync_on_last(self.gen, i, k), self._autocast():
+                loss, step_logs = objectives.diffusion_loss(self.gen, self.schedule, x0, self._split_cond(cond)[0])
+            self.scaler_g.scale(loss / k).backward()
+            logs.add(step_logs)
+        norm = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.collected(["loss"]), "the model")
+        return {**logs.means(), "grad_norm_g": norm}
 
     def _split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """(generator's conditioning, discriminator's conditioning): None where a net does not see it."""
         return (cond if self.cfg.use_cloob_unet else None), (cond if self.cfg.use_cloob_disc else None)
 
-    def diffusion_step(self, x0: Tensor, cond: Tensor | None) -> dict[str, float]:
-        cond = self._split_cond(cond)[0]
-        loss, logs = objectives.diffusion_loss(self.gen, self.schedule, x0, cond)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        logs["grad_norm_g"] = self._clip(self.gen)
-        self.opt_g.step()
-        self._check_finite(loss)
-        return logs
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return precision.autocast(self.cfg.mixed_precision, self.device)
 
-    def _clip(self, model: torch.nn.Module) -> float:
+    def _sync_on_last(self, model: torch.nn.Module, i: int, k: int) -> contextlib.AbstractContextManager:
+        """Gradient accumulation: ranks average gradients on the last micro-batch only."""
+        return self.accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext()
+
+    def _optimizer_step(self, opt, scaler: torch.amp.GradScaler, model: torch.nn.Module, checked: list[float],
+                        name: str) -> float:
+        """Unscale, clip, and step, unless a loss or the gradient is not finite on any rank: then stop with the
+        step and the last good checkpoint named, or with --skip_nonfinite drop this update. Returns the
+        gradient norm (before clipping)."""
+        scaler.unscale_(opt)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        return float(self.accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        # fp16: non-finite gradients are the loss scale overflowing; the scaler skips the step and lowers it.
+        finite = all(math.isfinite(v) for v in checked) and (math.isfinite(norm) or scaler.is_enabled())
+        if self._on_any_rank(not finite):
+            opt.zero_grad(set_to_none=True)
+            scaler.update()
+            self._nonfinite(name)
+            return norm
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.skipped_in_a_row = 0
+        return norm
 
-    def _check_finite(self, *losses: Tensor) -> None:
-        if not all(torch.isfinite(loss).item() for loss in losses):
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                "no checkpoint was written yet"
-            raise TrainingError(f"non-finite loss at step {self.step + 1}; {where}. "
-                                "Lower --lr_gen/--lr_disc or raise --r1_gamma, then --resume")
+    def _nonfinite(self, name: str) -> None:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was written yet")
+        if not self.cfg.skip_nonfinite:
+            raise TrainingError(f"non-finite loss or gradient of {name} at step {self.step + 1}; {where}. Lower "
+                                "--lr_gen/--lr_disc or raise --r1_gamma, then --resume (or --skip_nonfinite)")
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+            raise TrainingError(f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient "
+                                f"(step {self.step + 1}): the run diverged; {where}. Lower --lr_gen/--lr_disc "
+                                "or raise --r1_gamma, then --resume")
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on one (ranks must take the same decisions)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        """The logged scalars averaged over ranks (each rank saw its own examples)."""
+        if self.world == 1:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return dict(zip(keys, (values / self.world).tolist()))
 
     def train_step(self) -> dict[str, float]:
-        """One optimisation step on this step's batch, then the EMA update."""
+        """One optimisation step on this step's micro-batches, then the schedulers and the EMA update."""
         self.gen.train()
-        x0, cond = self.batch(self.step)
-        step_fn = self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step
-        logs = step_fn(x0, cond)
+        micro = [self.batch(self.step, m) for m in range(self.cfg.grad_accum)]
+        lrs = {"lr_g": self.opt_g.param_groups[0]["lr"]}
+        if self.opt_d is not None:
+            lrs["lr_d"] = self.opt_d.param_groups[0]["lr"]
+        logs = (self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step)(micro)
+        for sched in (self.sched_g, self.sched_d):
+            if sched is not None:
+                sched.step()
         ema_update(self.ema, self.accelerator.unwrap_model(self.gen), warmup_decay(self.cfg.ema_decay, self.step))
         self.step += 1
-        return logs
+        return {**logs, **lrs}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -396,15 +518,16 @@ class Trainer:
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         try:
             while self.step < cfg.n_batches:
-                if time.monotonic() > deadline:  # the time budget ends the run like its last step would
+                if self._on_any_rank(time.monotonic() > deadline):  # the time budget ends the run like its last step
                     self._log(logs)
                     self.log_images()
                     self.save()
                     break
-                logs = self.train_step()
-                seen += cfg.batch_size * acc.num_processes
+                logs = self._guarded_step()
+                seen += self.global_batch
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.n_batches:
+                    logs = self._mean_over_ranks(logs)
                     logs["samples_per_s"] = seen / max(time.perf_counter() - tic, 1e-9)
                     tic, seen = time.perf_counter(), 0
                     self._log(logs)
@@ -419,18 +542,74 @@ class Trainer:
             if self.step > 0:
                 self.save()
             raise
-        bar.close()
+        finally:
+            bar.close()
+            if self.trackers is not None:
+                self.trackers.close()
+                self.trackers = None
         return self.out
 
+    def close(self) -> None:
+        """Finish the run: close the trackers and, with several processes, free the data-parallel wrappers and
+        then the process group (in that order: gloo aborted at exit without it, and hung when a wrapper
+        outlived the group). The trainer cannot train after this."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+        if self.world > 1 and torch.distributed.is_initialized():
+            import gc
+
+            acc = self.accelerator
+            self.gen = acc.unwrap_model(self.gen)
+            self.disc = None if self.disc is None else acc.unwrap_model(self.disc)
+            acc.free_memory()  # accelerate's own references to the wrappers
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+    def _guarded_step(self) -> dict[str, float]:
+        """train_step, with running out of memory (and a failing torch.compile) turned into what to change."""
+        try:
+            return self.train_step()
+        except TrainingError:
+            raise
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise TrainingError(self._oom_message()) from None
+            if self.cfg.compile and type(exc).__module__.startswith("torch._"):
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"--compile: torch.compile failed on this platform ({first[:200]}); "
+                                "drop --compile") from exc
+            raise
+
+    def _oom_message(self) -> str:
+        cfg = self.cfg
+        size = f"{cfg.img_size}px" + (f" (latent {latent_size(cfg)}x{latent_size(cfg)})" if cfg.latent_factor > 1 else "")
+        where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        half = "" if cfg.mixed_precision != "no" else ", --mixed_precision bf16 (fp16 on GPUs without bf16)"
+        return (f"out of memory at step {self.step + 1} on {self.device} with --batch_size {cfg.batch_size} per "
+                f"process at {size}: lower --batch_size (--grad_accum N keeps the global batch){half}, or use "
+                f"narrower nets (--n_channels_unet, --n_channels_disc){where}")
+
     # ---- logging, grids, checkpoints ---------------------------------------------------------------
+    def _open_trackers(self):
+        """The run's trackers (main process only); a resumed run first drops what was logged after its checkpoint."""
+        if self.trackers is None and self.accelerator.is_main_process:
+            from cclddg.training.trackers import open_trackers
+
+            resume_step = self.step if self.resumed or self.step > 0 else None
+            self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=resume_step,
+                                          tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
+        return self.trackers
+
     def _log(self, logs: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
+        if self._open_trackers() is None:
             return
-        record = {"step": self.step, **{k: round(float(v), 6) for k, v in logs.items()}}
-        with open(self.log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(record, step=self.step)
+        extra = {"rss_mb": resident_mb()}
+        if self.skipped:
+            extra["skipped_updates"] = self.skipped
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            extra["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.trackers.log_scalars({**logs, **extra}, step=self.step)
 
     @torch.no_grad()
     def log_images(self, rows: int = 6, cols: int = 6) -> None:
@@ -451,9 +630,12 @@ class Trainer:
                                   rng, self.device)
         else:
             images = diffusion_sample(self.ema, self.schedule, shape, cond, 1.0, "ddim", 50, rng, self.device)
-        save_image_atomic(make_grid(self.to_pixels(images).cpu(), nrow=cols), folder / f"step_{self.step:07d}.png")
+        grids = {"samples": make_grid(self.to_pixels(images).cpu(), nrow=cols)}
+        save_image_atomic(grids["samples"], folder / f"step_{self.step:07d}.png")
         if self.cfg.objective == "ddgan":
-            save_image_atomic(self.reconstruction_grid(), folder / f"recon_{self.step:07d}.png")
+            grids["reconstruction"] = self.reconstruction_grid()
+            save_image_atomic(grids["reconstruction"], folder / f"recon_{self.step:07d}.png")
+        self._open_trackers().log_images(grids, step=self.step)
 
     @torch.no_grad()
     def reconstruction_grid(self, n: int = 6) -> Any:
@@ -477,19 +659,36 @@ class Trainer:
         return x.clamp(-1, 1) if self.space is None else self.space.decode(x)
 
     def save(self) -> None:
+        """A checkpoint of everything a bit-identical resume needs, written by the main process with every
+        rank's RNG states. A failed write (a full disk) leaves the previous checkpoint as it was and stops."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
         acc = self.accelerator
-        acc.wait_for_everyone()
+        rng = gather_object([ckpt_io.capture_rng()])  # every rank's, in rank order
+        result: list[Any] = [None, None]  # (checkpoint written, error)
         if acc.is_main_process:
             models = {"generator": acc.unwrap_model(self.gen), "generator_ema": self.ema}
-            state: dict[str, Any] = {"step": self.step, "opt_g": self.opt_g.state_dict(),
-                                     "torch_rng": torch.get_rng_state()}
+            state: dict[str, Any] = {
+                "step": self.step, "position": self.position(self.step), "world_size": self.world,
+                "grad_accum": self.cfg.grad_accum, "skipped": self.skipped, "rng": rng,
+                "opt_g": self.opt_g.state_dict(), "sched_g": self.sched_g.state_dict(),
+                "scaler_g": self.scaler_g.state_dict()}
             if self.disc is not None:
                 models["discriminator"] = acc.unwrap_model(self.disc)
-                state["opt_d"] = self.opt_d.state_dict()
-            if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
-        acc.wait_for_everyone()
+                state.update(opt_d=self.opt_d.state_dict(), sched_d=self.sched_d.state_dict(),
+                             scaler_d=self.scaler_d.state_dict())
+            try:
+                result[0] = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
+            except OSError as exc:
+                kept = f"the previous checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else \
+                    "no earlier checkpoint exists"
+                result[1] = (f"could not write the checkpoint of step {self.step} in {self.out / 'checkpoints'} "
+                             f"({exc.strerror or exc}); {kept}. Free some space, then --resume")
+        if self.world > 1:
+            broadcast_object_list(result)
+        if result[1]:
+            raise TrainingError(result[1])
+        self.last_checkpoint = result[0]
 
     def _load(self, folder: Path | None) -> None:
         if folder is None:
@@ -499,20 +698,88 @@ class Trainer:
         acc.unwrap_model(self.gen).load_state_dict(ckpt_io.load_model(UNet, folder / "generator").state_dict())
         self.ema.load_state_dict(ckpt_io.load_model(UNet, folder / "generator_ema").state_dict())
         self.opt_g.load_state_dict(state["opt_g"])
+        _load_if_saved(self.sched_g, state.get("sched_g"))
+        _load_if_saved(self.scaler_g, state.get("scaler_g"))
         if self.disc is not None:
             disc = ckpt_io.load_model(Discriminator, folder / "discriminator")
             acc.unwrap_model(self.disc).load_state_dict(disc.state_dict())
             self.opt_d.load_state_dict(state["opt_d"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            _load_if_saved(self.sched_d, state.get("sched_d"))
+            _load_if_saved(self.scaler_d, state.get("scaler_d"))
         self.step = int(state["step"])
+        rng = state.get("rng") or [{"torch": state["torch_rng"]}]  # checkpoints before per-rank states
+        if self.rank < len(rng):
+            ckpt_io.restore_rng(rng[self.rank])
+        else:  # more processes than the run had: a fresh stream for the new rank (the run is no longer exact)
+            torch.manual_seed(self.cfg.seed + 1000 * self.rank + 1 + self.step)
+        self.base_step = self.step
+        self.base_position = int(state.get("position", self.step * self.cfg.batch_size * int(state.get("world_size", 1))))
+        self.skipped = int(state.get("skipped", 0))
         self.last_checkpoint = folder
 
 
-def _start_wandb(cfg: TrainConfig):
+class MeanLogs:
+    """The scalars of several micro-batches, averaged."""
+
+    def __init__(self):
+        self._values: dict[str, list[float]] = {}
+
+    def add(self, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            self._values.setdefault(key, []).append(float(value))
+
+    def collected(self, keys: list[str]) -> list[float]:
+        return [v for key in keys for v in self._values.get(key, [])]
+
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self._values.items()}
+
+
+def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate rises linearly over `warmup` steps, then stays (no warmup: constant)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+
+def _load_if_saved(obj: Any, state: dict | None) -> None:
+    """Schedulers' and scalers' states (a disabled scaler saves an empty one, which it cannot load)."""
+    if state and (not isinstance(obj, torch.amp.GradScaler) or obj.is_enabled()):
+        obj.load_state_dict(state)
+
+
+def launched_without_gpus() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate runs them as
+    CPU data parallel (gloo) only when told to use the CPU."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: only kernels that give the same result on every run (CPU kernels already do)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator refusing an allocation."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(exc)
+    return isinstance(exc, oom) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; elsewhere the peak from getrusage)."""
     try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb_project needs the wandb package: pip install wandb (or drop the flag)") from None
-    return wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from cclddg.atomic import write_text_atomic
 from cclddg.errors import UserError
-from cclddg.training import checkpoint as ckpt_io
 
 PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", "a large yellow triangle in the center",
            "a green circle on the right", "a purple square in the top right", "a white triangle on the left")
@@ -87,14 +87,14 @@ class Demo:
         if self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"{self.out} is not empty and holds no demo; choose a new or empty --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.write_text_atomic(plan, json.dumps(wanted, indent=2))
+        write_text_atomic(plan, json.dumps(wanted, indent=2))
 
     def _read_json(self, name: str) -> Any:
         path = self.out / name
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _write_json(self, name: str, value: Any) -> None:
-        ckpt_io.write_text_atomic(self.out / name, json.dumps(value, indent=2))
+        write_text_atomic(self.out / name, json.dumps(value, indent=2))
 
     def _stage(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
         """Run `work` unless `done()`; its wall time is added to times.json (resumed stages add up)."""
@@ -258,7 +258,7 @@ class Demo:
         lines += self._eval_lines(evals)
         lines += ["", "Prompts (rows) x guidance 1, 2, 3 (4 samples each):", "", "![prompts](prompts.png)", "",
                   "Prompts: " + "; ".join(self.prompts), ""]
-        ckpt_io.write_text_atomic(self.out / "report.md", "\n".join(lines))
+        write_text_atomic(self.out / "report.md", "\n".join(lines))
         return report
 
 

@@ -66,5 +66,8 @@ def save_image_atomic(image: Image.Image, path: str | Path) -> None:
     """Save under a temporary name beside `path` (same format suffix), then rename: never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
-    image.save(tmp)
-    tmp.replace(path)
+    try:
+        image.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -58,7 +58,7 @@ def _absolute_encoder(spec: str) -> str:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    from cclddg.training.checkpoint import write_text_atomic
+    from cclddg.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 

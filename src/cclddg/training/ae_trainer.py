@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cclddg.atomic import write_text_atomic
 from cclddg.config import JsonConfig
 from cclddg.data.sources import check_source, load_held_out, load_training_set
 from cclddg.errors import UserError
@@ -234,7 +235,7 @@ class AETrainer:
                   "scale": measure_scale(space, self.images[:512].float() / 127.5 - 1),
                   "factor": self.cfg.factor, "latent_channels": self.cfg.latent_channels}
         self.ae.train().requires_grad_(True)
-        ckpt_io.write_text_atomic(self.out / "report.json", json.dumps(report, indent=2))
+        write_text_atomic(self.out / "report.json", json.dumps(report, indent=2))
         return report
 
     # ---- checkpoints --------------------------------------------------------------------------------

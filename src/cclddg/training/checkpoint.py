@@ -12,15 +12,19 @@ Layout of one checkpoint (a folder, written under a temporary name and renamed w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.errors import UserError
 
@@ -29,11 +33,20 @@ CONFIG_FILE = "train_config.json"
 KEEP_LAST = 2
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def safetensors_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as its own SafetensorError: raise it as the OSError it
+    is, with its errno, so callers handle every failed write alike."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from exc
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -42,7 +55,8 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        with safetensors_os_errors():
+            save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -82,8 +96,11 @@ def save_checkpoint(run_dir: Path, step: int, models: dict[str, torch.nn.Module]
     try:
         tmp.mkdir()
         for name, model in models.items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
-        torch.save(state, tmp / STATE_FILE)
+            with safetensors_os_errors():
+                model.save_pretrained(tmp / name, safe_serialization=True)
+        buffer = io.BytesIO()  # serialised in memory: torch.save reports a failed write without its cause
+        torch.save(state, buffer)
+        (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
         (tmp / CONFIG_FILE).write_text(cfg.to_json())
         if final.exists():
             shutil.rmtree(final)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cclddg.atomic import write_text_atomic
 from cclddg.config import JsonConfig
 from cclddg.data.sources import (
     check_source,
@@ -190,7 +191,7 @@ class CLOOBTrainer:
                                              workers=self.cfg.workers)
             report = {"step": self.step, **retrieval_report(self.embedder, images.float() / 127.5 - 1, captions)}
         self.model.train()
-        ckpt_io.write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
+        write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
         return report
 
     # ---- checkpoints --------------------------------------------------------------------------------

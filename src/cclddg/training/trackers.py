@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -24,6 +23,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 from PIL import Image
 
+from cclddg.atomic import write_text_atomic
 from cclddg.errors import UserError
 
 LOG_FILE = "log.jsonl"
@@ -40,15 +40,6 @@ class Tracker(Protocol):
     def log_images(self, images: Mapping[str, Image.Image], step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A temporary file beside `path`, renamed over it: a reader never sees half a file.
-
-    (checkpoint.py has the same helper; this module stays free of torch for `cclddg plot`.)"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_lines(text: str) -> list[str]:

@@ -30,7 +30,9 @@ import contextlib
 import copy
 import json
 import math
+import re
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cclddg import diffusion, objectives
+from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig, is_cache, validate
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
@@ -157,7 +160,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = Tru
     if not write:
         return cfg
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_io.write_text_atomic(config_path, cfg.to_json())
+    write_text_atomic(config_path, cfg.to_json())
     return cfg
 
 
@@ -226,8 +229,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume:
             self._load(ckpt_io.resolve_checkpoint(self.out) if ckpt_io.list_checkpoints(self.out) else None)
-        self.resumed = resume
         self.trackers = None  # opened by the main process when it first logs (_open_trackers), closed by run()
+        self.logged_until = self.step if resume else None  # what the trackers keep of an earlier log
 
     @property
     def global_batch(self) -> int:
@@ -501,9 +504,11 @@ class Trainer:
         if self.opt_d is not None:
             lrs["lr_d"] = self.opt_d.param_groups[0]["lr"]
         logs = (self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step)(micro)
-        for sched in (self.sched_g, self.sched_d):
-            if sched is not None:
-                sched.step()
+        with warnings.catch_warnings():  # a step the loss scaler skipped is not a misordered scheduler call
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            for sched in (self.sched_g, self.sched_d):
+                if sched is not None:
+                    sched.step()
         ema_update(self.ema, self.accelerator.unwrap_model(self.gen), warmup_decay(self.cfg.ema_decay, self.step))
         self.step += 1
         return {**logs, **lrs}
@@ -520,8 +525,8 @@ class Trainer:
             while self.step < cfg.n_batches:
                 if self._on_any_rank(time.monotonic() > deadline):  # the time budget ends the run like its last step
                     self._log(logs)
-                    self.log_images()
                     self.save()
+                    self.log_images()
                     break
                 logs = self._guarded_step()
                 seen += self.global_batch
@@ -533,10 +538,11 @@ class Trainer:
                     self._log(logs)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()
                                      if k in ("loss_d", "loss_g", "d_real", "d_fake", "loss")})
-                if self.step % cfg.log_images_every == 0 or self.step == cfg.n_batches:
-                    self.log_images()
+                # The checkpoint first: on a nearly full disk it matters more than the grid.
                 if self.step % cfg.save_models_every == 0 or self.step == cfg.n_batches:
                     self.save()
+                if self.step % cfg.log_images_every == 0 or self.step == cfg.n_batches:
+                    self.log_images()
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0:
@@ -547,6 +553,7 @@ class Trainer:
             if self.trackers is not None:
                 self.trackers.close()
                 self.trackers = None
+            self.logged_until = self.step
         return self.out
 
     def close(self) -> None:
@@ -581,6 +588,12 @@ class Trainer:
                                 "drop --compile") from exc
             raise
 
+    def _write_failed(self, what: str, exc: OSError) -> TrainingError:
+        """A write into the run folder failed (a full disk): one line, with the last good checkpoint named."""
+        kept = (f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        return TrainingError(f"could not write {what} ({exc.strerror or exc}); {kept}. Free some space, then --resume")
+
     def _oom_message(self) -> str:
         cfg = self.cfg
         size = f"{cfg.img_size}px" + (f" (latent {latent_size(cfg)}x{latent_size(cfg)})" if cfg.latent_factor > 1 else "")
@@ -596,8 +609,7 @@ class Trainer:
         if self.trackers is None and self.accelerator.is_main_process:
             from cclddg.training.trackers import open_trackers
 
-            resume_step = self.step if self.resumed or self.step > 0 else None
-            self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=resume_step,
+            self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=self.logged_until,
                                           tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
         return self.trackers
 
@@ -609,15 +621,16 @@ class Trainer:
             extra["skipped_updates"] = self.skipped
         if torch.cuda.is_available() and self.device.type == "cuda":
             extra["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.trackers.log_scalars({**logs, **extra}, step=self.step)
+        try:
+            self.trackers.log_scalars({**logs, **extra}, step=self.step)
+        except OSError as exc:
+            raise self._write_failed(f"the log of step {self.step} in {self.out}", exc) from None
 
     @torch.no_grad()
     def log_images(self, rows: int = 6, cols: int = 6) -> None:
         """A grid from the EMA generator (fixed noise, fixed conditioning) and a reconstruction grid."""
         if not self.accelerator.is_main_process:
             return
-        folder = self.out / "samples"
-        folder.mkdir(exist_ok=True)
         cond = grid_conditions(self.cfg, rows) if self.grid_cond is None else self.grid_cond
         cond = cond if self.cfg.use_cloob_unet else None
         if cond is not None:
@@ -631,11 +644,17 @@ class Trainer:
         else:
             images = diffusion_sample(self.ema, self.schedule, shape, cond, 1.0, "ddim", 50, rng, self.device)
         grids = {"samples": make_grid(self.to_pixels(images).cpu(), nrow=cols)}
-        save_image_atomic(grids["samples"], folder / f"step_{self.step:07d}.png")
         if self.cfg.objective == "ddgan":
             grids["reconstruction"] = self.reconstruction_grid()
-            save_image_atomic(grids["reconstruction"], folder / f"recon_{self.step:07d}.png")
-        self._open_trackers().log_images(grids, step=self.step)
+        folder = self.out / "samples"
+        try:
+            folder.mkdir(exist_ok=True)
+            for name, grid in grids.items():
+                prefix = "step" if name == "samples" else "recon"
+                save_image_atomic(grid, folder / f"{prefix}_{self.step:07d}.png")
+            self._open_trackers().log_images(grids, step=self.step)
+        except OSError as exc:
+            raise self._write_failed(f"the sample grids of step {self.step} in {folder}", exc) from None
 
     @torch.no_grad()
     def reconstruction_grid(self, n: int = 6) -> Any:
@@ -680,10 +699,8 @@ class Trainer:
             try:
                 result[0] = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
             except OSError as exc:
-                kept = f"the previous checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else \
-                    "no earlier checkpoint exists"
-                result[1] = (f"could not write the checkpoint of step {self.step} in {self.out / 'checkpoints'} "
-                             f"({exc.strerror or exc}); {kept}. Free some space, then --resume")
+                result[1] = str(self._write_failed(f"the checkpoint of step {self.step} in {self.out / 'checkpoints'}",
+                                                   exc))
         if self.world > 1:
             broadcast_object_list(result)
         if result[1]:

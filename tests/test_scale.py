@@ -252,3 +252,29 @@ def test_compile_trains_like_eager(tmp_path):
     assert main(["train", "--out", str(tmp_path / "compiled"), *common, "--compile", "true"]) == 0
     a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_a_log_record_holds_the_means_since_the_previous_one_and_tensorboard_gets_scalars_and_grids(tmp_path):
+    """Logging draws nothing from the RNG, so a run logging every step and one logging every 5 take the same steps:
+    each record of the second is the mean of 5 of the first, and R1 (every 3rd step here) is in every record."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = [*TINY, "--lazy_reg", "3", "--n_batches", "10", "--log_images_every", "10"]
+    every_step, every_5 = tmp_path / "every_step", tmp_path / "every_5"
+    assert main(["train", "--out", str(every_step), *common, "--log_every", "1"]) == 0
+    assert main(["train", "--out", str(every_5), *common[:-2], "--log_every", "5", "--tensorboard", "true"]) == 0
+    steps, windows = log_records(every_step), log_records(every_5)
+    assert [r["step"] for r in windows] == [5, 10]
+    for record, window in zip(windows, (steps[:5], steps[5:])):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "lr_g"):
+            assert record[key] == pytest.approx(sum(r[key] for r in window) / 5, rel=1e-4), key
+        r1 = [r["r1"] for r in window if "r1" in r]
+        assert len(r1) in (1, 2) and record["r1"] == pytest.approx(sum(r1) / len(r1), rel=1e-4)
+
+    events = EventAccumulator(str(every_5 / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert {"loss_d", "loss_g", "d_real", "d_fake", "r1", "grad_norm_d", "grad_norm_g", "lr_g", "lr_d",
+            "samples_per_s", "rss_mb"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss_d")] == [5, 10]
+    assert set(events.Tags()["images"]) == {"samples", "reconstruction"}
+    assert [e.step for e in events.Images("samples")] == [10]

@@ -408,7 +408,7 @@ class Trainer:
             kept.append((x0, x_t, t, z, cond_g, cond_d, (x0_pred, fake_prev) if k == 1 else None))
         # fp16: an R1 that overflows the loss scale is the scaler's to skip; D's outputs must still be finite.
         checked = ["d_real", "d_fake"] + ([] if self.scaler_d.is_enabled() else ["loss_d"])
-        norm_d = self._optimizer_step(self.opt_d, self.scaler_d, self.disc, logs.collected(checked), "D")
+        norm_d = self._optimizer_step(self.opt_d, self.scaler_d, self.disc, logs.finite(checked), "D")
 
         self.disc.requires_grad_(False)  # G's loss needs gradients through D, not for D
         for i, (x0, x_t, t, z, cond_g, cond_d, made) in enumerate(kept):
@@ -421,7 +421,7 @@ class Trainer:
                                                               x0, cfg.recon_loss_scale)
             self.scaler_g.scale(loss_g / k).backward()
             logs.add(step_logs)
-        norm_g = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.collected(["loss_g"]), "G")
+        norm_g = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.finite(["loss_g"]), "G")
         return {**logs.means(), "grad_norm_d": norm_d, "grad_norm_g": norm_g}
 
     def diffusion_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
@@ -431,7 +431,7 @@ class Trainer:
                 loss, step_logs = objectives.diffusion_loss(self.gen, self.schedule, x0, self._split_cond(cond)[0])
             self.scaler_g.scale(loss / k).backward()
             logs.add(step_logs)
-        norm = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.collected(["loss"]), "the model")
+        norm = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.finite(["loss"]), "the model")
         return {**logs.means(), "grad_norm_g": norm}
 
     def _split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -445,7 +445,7 @@ class Trainer:
         """Gradient accumulation: ranks average gradients on the last micro-batch only."""
         return self.accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext()
 
-    def _optimizer_step(self, opt, scaler: torch.amp.GradScaler, model: torch.nn.Module, checked: list[float],
+    def _optimizer_step(self, opt, scaler: torch.amp.GradScaler, model: torch.nn.Module, losses_finite: bool,
                         name: str) -> float:
         """Unscale, clip, and step, unless a loss or the gradient is not finite on any rank: then stop with the
         step and the last good checkpoint named, or with --skip_nonfinite drop this update. Returns the
@@ -454,7 +454,7 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         # fp16: non-finite gradients are the loss scale overflowing; the scaler skips the step and lowers it.
-        finite = all(math.isfinite(v) for v in checked) and (math.isfinite(norm) or scaler.is_enabled())
+        finite = losses_finite and (math.isfinite(norm) or scaler.is_enabled())
         if self._on_any_rank(not finite):
             opt.zero_grad(set_to_none=True)
             scaler.update()
@@ -518,24 +518,22 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         bar = tqdm(total=cfg.n_batches, initial=self.step, disable=not (self.progress and acc.is_main_process),
                    desc="train", dynamic_ncols=True)
-        tic, seen = time.perf_counter(), 0
-        logs: dict[str, float] = {}
+        window, since, seen = MeanLogs(), time.perf_counter(), 0  # the steps since the last log record
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         try:
             while self.step < cfg.n_batches:
                 if self._on_any_rank(time.monotonic() > deadline):  # the time budget ends the run like its last step
-                    self._log(logs)
+                    if seen:
+                        self._log_window(window, seen, since)
                     self.save()
                     self.log_images()
                     break
-                logs = self._guarded_step()
+                window.add(self._guarded_step())
                 seen += self.global_batch
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.n_batches:
-                    logs = self._mean_over_ranks(logs)
-                    logs["samples_per_s"] = seen / max(time.perf_counter() - tic, 1e-9)
-                    tic, seen = time.perf_counter(), 0
-                    self._log(logs)
+                    logs = self._log_window(window, seen, since)
+                    window, since, seen = MeanLogs(), time.perf_counter(), 0
                     bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()
                                      if k in ("loss_d", "loss_g", "d_real", "d_fake", "loss")})
                 # The checkpoint first: on a nearly full disk it matters more than the grid.
@@ -612,6 +610,14 @@ class Trainer:
             self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=self.logged_until,
                                           tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
         return self.trackers
+
+    def _log_window(self, window: MeanLogs, seen: int, since: float) -> dict[str, float]:
+        """Log each scalar's mean over the steps since the last record (R1's over the lazy steps among them),
+        averaged over ranks, with the global samples/s; returns what was logged."""
+        logs = self._mean_over_ranks(window.means())
+        logs["samples_per_s"] = seen / max(time.perf_counter() - since, 1e-9)
+        self._log(logs)
+        return logs
 
     def _log(self, logs: dict[str, Any]) -> None:
         if self._open_trackers() is None:
@@ -736,20 +742,24 @@ class Trainer:
 
 
 class MeanLogs:
-    """The scalars of several micro-batches, averaged."""
+    """Scalars averaged over micro-batches or over the steps between two log records (running sums: a long
+    interval between records costs no memory)."""
 
     def __init__(self):
-        self._values: dict[str, list[float]] = {}
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
 
     def add(self, logs: dict[str, float]) -> None:
         for key, value in logs.items():
-            self._values.setdefault(key, []).append(float(value))
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+            self._counts[key] = self._counts.get(key, 0) + 1
 
-    def collected(self, keys: list[str]) -> list[float]:
-        return [v for key in keys for v in self._values.get(key, [])]
+    def finite(self, keys: list[str]) -> bool:
+        """Whether every value added under these keys was finite (a NaN or inf makes its sum non-finite)."""
+        return all(math.isfinite(self._sums.get(key, 0.0)) for key in keys)
 
     def means(self) -> dict[str, float]:
-        return {k: sum(v) / len(v) for k, v in self._values.items()}
+        return {k: total / self._counts[k] for k, total in self._sums.items()}
 
 
 def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:

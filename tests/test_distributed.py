@@ -61,3 +61,24 @@ def test_two_processes_keep_identical_weights_and_disjoint_data(tmp_path, grad_a
     state = torch.load(run / "checkpoints" / f"step_{n + 2:07d}" / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["position"] == (n + 2) * ranks[0]["global_batch"]
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_cclddg_train_runs_under_accelerate_launch(tmp_path):
+    """The command line itself on 2 CPU processes through accelerate's launcher: one run, one log, one checkpoint
+    holding both ranks' RNG states, one "done" line."""
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    tiny = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
+            "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
+            "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress", "--tensorboard", "false"]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "cclddg.cli", "train", "--out", str(run), *tiny, "--n_batches", "4",
+                             "--log_every", "2"], capture_output=True, text=True, timeout=200, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 4 steps") == 1
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4]
+    state = torch.load(run / "checkpoints" / "step_0000004" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["position"] == 4 * 2 * 4  # steps x processes x batch_size
+    assert len(state["rng"]) == 2

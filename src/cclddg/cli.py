@@ -193,12 +193,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer.run()
     except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-              f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
+        if trainer.rank == 0:  # one line for the run, not one per process
+            print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
+                  f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         trainer.close()
-    print(f"done: {trainer.step} steps; run folder {out}; latest checkpoint {trainer.last_checkpoint}")
+    if trainer.rank == 0:
+        print(f"done: {trainer.step} steps; run folder {out}; latest checkpoint {trainer.last_checkpoint}")
     return 0
 
 

@@ -4,7 +4,8 @@ What it measures
 ----------------
 One real ``cclddg train`` run of a tiny DDGAN (16x16 shapes, widths 8, batch 4) as a subprocess, for
 ``--n_batches`` steps (default 10,000), with grids and checkpoints inside the run as a real run has them
-(every ``--every`` steps, default 1,000) and a log record every 100 steps. Each record of ``RUN/log.jsonl``
+(every ``--every`` steps, default 1,000), a log record every 100 steps, and the default trackers (log.jsonl,
+and TensorBoard when it is installed). Each record of ``RUN/log.jsonl``
 holds the trainer's resident memory (``rss_mb``, from /proc/self/statm at that step).
 
 The baseline is the same run's resident memory at step ``--baseline`` (default 1,000: imports done, every
@@ -36,7 +37,7 @@ from cclddg.training.trackers import read_log
 
 TINY = ("--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
         "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-        "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--tensorboard", "false", "--no_progress")
+        "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress")
 LOG_EVERY = 100
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cclddg.atomic import atomic_path
 from cclddg.errors import UserError
 
 
@@ -65,9 +66,5 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
 def save_image_atomic(image: Image.Image, path: str | Path) -> None:
     """Save under a temporary name beside `path` (same format suffix), then rename: never half-written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
-    try:
+    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
         image.save(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from cclddg.atomic import write_text_atomic
+from cclddg.atomic import atomic_path, write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.errors import UserError
 
@@ -53,13 +53,8 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     """A safetensors file written under a temporary name (unique per process) and renamed when complete."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with safetensors_os_errors():
-            save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, safetensors_os_errors():
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def prepare_small_run(out: Path, cfg: Any, resume: bool, resumable: set[str], command: str) -> None:

@@ -8,10 +8,10 @@ learning rates and memory are drawn as they are.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
+from cclddg.atomic import atomic_path
 from cclddg.errors import UserError
 from cclddg.training.trackers import LOG_FILE, read_log
 
@@ -87,9 +87,8 @@ def save_png_atomic(figure: Any, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    FigureCanvasAgg(figure).print_png(str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        FigureCanvasAgg(figure).print_png(str(tmp))
 
 
 def check_run(run_dir: Path, smooth: float) -> list[dict[str, Any]]:

@@ -586,11 +586,11 @@ class Trainer:
                                 "drop --compile") from exc
             raise
 
-    def _write_failed(self, what: str, exc: OSError) -> TrainingError:
+    def _write_failed(self, what: str, exc: OSError) -> str:
         """A write into the run folder failed (a full disk): one line, with the last good checkpoint named."""
         kept = (f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint
                 else "no checkpoint was written yet")
-        return TrainingError(f"could not write {what} ({exc.strerror or exc}); {kept}. Free some space, then --resume")
+        return f"could not write {what} ({exc.strerror or exc}); {kept}. Free some space, then --resume"
 
     def _oom_message(self) -> str:
         cfg = self.cfg
@@ -630,7 +630,7 @@ class Trainer:
         try:
             self.trackers.log_scalars({**logs, **extra}, step=self.step)
         except OSError as exc:
-            raise self._write_failed(f"the log of step {self.step} in {self.out}", exc) from None
+            raise TrainingError(self._write_failed(f"the log of step {self.step} in {self.out}", exc)) from None
 
     @torch.no_grad()
     def log_images(self, rows: int = 6, cols: int = 6) -> None:
@@ -660,7 +660,7 @@ class Trainer:
                 save_image_atomic(grid, folder / f"{prefix}_{self.step:07d}.png")
             self._open_trackers().log_images(grids, step=self.step)
         except OSError as exc:
-            raise self._write_failed(f"the sample grids of step {self.step} in {folder}", exc) from None
+            raise TrainingError(self._write_failed(f"the sample grids of step {self.step} in {folder}", exc)) from None
 
     @torch.no_grad()
     def reconstruction_grid(self, n: int = 6) -> Any:
@@ -705,8 +705,7 @@ class Trainer:
             try:
                 result[0] = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
             except OSError as exc:
-                result[1] = str(self._write_failed(f"the checkpoint of step {self.step} in {self.out / 'checkpoints'}",
-                                                   exc))
+                result[1] = self._write_failed(f"the checkpoint of step {self.step} in {self.out / 'checkpoints'}", exc)
         if self.world > 1:
             broadcast_object_list(result)
         if result[1]:

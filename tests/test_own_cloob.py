@@ -168,3 +168,57 @@ def test_bpe_text_tower_trains_from_scratch(tmp_path):
     assert (t[0] - t[2]).abs().max() > 1e-4
     with pytest.raises(UserError, match="tokens long"):
         emb.check_prompt("red " * 40)
+
+
+def test_locked_text_head_keeps_the_sentence_encoders_space(tmp_path):
+    """LiT: no trained text head, so a prompt's embedding is the frozen sentence encoder's (384-d) and only the
+    image tower learns; the text-only reference is reported beside the paraphrase zero-shot."""
+    out = tmp_path / "locked"
+    argv = ["train-cloob", "--out", str(out), *[a for a in TINY_CLOOB if a not in ("--dim", "32")],
+            "--text_head", "locked", "--n_batches", "10", "--eval_size", "32"]
+    assert main(argv) == 0
+    embedder = load_embedder(f"cloob-tiny:{out}")
+    assert embedder.dim == 384
+    prompts = ["a red circle in the top left", "a crimson disc in the upper left"]
+    torch.testing.assert_close(embedder.embed_texts(prompts), embedder.sentence.encode(prompts))
+    report = json.loads((out / "zero_shot.json").read_text())
+    reference = report["text_only_reference"]
+    assert reference["encoder"] == "frozen sentence encoder"
+    # the frozen MiniLM reads most paraphrased shapes right, but colours and positions far less well
+    assert reference["shape"] > 60 and reference["color"] < reference["shape"]
+    assert set(report["zero_shot_paraphrased"]) == {"color", "shape", "position", "all_three"}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--text_head", "fixed"], "--text_head 'fixed' is not valid"),
+    (["--text_head", "locked", "--text_tower", "bpe"], "needs --text_tower minilm"),
+    (["--text_head", "locked", "--dim", "32"], "--dim 384"),
+])
+def test_text_head_bad_input_is_one_line(tmp_path, capsys, extra, expected):
+    assert main(["train-cloob", "--out", str(tmp_path / "run"), *TINY_CLOOB[:-1], *extra, "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_paraphrases_use_no_caption_words():
+    """The paraphrase set: several wordings per value, none of them a caption's colour, shape or position word."""
+    from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset
+    from cclddg.evaluation.zero_shot import (
+        COLOR_PARAPHRASES,
+        PARAPHRASE_VARIANTS,
+        POSITION_PARAPHRASES,
+        SHAPE_PARAPHRASES,
+        prompt_table,
+    )
+
+    for table in (COLOR_PARAPHRASES, SHAPE_PARAPHRASES, POSITION_PARAPHRASES):
+        assert all(len(set(v)) == PARAPHRASE_VARIANTS for v in table.values())
+    vocabulary = {w for attr in ("color", "shape") for w in ATTRIBUTE_VALUES[attr]}
+    for variant in range(PARAPHRASE_VARIANTS):
+        prompts, _ = prompt_table(True, variant)
+        assert len(set(prompts)) == 216
+        for prompt in prompts:
+            assert not vocabulary & set(prompt.replace("-", " ").split()), prompt
+    captions = {ShapesDataset(size=16, seed=0).sample(i).caption for i in range(2000)}
+    phrases = [p for values in POSITION_PARAPHRASES.values() for p in values]
+    assert not [p for p in phrases if any(p in c for c in captions)]

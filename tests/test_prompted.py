@@ -206,3 +206,74 @@ def test_embedding_run_resumes_exactly(tmp_path, encoder):
     a, b = _params(straight), _params(split)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+def test_embedding_run_stores_the_text_priors_statistics(gen_run):
+    from safetensors.torch import load_file
+
+    from cclddg.conditioning import load_stats
+
+    stats = load_stats(gen_run)
+    (cache,) = (gen_run.parent / "cache").glob("embeddings-*.safetensors")
+    embeddings = load_file(str(cache))
+    torch.testing.assert_close(stats.image_mean, embeddings["image"].mean(0))
+    torch.testing.assert_close(stats.text_mean, embeddings["text"].mean(0))
+    assert stats.bank.shape == (64, 16)  # every training example's image embedding (data_size 64)
+    torch.testing.assert_close(stats.bank.float(), embeddings["image"].half().float())
+    assert load_stats(gen_run / "checkpoints" / "step_0000006").source == stats.source
+
+
+def test_pseudo_text_perturbs_the_image_embeddings_the_generator_sees(tmp_path, encoder):
+    overrides = dict(img_size=16, n_channels_unet=8, ch_mults=(1, 2), is_attn=(False, False), n_channels_disc=8,
+                     ch_mults_disc=(1, 2), is_attn_disc=(False, False), batch_size=16, z_dim=4, n_z_channels=8,
+                     n_cond_channels=8, cond_map_size=4, data_size=16, cond="embedding", encoder=encoder,
+                     pct_text=0.0, pct_zeros=0.0, pseudo_text_xi=1.0, cache_dir=str(tmp_path / "cache"))
+    trainer = Trainer(resolve("fast", overrides), tmp_path / "run", progress=False)
+    _, cond = trainer.batch(0)
+    image = trainer.embeddings["image"][:16]
+    torch.testing.assert_close(cond.norm(dim=-1), torch.ones(16))
+    cosine = (cond * image).sum(-1)
+    assert cosine.max() < 0.9 and cosine.mean().item() == pytest.approx(2 ** -0.5, abs=0.1)  # 1/sqrt(1 + xi^2)
+    _, grid = trainer.batch(0, drop=False)  # grids see the image embeddings as they are
+    torch.testing.assert_close(grid, image)
+
+
+@pytest.mark.parametrize("prior", ["gap", "retrieval"])
+def test_text_priors_sample_and_evaluate(gen_run, tmp_path, capsys, prior):
+    out = tmp_path / f"{prior}.png"
+    argv = ["sample", "--checkpoint", str(gen_run), "--prompt", "a red circle", "--prompt", "a crimson disc",
+            "--cfg", "1,2", "--n", "2", "--text_prior", prior, "-o", str(out)]
+    assert main(argv) == 0 and Image.open(out).size == (4 * 18 + 2, 2 * 18 + 2)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(gen_run), "--n", "8", "--batch_size", "4", "--prompts", "paraphrase",
+                 "--text_prior", prior, "--prior_k", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompts"] == "paraphrase" and report["text_prior"] == prior and report["n"] == 8
+
+
+def test_a_run_without_statistics_samples_as_before_and_gets_them_by_command(gen_run, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(gen_run, old)
+    (old / "embedding_stats.safetensors").unlink()
+    before, after = tmp_path / "before.png", tmp_path / "after.png"
+    common = ["sample", "--checkpoint", str(old), "--prompt", "a red circle", "--n", "2"]
+    assert main([*common, "-o", str(before)]) == 0  # the run's own prior (none) needs nothing
+    capsys.readouterr()
+    assert main([*common, "--text_prior", "gap", "-o", str(after)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cclddg embedding-stats {old}" in err and not after.exists()
+    assert main(["embedding-stats", str(old), "--n", "32", "--no_progress"]) == 0
+    assert (old / "embedding_stats.safetensors").is_file()
+    assert main([*common, "--text_prior", "gap", "-o", str(after)]) == 0
+    assert main([*common, "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_the_text_prior_may_change_on_resume(tmp_path, encoder):
+    out = tmp_path / "run"
+    common = [*TINY_GEN, "--encoder", encoder, "--cache_dir", str(tmp_path / "cache")]
+    assert main(["train", "--out", str(out), *common, "--n_batches", "2"]) == 0
+    assert main(["train", "--out", str(out), *common, "--n_batches", "3", "--resume", "--text_prior", "gap"]) == 0
+    assert json.loads((out / "config.json").read_text())["text_prior"] == "none"  # the saved config is the run's

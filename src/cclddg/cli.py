@@ -1,4 +1,4 @@
-"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo | plot`: the command line.
+"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo | embedding-stats | plot`: the command line.
 
 Flags keep the seed project's names (`--z_dim --n_channels_unet --batch_size --n_batches ...`), so its
 README command is valid. Every bad input ends in one line on stderr and a non-zero exit code.
@@ -18,6 +18,7 @@ from cclddg.config import (
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
+    TEXT_PRIORS,
     TrainConfig,
     resolve,
     validate,
@@ -122,11 +123,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
         "adam_betas": dict(type=float_pair), "wandb_project": dict(type=optional_str),
         "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str), "cache_dir": dict(type=str),
-        "mixed_precision": dict(choices=PRECISIONS),
+        "mixed_precision": dict(choices=PRECISIONS), "text_prior": dict(choices=TEXT_PRIORS),
     }
     aliases = {"n_cond_channels": ["--n_cloob_channels_unet"], "n_cond_channels_disc": ["--n_cloob_channels_disc"]}
     helps = {"encoder": "conditioning embedder for --cond embedding, e.g. cloob-tiny:runs/cloob",
              "pct_text": "fraction of examples conditioned on their caption's text embedding (else the image's)",
+             "pseudo_text_xi": "LAFITE pseudo-text: noise of this relative size added to the image embeddings the "
+                               "generator is trained on (0: off)",
+             "text_prior": "how text prompts are mapped at sampling: none, gap (shift by the modality gap) or "
+                           "retrieval (one of the nearest image embeddings of the training data)",
+             "prior_k": "neighbours the retrieval prior draws from",
              "use_cloob_unet": "the generator sees the conditioning (true/false)",
              "use_cloob_disc": "the discriminator sees the conditioning (true/false)",
              "data_size": "examples in the dataset whose embeddings are cached (embedding runs)",
@@ -264,6 +270,9 @@ def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
     from cclddg.training.cloob_trainer import CLOOBTrainConfig
 
     helps = {"text_tower": "minilm (frozen pretrained sentence encoder + trained head) or bpe (from scratch)",
+             "text_head": "minilm tower: mlp or linear (a trained head) or locked (none: the sentence encoder's own "
+                          "space is the joint space, so paraphrases keep their meaning; default mlp)",
+             "dim": "embedding width (default 0: 384, the sentence encoder's, with --text_head locked; else 256)",
              "train_size": "number of training examples (embedded once)", "inv_tau": "InfoLOOB inverse temperature",
              "scale_hopfield": "Hopfield retrieval inverse temperature", "eval_size": "held-out images for zero-shot eval",
              "text_hidden": "hidden width of the MLP head over sentence features (0: a linear head)"}
@@ -283,17 +292,21 @@ def add_train_ae_args(p: argparse.ArgumentParser) -> None:
     add_small_trainer_args(p, AETrainConfig, "runs/ae", helps)
 
 
+def add_text_prior_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text_prior", choices=TEXT_PRIORS, default=None,
+                   help="how text prompts are mapped for the generator: none, gap (the modality-gap shift) or "
+                        "retrieval (a nearest image embedding of the training data); default: the run's")
+    p.add_argument("--prior_k", type=int, default=None, help="neighbours the retrieval prior draws from (default: the run's)")
+
+
 def request_condition(attrs: str | None, n: int):
     """The label conditioning for `--attrs`, repeated n times (None when unconditional)."""
-    import numpy as np
-    import torch
-
-    from cclddg.data.shapes import attrs_to_label, parse_attrs
+    from cclddg.conditioning import label_condition
+    from cclddg.data.shapes import parse_attrs
 
     if attrs is None:
         return None
-    label = attrs_to_label(parse_attrs(attrs))
-    return torch.from_numpy(np.repeat(label[None], n, axis=0))
+    return label_condition([parse_attrs(attrs)] * n)
 
 
 def write_outputs(images, nrow: int, output: str | None, singles: str | None) -> None:
@@ -320,13 +333,14 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...]) -> int:
 
     from cclddg.pipeline import PromptPipeline, read_image
 
-    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder)
+    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
+                                   text_prior=args.text_prior, prior_k=args.prior_k)
     images = [read_image(p) for p in args.image or []]
-    cond = pipe.condition(args.prompt, images, args.image_weight)
-    negative = pipe.negative(args.negative_prompt)
     n = args.n or 4
-    per_cfg = [pipe.generate(cond, n, g, args.seed, negative, args.sampler, args.steps).cpu() for g in cfgs]
-    rows = cond.shape[0]
+    cond = pipe.condition(args.prompt, images, args.image_weight, n=n, seed=args.seed)
+    negative = pipe.negative(args.negative_prompt)
+    per_cfg = [pipe.generate(cond, 1, g, args.seed, negative, args.sampler, args.steps).cpu() for g in cfgs]
+    rows = cond.shape[0] // n
     grid = torch.stack([x.view(rows, n, *x.shape[1:]) for x in per_cfg], dim=1)  # (rows, cfgs, n, ...)
     write_outputs(grid.flatten(0, 2), len(cfgs) * n, args.output, args.singles)
     return 0
@@ -392,18 +406,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report["cloob_score_real"] = real_clip_score(embedder, args.n, data.size)
             report.update(zero_shot_report(embedder, args.n, data.size))
     else:
+        from cclddg.conditioning import PromptConditioner, load_stats
         from cclddg.pipeline import load_generator
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-        embedder = None
+        conditioner = None
         if cfg.cond == "embedding":
-            embedder = load_embedder(args.encoder or cfg.encoder)
-        elif args.prompts == "image":
-            raise UserError("--prompts image needs a run trained on embeddings (--encoder)")
+            conditioner = PromptConditioner(load_embedder(args.encoder or cfg.encoder), args.text_prior or cfg.text_prior,
+                                            load_stats(Path(args.checkpoint)), args.prior_k or cfg.prior_k,
+                                            args.checkpoint)
+        elif args.prompts != "text":
+            raise UserError(f"--prompts {args.prompts} needs a run trained on embeddings (--encoder)")
         report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size,
-                                embedder=embedder, prompts=args.prompts)
-        if embedder is not None:
-            report["cloob_score_real"] = real_clip_score(embedder, min(args.n, 500), cfg.img_size)
+                                conditioner=conditioner, prompts=args.prompts)
+        if conditioner is not None:
+            report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
         if cfg.objective == "ddgan":
             sampler, steps = "ddgan", cfg.n_steps
         else:
@@ -484,6 +501,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embedding_stats(args: argparse.Namespace) -> int:
+    """Measure the text priors' statistics (modality gap, image bank) into a run trained without them."""
+    from cclddg.conditioning import describe, measure_stats, stats_path
+    from cclddg.encoders import load_embedder
+    from cclddg.training.checkpoint import load_config, resolve_checkpoint
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    cfg = load_config(resolve_checkpoint(Path(args.run)))
+    if cfg.cond != "embedding":
+        raise UserError(f"{args.run} is conditioned on {cfg.cond}, not on embeddings: it takes no text prompts")
+    embedder = load_embedder(args.encoder or cfg.encoder)
+    stats = measure_stats(embedder, args.data or cfg.data, cfg.img_size, args.n, cfg.seed, not args.no_progress)
+    path = stats_path(Path(args.run))
+    stats.save(path)
+    print(f"wrote {path}: {describe(stats)}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from cclddg.training.plot import plot_run
 
@@ -525,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --prompt and --image together: the image's share of the mixed embedding")
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
     smp.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
+    add_text_prior_flags(smp)
     smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim)")
     smp.add_argument("--steps", type=int, help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=int, default=64)
@@ -542,9 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch_size", type=int, default=100)
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--no_ema", action="store_true", help="score the raw generator weights, not the EMA")
-    ev.add_argument("--prompts", choices=("text", "image"), default="text",
-                    help="embedding runs: ask with text prompts or with held-out images (default text)")
+    ev.add_argument("--prompts", choices=("text", "paraphrase", "image"), default="text",
+                    help="embedding runs: ask with text prompts in the captions' wording, paraphrased (words no "
+                         "caption uses), or with held-out images (default text)")
     ev.add_argument("--encoder", help="embedder for the CLOOB score (default: the run's own)")
+    add_text_prior_flags(ev)
     ev.add_argument("-o", "--output", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
 
@@ -581,6 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     enc.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     enc.set_defaults(func=cmd_encode)
+
+    es = sub.add_parser("embedding-stats", help="measure the text priors' statistics (mean image and text "
+                        "embedding, image bank) into an embedding run that lacks them")
+    es.add_argument("run", help="run folder of an embedding-conditioned `cclddg train`")
+    es.add_argument("--data", help="a latent cache or a captioned data source to measure on (default: the run's data; "
+                    "for a run trained without captions, the embedder's own data)")
+    es.add_argument("--n", type=int, default=5000, help="examples of a data source to embed (default 5000)")
+    es.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
+    es.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    es.set_defaults(func=cmd_embedding_stats)
 
     plot = sub.add_parser("plot", help="draw a run's log.jsonl (losses, D outputs, R1, grad norms, lr, ...) as a PNG")
     plot.add_argument("run", help="run folder of cclddg train (it has a log.jsonl)")

@@ -17,6 +17,7 @@ OBJECTIVES = ("ddgan", "diffusion")
 STEP_KINDS = ("posterior", "renoise")
 SCHEDULES = ("seed", "vp", "linear")
 CONDS = ("labels", "embedding", "none")
+TEXT_PRIORS = ("none", "gap", "retrieval")  # how a text prompt's embedding is mapped at sampling (conditioning.py)
 INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -64,6 +65,11 @@ class TrainConfig(JsonConfig):
     # caption's text embedding instead of their image embedding, and which nets see the embedding
     encoder: str | None = None
     pct_text: float = 0.0
+    # language-free training and text prompts (conditioning.py): LAFITE's pseudo-text noise on image
+    # embeddings in training, and how a text prompt's embedding is mapped at sampling (none, gap, retrieval)
+    pseudo_text_xi: float = 0.0
+    text_prior: str = "none"
+    prior_k: int = 8
     use_cloob_unet: bool = True
     use_cloob_disc: bool = True
     data_size: int = 20000  # examples used (a real source's default: 0 = all it has)
@@ -272,6 +278,9 @@ def validate(cfg: TrainConfig) -> None:
         _positive(name, getattr(cfg, name))
     if not 0.0 <= cfg.pct_text <= 1.0:
         raise UserError(f"--pct_text must be in [0, 1], got {cfg.pct_text}")
+    _choice("text_prior", cfg.text_prior, TEXT_PRIORS)
+    _positive("pseudo_text_xi", cfg.pseudo_text_xi, allow_zero=True)
+    _positive("prior_k", cfg.prior_k)
     if cfg.cond == "embedding" and not cfg.encoder:
         raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
                         "(train one with `cclddg train-cloob`)")

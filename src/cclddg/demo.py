@@ -6,8 +6,9 @@ Stages (each one resumes or is skipped when the demo is run again after an inter
     2. cloob    train our own CLOOB (`train-cloob`)                  -> OUT/cloob/   (zero_shot.json)
     3. encode   latents + image/caption embeddings, once (`encode`)  -> OUT/cache/
     4. train    the CLOOB-conditioned latent DDGAN, T=4 (`train --preset cclddg --data OUT/cache`) -> OUT/gen/
-    5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png
-    6. eval     shapes: text prompts naming colour, shape and position; emoji: held-out emoji names,
+    5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png (shapes: and paraphrases.png)
+    6. eval     shapes: text prompts naming colour, shape and position, in the captions' wording and
+                paraphrased; emoji: held-out emoji names,
                 the samples' CLOOB score and caption retrieval vs the real images' -> OUT/eval.json
     7. report   figures, timings and pictures                         -> OUT/report.md
 
@@ -29,6 +30,10 @@ from cclddg.errors import UserError
 
 PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", "a large yellow triangle in the center",
            "a green circle on the right", "a purple square in the top right", "a white triangle on the left")
+# the same requests in words no caption uses (evaluation/zero_shot.py's paraphrases)
+PARAPHRASED = ("a crimson disc in the upper left", "a tiny navy box near the bottom edge",
+               "a big golden pyramid in the middle", "an emerald ball on the right-hand side",
+               "a violet block up and to the right", "a snowy wedge by the left edge")
 # emoji names, each followed by a paraphrase the captions never use
 EMOJI_PROMPTS = ("red apple", "a shiny red apple", "dog face", "the face of a puppy", "grinning face",
                  "a happy smiling face", "flag of France", "the French flag")
@@ -120,6 +125,9 @@ class Demo:
         self._stage("encode", lambda: (out / "cache" / "cache.json").is_file(), self.encode)
         self._stage("train", lambda: (out / "gen" / "done").is_file(), self.train_generator)
         self._stage("sample", lambda: (out / "prompts.png").is_file(), self.sample_grid)
+        if self.shapes:
+            self._stage("sample_paraphrased", lambda: (out / "paraphrases.png").is_file(),
+                        lambda: self.sample_grid(PARAPHRASED, "paraphrases.png"))
         self._stage("eval", lambda: (out / "eval.json").is_file(), self.evaluate)
         report = self.write_report()
         print(f"[demo] done in {sum(self.times.values()) / 60:.1f} min: {out / 'report.md'}")
@@ -175,17 +183,17 @@ class Demo:
         trainer.run()
         (folder / "done").write_text(f"{trainer.step}\n")
 
-    def sample_grid(self) -> None:
+    def sample_grid(self, prompts: tuple[str, ...] | None = None, name: str = "prompts.png") -> None:
         from cclddg.data.images import make_grid, save_image_atomic
         from cclddg.pipeline import PromptPipeline
 
         pipe = PromptPipeline.from_run(self.out / "gen")
-        prompts = self.prompts
-        cond = pipe.condition(list(prompts))
+        prompts = prompts or self.prompts
         n, guidances = 4, (1.0, 2.0, 3.0)
-        per = [pipe.generate(cond, n, g, seed=0).cpu().view(len(prompts), n, 3, 64, 64) for g in guidances]
+        cond = pipe.condition(list(prompts), n=n, seed=0)
+        per = [pipe.generate(cond, 1, g, seed=0).cpu().view(len(prompts), n, 3, 64, 64) for g in guidances]
         grid = torch.stack(per, dim=1).flatten(0, 2)  # rows: prompts; columns: n samples per guidance
-        save_image_atomic(make_grid(grid, nrow=n * len(guidances)), self.out / "prompts.png")
+        save_image_atomic(make_grid(grid, nrow=n * len(guidances)), self.out / name)
 
     @property
     def shapes(self) -> bool:
@@ -202,19 +210,24 @@ class Demo:
     def evaluate(self) -> None:
         if not self.shapes:
             return self.evaluate_named()
+        from cclddg.conditioning import PromptConditioner, load_stats
         from cclddg.encoders import load_embedder
         from cclddg.evaluation.generated import evaluate_model, real_clip_score
         from cclddg.pipeline import load_generator
 
         model, cfg = load_generator(self.out / "gen")
         embedder = load_embedder(cfg.encoder)
-        results = {}
-        for g in self.settings.guidances:
-            start = time.perf_counter()
-            report = evaluate_model(model, cfg, self.settings.eval_n, g, embedder=embedder, progress=self.progress)
-            report = {k: v for k, v in report.items() if not isinstance(v, list)}
-            report["seconds"] = round(time.perf_counter() - start, 1)
-            results[str(g)] = report
+        conditioner = PromptConditioner(embedder, cfg.text_prior, load_stats(self.out / "gen"), cfg.prior_k)
+        results: dict[str, Any] = {"text_prior": cfg.text_prior, "pct_text": cfg.pct_text,
+                                   "pseudo_text_xi": cfg.pseudo_text_xi}
+        for kind in ("text", "paraphrase"):
+            for g in self.settings.guidances:
+                start = time.perf_counter()
+                report = evaluate_model(model, cfg, self.settings.eval_n, g, conditioner=conditioner, prompts=kind,
+                                        progress=self.progress)
+                report = {k: v for k, v in report.items() if not isinstance(v, list)}
+                report["seconds"] = round(time.perf_counter() - start, 1)
+                results[str(g) if kind == "text" else f"paraphrase {g}"] = report
         results["cloob_score_real"] = real_clip_score(embedder, min(self.settings.eval_n, 500), 64)
         self._write_json("eval.json", results)
 
@@ -231,7 +244,7 @@ class Demo:
         results: dict[str, Any] = {"real": retrieval_report(pipe.embedder, images.float() / 127.5 - 1, captions)}
         for g in self.settings.guidances:
             start = time.perf_counter()
-            samples = torch.cat([pipe.generate(pipe.condition(captions[i:i + 100]), 1, g, seed=i).cpu()
+            samples = torch.cat([pipe.generate(pipe.condition(captions[i:i + 100], seed=i), 1, g, seed=i).cpu()
                                  for i in range(0, len(captions), 100)])
             results[str(g)] = {**retrieval_report(pipe.embedder, samples, captions),
                                "seconds": round(time.perf_counter() - start, 1)}
@@ -258,24 +271,36 @@ class Demo:
         lines += self._eval_lines(evals)
         lines += ["", "Prompts (rows) x guidance 1, 2, 3 (4 samples each):", "", "![prompts](prompts.png)", "",
                   "Prompts: " + "; ".join(self.prompts), ""]
+        if (self.out / "paraphrases.png").is_file():
+            lines += ["The same requests in words no caption uses:", "", "![paraphrased prompts](paraphrases.png)", "",
+                      "Prompts: " + "; ".join(PARAPHRASED), ""]
         write_text_atomic(self.out / "report.md", "\n".join(lines))
         return report
 
 
     def _cloob_line(self, zero_shot: dict) -> str:
         if self.shapes:
-            return "zero-shot " + _fmt(zero_shot.get("zero_shot", {}))
+            reference = {k: v for k, v in zero_shot.get("text_only_reference", {}).items() if k != "encoder"}
+            return (f"zero-shot in the captions' wording {_fmt(zero_shot.get('zero_shot', {}))}; paraphrased "
+                    f"{_fmt(zero_shot.get('zero_shot_paraphrased', {}))} (text-only reference of its sentence encoder: "
+                    f"{_fmt(reference)})")
         return (f"image -> own caption among {zero_shot.get('distinct_captions')}: top-1 {zero_shot.get('top1')}%, "
                 f"top-5 {zero_shot.get('top5')}% (chance {zero_shot.get('chance_top1')}%)")
 
     def _eval_lines(self, evals: dict) -> list[str]:
         rows = [(g, r) for g, r in evals.items() if isinstance(r, dict) and g != "real"]
         if self.shapes:
-            lines = ["| guidance | colour | shape | position | validity | CLOOB score |", "|---|---|---|---|---|---|"]
-            lines += [f"| {g} | {_pct(r, 'color')} | {_pct(r, 'shape')} | {_pct(r, 'position')} | "
-                      f"{_pct(r, 'validity')} | {r.get('cloob_score', float('nan')):.3f} |" for g, r in rows]
+            lines = ["| prompts | guidance | colour | shape | position | validity | CLOOB score |",
+                     "|---|---|---|---|---|---|---|"]
+            for g, r in rows:
+                kind, _, scale = g.rpartition(" ")
+                lines.append(f"| {'paraphrased' if kind else 'captions' + chr(39) + ' wording'} | {scale} | "
+                             f"{_pct(r, 'color')} | {_pct(r, 'shape')} | {_pct(r, 'position')} | "
+                             f"{_pct(r, 'validity')} | {r.get('cloob_score', float('nan')):.3f} |")
+            trained = (f"trained with --pct_text {evals.get('pct_text')} --pseudo_text_xi {evals.get('pseudo_text_xi')}, "
+                       f"text prior {evals.get('text_prior')}") if "text_prior" in evals else ""
             return lines + ["", f"Samples per row: {self.settings.eval_n}, text prompts naming colour, shape and "
-                            "position, 4 generator calls each. Real images' CLOOB score: "
+                            f"position, 4 generator calls each; generator {trained}. Real images' CLOOB score: "
                             f"{evals.get('cloob_score_real', float('nan')):.3f}."]
         real = evals["real"]
         lines = ["| images | CLOOB score | finds its caption: top-1 | top-5 |", "|---|---|---|---|",

@@ -153,15 +153,24 @@ class PromptPipeline:
 
         pipe = PromptPipeline.from_run("runs/text2img")
         images = pipe(["a red circle in the top left"], n=4, guidance=3.0, seed=0)
+
+    Text prompts go through the run's text prior (`cfg.text_prior`, or `text_prior=` here; conditioning.py).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu"):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu",
+                 stats=None, text_prior: str | None = None, prior_k: int | None = None, run: str | Path = "RUN"):
+        from cclddg.conditioning import PromptConditioner
+
         self.model, self.cfg, self.embedder, self.device = model, cfg, embedder, torch.device(device)
+        self.prompts = PromptConditioner(embedder, text_prior or cfg.text_prior, stats, prior_k or cfg.prior_k, run)
 
     @classmethod
     def from_run(cls, path: str | Path, device: torch.device | str = "cpu", ema: bool = True,
-                 encoder: str | None = None) -> "PromptPipeline":
-        """Load a run's generator and the encoder it was trained with (or `encoder`, a spec of the same space)."""
+                 encoder: str | None = None, text_prior: str | None = None,
+                 prior_k: int | None = None) -> "PromptPipeline":
+        """Load a run's generator, the encoder it was trained with (or `encoder`, a spec of the same space) and
+        its embedding statistics; `text_prior`/`prior_k` override the run's."""
+        from cclddg.conditioning import load_stats
         from cclddg.encoders import load_embedder
 
         model, cfg = load_generator(path, ema=ema, device=device)
@@ -173,33 +182,17 @@ class PromptPipeline:
         embedder = load_embedder(encoder or cfg.encoder, device)
         if embedder.dim != model.config.cond_dim:
             raise UserError(f"the encoder gives {embedder.dim}-d embeddings but the generator expects {model.config.cond_dim}")
-        return cls(model, cfg, embedder, device)
+        return cls(model, cfg, embedder, device, load_stats(Path(path)), text_prior, prior_k, path)
 
     def condition(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
-                  image_weight: float = 0.5) -> Tensor:
-        """One embedding per row: a prompt's, an image's, or (both given, pairwise) their normalised mix."""
-        prompts = [self.embedder.check_prompt(p) for p in prompts or []]
-        images = list(images or [])
-        if not prompts and not images:
-            raise UserError("give at least one prompt or image")
-        if not 0.0 <= image_weight <= 1.0:
-            raise UserError(f"the image weight must be in [0, 1], got {image_weight}")
-        text = self.embedder.embed_texts(prompts) if prompts else None
-        image = torch.cat([self.embedder.embed_images(_square(i)[None]) for i in images]) if images else None
-        if text is None:
-            return image
-        if image is None:
-            return text
-        if len(prompts) != len(images) and 1 not in (len(prompts), len(images)):
-            raise UserError(f"{len(prompts)} prompts and {len(images)} images: give as many of each, or one of either")
-        text, image = torch.broadcast_tensors(text[:, None], image[:, None])
-        return torch.nn.functional.normalize((1 - image_weight) * text[:, 0] + image_weight * image[:, 0], dim=-1)
+                  image_weight: float = 0.5, n: int = 1, seed: int = 0) -> Tensor:
+        """(rows * n, dim): n conditions per row, a prompt's, an image's, or (both given, pairwise) their
+        normalised mix; see `PromptConditioner`."""
+        return self.prompts(prompts, images, image_weight, n, seed)
 
     def negative(self, prompt: str | None) -> Tensor | None:
         """The embedding guidance pushes away from instead of the null one (None: the null embedding)."""
-        if prompt is None:
-            return None
-        return self.embedder.embed_texts([self.embedder.check_prompt(prompt)])
+        return self.prompts.negative(prompt)
 
     @torch.no_grad()
     def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
@@ -222,14 +215,6 @@ class PromptPipeline:
             prompts = [prompts]
         tensors = [image_to_tensor(i) if isinstance(i, Image.Image) else
                    (read_image(i) if isinstance(i, (str, Path)) else i) for i in images or []]
-        cond = self.condition(prompts, tensors, image_weight)
+        cond = self.condition(prompts, tensors, image_weight, n=n, seed=seed)
         negative = self.negative(negative_prompt)
-        return [tensor_to_image(x) for x in self.generate(cond, n, guidance, seed, negative)]
-
-
-def _square(image: Tensor) -> Tensor:
-    """Centre crop to a square (embedders see square images)."""
-    h, w = image.shape[-2:]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return image[..., top:top + s, left:left + s]
+        return [tensor_to_image(x) for x in self.generate(cond, 1, guidance, seed, negative)]

@@ -552,6 +552,16 @@ class LatentCache:
         batch["captions"] = captions
         return batch
 
+    def embeddings(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every example's image and text embedding (float32) and whether it has a caption (its text
+        embedding then says something): what the text priors' statistics are measured on."""
+        if not self.embed_dim:
+            raise UserError(f"{self.path} holds no embeddings (encoded without --encoder)")
+        image = torch.from_numpy(np.concatenate([a["image_emb"] for a in self._arrays]).astype(np.float32))
+        text = torch.from_numpy(np.concatenate([a["text_emb"] for a in self._arrays]).astype(np.float32))
+        captioned = torch.tensor([bool(c.strip()) for caps in self._captions for c in caps])
+        return image, text, captioned
+
     def verify(self) -> str:
         """Recompute every shard's hash; a damaged or edited file raises UserError. Returns the content hash."""
         hashes = []

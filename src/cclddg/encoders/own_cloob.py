@@ -2,8 +2,9 @@
 
 Image tower: a small CNN with coordinate channels (so *where* the object is survives into the
 embedding), flattened at 4x4 and projected. Text tower: by default the frozen pretrained sentence
-encoder (all-MiniLM-L6-v2) with a trainable MLP head, so unseen wordings land near their meaning;
-`text_tower="bpe"` is a small transformer over CLIP BPE tokens trained from scratch instead.
+encoder (all-MiniLM-L6-v2) with a trainable MLP head (`text_head="linear"`: a linear one; `"locked"`: none, so
+the sentence encoder's own space is the joint space, as in LiT, and unseen wordings keep the neighbours the
+encoder gives them); `text_tower="bpe"` is a small transformer over CLIP BPE tokens trained from scratch instead.
 Only the trainable parts are saved (config.json + safetensors); the frozen encoder comes from its package.
 """
 
@@ -22,6 +23,9 @@ from cclddg.errors import UserError
 from cclddg.models.blocks import append_coords
 
 TEXT_TOWERS = ("minilm", "bpe")
+# What maps the frozen sentence features into the joint space: a trained MLP or linear head, or nothing
+# ("locked", LiT: the sentence encoder's own space is the joint space and only the image tower learns).
+TEXT_HEADS = ("mlp", "linear", "locked")
 
 
 def cloob_loss(image: Tensor, text: Tensor, inv_tau: float = 30.0, scale_hopfield: float = 15.0) -> Tensor:
@@ -90,10 +94,15 @@ class CLOOBModel(ModelMixin, ConfigMixin):
     def __init__(self, dim: int = 256, image_size: int = 32, widths: tuple[int, ...] = (32, 64, 128),
                  text_tower: str = "minilm", text_feature_dim: int = 384, text_hidden: int = 512,
                  bpe_width: int = 128, bpe_layers: int = 2, bpe_heads: int = 4, bpe_context: int = 32,
-                 inv_tau: float = 30.0, scale_hopfield: float = 15.0):
+                 inv_tau: float = 30.0, scale_hopfield: float = 15.0, text_head: str = "mlp"):
         super().__init__()
         if text_tower not in TEXT_TOWERS:
             raise UserError(f"text_tower {text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
+        if text_head not in TEXT_HEADS:
+            raise UserError(f"text_head {text_head!r} is not valid; choose one of {', '.join(TEXT_HEADS)}")
+        if text_head == "locked" and (text_tower != "minilm" or dim != text_feature_dim):
+            raise UserError(f"a locked text tower embeds into the sentence encoder's own {text_feature_dim}-d space: "
+                            f"it needs --text_tower minilm and --dim {text_feature_dim} (got {text_tower}, {dim})")
         final = image_size // 2 ** len(widths)
         if final < 1 or image_size % 2 ** len(widths):
             raise UserError(f"image_size {image_size} is not divisible by {2 ** len(widths)} ({len(widths)} levels)")
@@ -102,10 +111,12 @@ class CLOOBModel(ModelMixin, ConfigMixin):
         self.image_proj = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * final * final, 512), nn.GELU(),
                                         nn.Linear(512, dim))
         if text_tower == "minilm":
-            if text_hidden:
+            if text_head == "locked":
+                self.text_proj = nn.Identity()
+            elif text_head == "mlp" and text_hidden:
                 self.text_proj = nn.Sequential(nn.Linear(text_feature_dim, text_hidden), nn.GELU(),
                                                nn.Linear(text_hidden, dim))
-            else:  # a linear map keeps the sentence space's neighbourhoods (paraphrases) intact
+            else:  # a linear map keeps the sentence space's neighbourhoods (paraphrases) more intact
                 self.text_proj = nn.Linear(text_feature_dim, dim)
             self.bpe = None
         else:

@@ -1,8 +1,9 @@
 """Score a trained shapes model: sample for random requests, analyse each image, report accuracies.
 
 Label runs are asked with label vectors; embedding runs with text prompts naming the requested
-colour, shape and position ("a red circle in the top left"), or with held-out real images (asked
-for the attributes of the prompt image). Embedding runs also get the CLOOB score: the mean cosine
+colour, shape and position ("a red circle in the top left", or paraphrased: "a crimson disc in the upper
+left"), mapped by the run's text prior, or with held-out real images (asked for the attributes of the
+prompt image). Embedding runs also get the CLOOB score: the mean cosine
 between each generated image's image embedding and its request's text embedding.
 """
 
@@ -12,20 +13,36 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cclddg.conditioning import PromptConditioner, label_condition
 from cclddg.config import TrainConfig
-from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset, attrs_to_label
+from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset
+from cclddg.errors import UserError
 from cclddg.evaluation.shapes_eval import score
-from cclddg.evaluation.zero_shot import HELD_OUT_SEED, held_out, request_prompt
+from cclddg.evaluation.zero_shot import (
+    HELD_OUT_SEED,
+    PARAPHRASE_VARIANTS,
+    held_out,
+    paraphrase_prompt,
+    request_prompt,
+)
 from cclddg.pipeline import sample
 
 REQUESTED = ("color", "shape", "position")
-PROMPT_KINDS = ("text", "image")
+PROMPT_KINDS = ("text", "paraphrase", "image")
 
 
 def random_requests(n: int, seed: int, attributes: tuple[str, ...] = REQUESTED) -> list[dict[str, str]]:
     """`n` requests naming `attributes`, each value drawn uniformly."""
     rng = np.random.default_rng(seed)
     return [{a: str(rng.choice(ATTRIBUTE_VALUES[a])) for a in attributes} for _ in range(n)]
+
+
+def request_texts(requests: list[dict[str, str]], kind: str, seed: int) -> list[str]:
+    """Text prompts for requests: in the captions' wording, or paraphrased (a random variant per request)."""
+    if kind == "paraphrase":
+        variants = np.random.default_rng([seed, 1]).integers(0, PARAPHRASE_VARIANTS, len(requests))
+        return [paraphrase_prompt(r, int(v)) for r, v in zip(requests, variants)]
+    return [request_prompt(r) for r in requests]
 
 
 def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
@@ -37,8 +54,15 @@ def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
 def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guidance: float = 1.0,
                    sampler: str | None = None, n_sample_steps: int | None = None, seed: int = 0,
                    batch_size: int = 100, device: str | torch.device = "cpu", progress: bool = True,
-                   embedder=None, prompts: str = "text") -> dict[str, float]:
-    """Per-attribute accuracy and validity of `n` samples asked for colour, shape and position."""
+                   conditioner: PromptConditioner | None = None, prompts: str = "text") -> dict[str, float]:
+    """Per-attribute accuracy and validity of `n` samples asked for colour, shape and position.
+
+    Embedding runs are asked through `conditioner` (the run's embedder and text prior) with text prompts in the
+    captions' wording (`prompts="text"`), paraphrased (`"paraphrase"`), or with held-out images (`"image"`)."""
+    if prompts not in PROMPT_KINDS:
+        raise UserError(f"--prompts {prompts!r} is not valid; choose one of {', '.join(PROMPT_KINDS)}")
+    if cfg.cond == "embedding" and conditioner is None:
+        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
     if cfg.cond == "none":
         requests: list[dict[str, str]] = [{} for _ in range(n)]
     elif cfg.cond == "embedding" and prompts == "image":
@@ -46,23 +70,27 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
         requests = [{a: prompt_images.sample(i).attrs[a] for a in REQUESTED} for i in range(n)]
     else:
         requests = random_requests(n, seed)
+    texts = request_texts(requests, prompts, seed) if cfg.cond == "embedding" and prompts != "image" else []
     rng = torch.Generator(device=device).manual_seed(seed)
+    prior_rng = torch.Generator().manual_seed(seed)
     images = []
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
         chunk = requests[start:start + batch_size]
         cond = None
         if cfg.cond == "labels":
-            cond = torch.from_numpy(np.stack([attrs_to_label(r) for r in chunk])).to(device)
+            cond = label_condition(chunk).to(device)
         elif cfg.cond == "embedding" and prompts == "image":
-            cond = embedder.embed_images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
+            cond = conditioner.images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
         elif cfg.cond == "embedding":
-            cond = embedder.embed_texts([request_prompt(r) for r in chunk]).to(device)
+            cond = conditioner.texts(texts[start:start + len(chunk)], prior_rng).to(device)
         images.append(sample(model, cfg, len(chunk), cond, guidance, sampler, n_sample_steps, rng, device).cpu())
     images = torch.cat(images)
     report = score(list(images), requests)
     if cfg.cond == "embedding":
-        report["cloob_score"] = clip_score(embedder, images, [request_prompt(r) for r in requests])
+        # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
+        report["cloob_score"] = clip_score(conditioner.embedder, images, [request_prompt(r) for r in requests])
         report["prompts"] = prompts
+        report["text_prior"] = conditioner.prior
     return report
 
 

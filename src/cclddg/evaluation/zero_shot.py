@@ -2,7 +2,8 @@
 
 Every image is matched against one prompt per (colour, shape, position) combination ("a red circle in
 the top left"); the best prompt's attributes are its prediction. The same with paraphrased wordings the
-captions never use ("a crimson disc in the upper left") shows whether unseen words land near their meaning.
+captions never use ("a crimson disc in the upper left"; three per value) shows whether unseen words land near
+their meaning; the text-only reference says how much of that the frozen sentence encoder itself understands.
 """
 
 from __future__ import annotations
@@ -21,14 +22,26 @@ from cclddg.data.shapes import (
 )
 from cclddg.encoders.base import Embedder
 
-# Wordings no shapes caption uses.
-COLOR_PARAPHRASES = {"red": "crimson", "green": "emerald", "blue": "navy", "yellow": "golden", "purple": "violet",
-                     "orange": "tangerine", "white": "snow-white", "black": "jet-black"}
-SHAPE_PARAPHRASES = {"circle": "disc", "square": "box", "triangle": "pyramid"}
-POSITION_PARAPHRASES = {"top left": "in the upper left", "top": "near the top edge", "top right": "in the upper right",
-                        "left": "on the left side", "center": "in the middle", "right": "on the right side",
-                        "bottom left": "in the lower left", "bottom": "near the bottom edge",
-                        "bottom right": "in the lower right"}
+# Wordings no shapes caption uses: several per value (synonyms, other phrasings), for every colour, shape and
+# position. Paraphrased prompt tables use variant k of each (k = 0..PARAPHRASE_VARIANTS-1).
+COLOR_PARAPHRASES = {
+    "red": ("crimson", "scarlet", "ruby"), "green": ("emerald", "jade", "grass-coloured"),
+    "blue": ("navy", "azure", "cobalt"), "yellow": ("golden", "lemon", "canary"),
+    "purple": ("violet", "plum", "amethyst"), "orange": ("tangerine", "amber", "pumpkin-coloured"),
+    "white": ("snowy", "ivory", "milky"), "black": ("ebony", "inky", "coal-coloured")}
+SHAPE_PARAPHRASES = {"circle": ("disc", "dot", "ball"), "square": ("box", "block", "tile"),
+                     "triangle": ("pyramid", "wedge", "three-sided shape")}
+POSITION_PARAPHRASES = {
+    "top left": ("in the upper left", "up and to the left", "in the northwest corner"),
+    "top": ("near the top edge", "up high in the middle", "at the upper edge"),
+    "top right": ("in the upper right", "up and to the right", "in the northeast corner"),
+    "left": ("on the left side", "by the left edge", "on the left-hand side"),
+    "center": ("in the middle", "right in the middle", "at the midpoint"),
+    "right": ("on the right side", "by the right edge", "on the right-hand side"),
+    "bottom left": ("in the lower left", "down and to the left", "in the southwest corner"),
+    "bottom": ("near the bottom edge", "down low in the middle", "at the lower edge"),
+    "bottom right": ("in the lower right", "down and to the right", "in the southeast corner")}
+PARAPHRASE_VARIANTS = 3
 HELD_OUT_SEED = 1_000_003  # a dataset seed no training run uses by default
 # Free-form prompts no caption uses, with what they mean (the attributes they name).
 EXAMPLE_PARAPHRASES = {
@@ -45,15 +58,19 @@ def request_prompt(request: dict[str, str]) -> str:
     return f"{article(request['color'])} {request['color']} {request['shape']} {position_phrase(request['position'])}"
 
 
-def prompt_table(paraphrase: bool = False) -> tuple[list[str], list[dict[str, str]]]:
-    """One prompt per colour x shape x position, with the attributes it names."""
+def paraphrase_prompt(request: dict[str, str], variant: int) -> str:
+    """The request in words no caption uses ("a crimson disc in the upper left"), variant 0..2."""
+    color = COLOR_PARAPHRASES[request["color"]][variant]
+    return f"{article(color)} {color} {SHAPE_PARAPHRASES[request['shape']][variant]} " \
+           f"{POSITION_PARAPHRASES[request['position']][variant]}"
+
+
+def prompt_table(paraphrase: bool = False, variant: int = 0) -> tuple[list[str], list[dict[str, str]]]:
+    """One prompt per colour x shape x position, with the attributes it names (paraphrased: variant k)."""
     prompts, attrs = [], []
     for color, shape, position in itertools.product(COLORS, SHAPES, POSITIONS):
         request = {"color": color, "shape": shape, "position": position}
-        if paraphrase:
-            prompts.append(f"a {COLOR_PARAPHRASES[color]} {SHAPE_PARAPHRASES[shape]} {POSITION_PARAPHRASES[position]}")
-        else:
-            prompts.append(request_prompt(request))
+        prompts.append(paraphrase_prompt(request, variant) if paraphrase else request_prompt(request))
         attrs.append(request)
     return prompts, attrs
 
@@ -64,17 +81,46 @@ def held_out(n: int, size: int, seed: int = HELD_OUT_SEED) -> tuple[torch.Tensor
     return data.get_batch(range(n))[0], [data.sample(i).attrs for i in range(n)]
 
 
-def _classify(embedder: Embedder, image: torch.Tensor, truth: list[dict[str, str]], paraphrase: bool) -> dict[str, float]:
-    """Per-attribute accuracy (%) of matching image embeddings against the prompt table."""
-    prompts, prompt_attrs = prompt_table(paraphrase)
-    best = (image @ embedder.embed_texts(prompts).T).argmax(dim=1).tolist()
+def _accuracy(best: list[int], prompt_attrs: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[str, float]:
+    """Per-attribute accuracy (%) of the chosen prompts against the truth, and all three right."""
     n = len(truth)
-    report = {}
-    for attr in ("color", "shape", "position"):
-        report[attr] = 100.0 * sum(prompt_attrs[b][attr] == t[attr] for b, t in zip(best, truth)) / n
+    report = {attr: 100.0 * sum(prompt_attrs[b][attr] == t[attr] for b, t in zip(best, truth)) / n
+              for attr in ("color", "shape", "position")}
     report["all_three"] = 100.0 * sum(all(prompt_attrs[b][a] == t[a] for a in ("color", "shape", "position"))
                                       for b, t in zip(best, truth)) / n
     return report
+
+
+def _mean_reports(reports: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sum(r[k] for r in reports) / len(reports), 2) for k in reports[0]}
+
+
+def _classify(embedder: Embedder, image: torch.Tensor, truth: list[dict[str, str]], paraphrase: bool) -> dict[str, float]:
+    """Per-attribute accuracy (%) of matching image embeddings against the prompt table (paraphrased: the mean
+    over the variants)."""
+    reports = []
+    for variant in range(PARAPHRASE_VARIANTS if paraphrase else 1):
+        prompts, prompt_attrs = prompt_table(paraphrase, variant)
+        best = (image @ embedder.embed_texts(prompts).T).argmax(dim=1).tolist()
+        reports.append(_accuracy(best, prompt_attrs, truth))
+    return _mean_reports(reports)
+
+
+@torch.no_grad()
+def text_only_reference(embedder: Embedder) -> dict[str, float]:
+    """What the frozen text encoder alone understands: how often a paraphrased prompt's nearest caption-wording
+    prompt (cosine of the frozen sentence encoder, or of the text tower when there is none) names the right
+    colour / shape / position. A reference for the paraphrase zero-shot, not a strict bound."""
+    sentence = getattr(embedder, "sentence", None)
+    encode = sentence.encode if sentence is not None else embedder.embed_texts
+    captions, attrs = prompt_table(False)
+    caption_emb = torch.nn.functional.normalize(encode(captions).float(), dim=-1)
+    reports = []
+    for variant in range(PARAPHRASE_VARIANTS):
+        prompts, truth = prompt_table(True, variant)
+        emb = torch.nn.functional.normalize(encode(prompts).float(), dim=-1)
+        reports.append(_accuracy((emb @ caption_emb.T).argmax(dim=1).tolist(), attrs, truth))
+    return {**_mean_reports(reports), "encoder": "frozen sentence encoder" if sentence is not None else "text tower"}
 
 
 def _retrieval(embedder: Embedder, image: torch.Tensor, truth: list[dict[str, str]], k: int) -> dict[str, float]:
@@ -96,4 +142,5 @@ def zero_shot_report(embedder: Embedder, n: int = 1000, size: int = 32, seed: in
     image = embedder.embed_images(images)
     return {"zero_shot": _classify(embedder, image, truth, paraphrase=False),
             "zero_shot_paraphrased": _classify(embedder, image, truth, paraphrase=True),
+            "text_only_reference": text_only_reference(embedder),
             f"paraphrase_top{k}_precision": _retrieval(embedder, image, truth, k)}

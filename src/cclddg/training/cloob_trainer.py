@@ -30,7 +30,8 @@ from cclddg.data.sources import (
     load_training_set,
     parse_data_spec,
 )
-from cclddg.encoders.own_cloob import TEXT_TOWERS, CLOOBModel, OwnCLOOB
+from cclddg.encoders.own_cloob import TEXT_HEADS, TEXT_TOWERS, CLOOBModel, OwnCLOOB
+from cclddg.encoders.sentence import SENTENCE_DIM
 from cclddg.errors import UserError
 from cclddg.training import checkpoint as ckpt_io
 
@@ -41,9 +42,10 @@ class CLOOBTrainConfig(JsonConfig):
     img_size: int = 32
     train_size: int = 20000
     seed: int = 0
-    dim: int = 256
+    dim: int = 0  # 0: the sentence encoder's width (384) with a locked text head, else 256
     widths: tuple[int, ...] = (32, 64, 128)
     text_tower: str = "minilm"
+    text_head: str = "mlp"
     text_hidden: int = 512
     inv_tau: float = 30.0
     scale_hopfield: float = 15.0
@@ -65,7 +67,13 @@ class CLOOBTrainConfig(JsonConfig):
     def validate(self) -> None:
         if self.text_tower not in TEXT_TOWERS:
             raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
-        for name in ("img_size", "train_size", "dim", "batch_size", "log_every", "save_every", "eval_size"):
+        if self.text_head not in TEXT_HEADS:
+            raise UserError(f"--text_head {self.text_head!r} is not valid; choose one of {', '.join(TEXT_HEADS)}")
+        if self.text_head == "locked" and self.text_tower != "minilm":
+            raise UserError("--text_head locked keeps the frozen sentence encoder's space: it needs --text_tower minilm")
+        if self.dim < 0:
+            raise UserError(f"--dim must be >= 1 (or 0 for the default), got {self.dim}")
+        for name in ("img_size", "train_size", "batch_size", "log_every", "save_every", "eval_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_batches", "max_minutes", "warmup", "weight_decay", "text_hidden"):
@@ -76,6 +84,13 @@ class CLOOBTrainConfig(JsonConfig):
         if self.batch_size < 2 or self.batch_size > self.train_size:
             raise UserError(f"--batch_size must be in [2, train_size={self.train_size}] (contrastive learning "
                             f"needs negatives), got {self.batch_size}")
+
+
+def embedding_dim(cfg: CLOOBTrainConfig) -> int:
+    """--dim, or its default: the sentence encoder's width for a locked text head (its space is the joint one)."""
+    if cfg.dim:
+        return cfg.dim
+    return SENTENCE_DIM if cfg.text_head == "locked" else 256
 
 
 RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
@@ -91,8 +106,9 @@ class CLOOBTrainer:
         check_source(cfg.data, cfg.img_size)
         ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-cloob")
         torch.manual_seed(cfg.seed)
-        self.model = CLOOBModel(dim=cfg.dim, image_size=cfg.img_size, widths=cfg.widths, text_tower=cfg.text_tower,
-                                text_hidden=cfg.text_hidden, inv_tau=cfg.inv_tau, scale_hopfield=cfg.scale_hopfield)
+        self.model = CLOOBModel(dim=embedding_dim(cfg), image_size=cfg.img_size, widths=cfg.widths,
+                                text_tower=cfg.text_tower, text_head=cfg.text_head, text_hidden=cfg.text_hidden,
+                                inv_tau=cfg.inv_tau, scale_hopfield=cfg.scale_hopfield)
         self.embedder = OwnCLOOB(self.model)  # holds the frozen text encoder / tokenizer
         self.model.train().requires_grad_(True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -189,7 +205,13 @@ class CLOOBTrainer:
 
             images, captions = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, 0,
                                              workers=self.cfg.workers)
-            report = {"step": self.step, **retrieval_report(self.embedder, images.float() / 127.5 - 1, captions)}
+            from cclddg.evaluation.emoji_paraphrases import EMOJI_PARAPHRASES
+            from cclddg.evaluation.retrieval import paraphrase_retrieval
+
+            images = images.float() / 127.5 - 1
+            report = {"step": self.step, **retrieval_report(self.embedder, images, captions)}
+            if self.cfg.data.split(":")[0] == "emoji":
+                report["paraphrase_retrieval"] = paraphrase_retrieval(self.embedder, images, captions, EMOJI_PARAPHRASES)
         self.model.train()
         write_text_atomic(self.out / "zero_shot.json", json.dumps(report, indent=2))
         return report

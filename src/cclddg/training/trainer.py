@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cclddg import diffusion, objectives
+from cclddg import conditioning, diffusion, objectives
 from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig, is_cache, validate
 from cclddg.data.images import make_grid, save_image_atomic
@@ -55,7 +55,7 @@ from cclddg.training import precision
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every",
+RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every",
                      "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
                      "channels_last", "compile", "deterministic", "skip_nonfinite"}
 # --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
@@ -131,9 +131,7 @@ def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
     """Fixed label conditioning for the sample grids (embedding runs use the prompts' embeddings)."""
     if cfg.cond != "labels":
         return None
-    from cclddg.data.shapes import attrs_to_label
-
-    return torch.stack([torch.from_numpy(attrs_to_label(r)) for r in grid_requests(rows)])
+    return conditioning.label_condition(grid_requests(rows))
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> TrainConfig:
@@ -187,6 +185,8 @@ class Trainer:
         self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None
+        self.stats: conditioning.EmbeddingStats | None = None  # embedding runs: the text priors' statistics
+        self._stats_to_write = False
         self.cache = self.data = self.space = None
         self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
         if acc.is_main_process:  # refuse a bad --out before any slow setup (the main process
@@ -205,6 +205,8 @@ class Trainer:
             disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
         if acc.is_main_process:
             prepare_run_dir(self.out, cfg, resume)
+            if self._stats_to_write:
+                self.stats.save(conditioning.stats_path(self.out))
         acc.wait_for_everyone()
         torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
         self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
@@ -273,7 +275,7 @@ class Trainer:
         self.space.scale = cfg.latent_scale
         if embedder is None:
             return 0
-        self.grid_cond = embedder.embed_texts(grid_prompts(6)).cpu()
+        self._text_prior_setup(embedder, *self.cache.embeddings(), source=str(path))
         return self.cache.embed_dim
 
     def _encode_source(self, embedder, progress: bool | None = None) -> Path:
@@ -313,8 +315,20 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, False)
-        self.grid_cond = embedder.embed_texts(grid_prompts(6)).cpu()
+        self._text_prior_setup(embedder, self.embeddings["image"], self.embeddings["text"], None,
+                               source=f"{cfg.data} (first {cfg.data_size})")
         return embedder.dim
+
+    def _text_prior_setup(self, embedder, image_emb: Tensor, text_emb: Tensor, captioned: Tensor | None,
+                          source: str) -> None:
+        """The embedding statistics of the training data (the text priors' modality gap and image bank; written
+        into the run folder once the folder exists) and the grids' prompt conditions, mapped as sampling maps them."""
+        self.stats = conditioning.load_stats(self.out) if conditioning.stats_path(self.out).is_file() else None
+        if self.stats is None:
+            self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
+            self._stats_to_write = True
+        prompts = conditioning.PromptConditioner(embedder, self.cfg.text_prior, self.stats, self.cfg.prior_k)
+        self.grid_cond = prompts.texts(grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
 
     # ---- data -------------------------------------------------------------------------------------
     def _cache_order(self, positions: range) -> list[int]:
@@ -371,14 +385,10 @@ class Trainer:
         images = images.to(self.device, memory_format=memory_format)
         if cfg.cond == "none":
             return images, None
-        if embeddings is not None:  # the image's embedding, or with probability pct_text its caption's
-            use_text = torch.rand(b, 1) < cfg.pct_text if drop else torch.zeros(b, 1, dtype=torch.bool)
-            labels = torch.where(use_text, embeddings[1], embeddings[0])
+        if embeddings is not None:  # the image's embedding (or pseudo-text), or with probability pct_text its caption's
+            labels = conditioning.training_condition(*embeddings, cfg.pct_text, cfg.pseudo_text_xi, random=drop)
         labels = labels.to(self.device)
-        if drop and self.cfg.pct_zeros > 0:
-            keep = torch.rand(b, 1, device=self.device) >= self.cfg.pct_zeros
-            labels = labels * keep
-        return images, labels
+        return images, conditioning.drop(labels, cfg.pct_zeros) if drop else labels
 
     # ---- one optimisation step ------------------------------------------------------------------
     def ddgan_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:

@@ -159,3 +159,31 @@ def test_captions_from_names():
     assert emoji_caption(":England:", england) == "flag of England"
     assert emoji_caption(":keycap_1:", "1\ufe0f\u20e3") == "keycap 1"
     assert emoji_caption(":AB_button_(blood_type):", "\U0001f18e") == "AB button (blood type)"
+
+
+@needs_font
+def test_paraphrased_names_are_held_out_emoji_and_score_retrieval():
+    """Every paraphrased name is an emoji of the set's fixed held-out part; retrieval by name and by paraphrase
+    is scored on those images (an embedder that reads a paraphrase as its name ranks its own image first)."""
+    import torch
+
+    from cclddg.data.sources import load_held_out
+    from cclddg.evaluation.emoji_paraphrases import EMOJI_PARAPHRASES
+    from cclddg.evaluation.retrieval import paraphrase_retrieval
+
+    images, captions = load_held_out("emoji", 16, 1000, 0, workers=0)
+    assert set(EMOJI_PARAPHRASES) <= set(captions)
+    meaning = {**{c: i for i, c in enumerate(captions)}, **{p: captions.index(c) for c, p in EMOJI_PARAPHRASES.items()}}
+
+    class Reads:  # one axis per held-out image (its index rides in the pixel), a text on the axis it means
+        def embed_images(self, x):
+            return torch.eye(len(captions))[x[:, 0, 0, 0].long()]
+
+        def embed_texts(self, texts):
+            return torch.eye(len(captions))[[meaning[t] for t in texts]]
+
+    indexed = torch.arange(len(captions), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
+    report = paraphrase_retrieval(Reads(), indexed, captions, EMOJI_PARAPHRASES)
+    assert report["n"] == len(EMOJI_PARAPHRASES) and report["images"] == len(captions)
+    assert report["names"]["top1"] == 100.0 and report["paraphrases"]["top1"] == 100.0
+    assert report["text_only_reference_top1"] == 100.0

@@ -272,6 +272,8 @@ def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
     helps = {"text_tower": "minilm (frozen pretrained sentence encoder + trained head) or bpe (from scratch)",
              "text_head": "minilm tower: mlp or linear (a trained head) or locked (none: the sentence encoder's own "
                           "space is the joint space, so paraphrases keep their meaning; default mlp)",
+             "center_text": "with --text_head locked: subtract the training captions' mean sentence feature (a fixed "
+                            "map that spreads the captions apart; default false)",
              "dim": "embedding width (default 0: 384, the sentence encoder's, with --text_head locked; else 256)",
              "train_size": "number of training examples (embedded once)", "inv_tau": "InfoLOOB inverse temperature",
              "scale_hopfield": "Hopfield retrieval inverse temperature", "eval_size": "held-out images for zero-shot eval",

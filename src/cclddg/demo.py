@@ -50,6 +50,7 @@ class DemoSettings:
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
     data: str = "shapes"
+    cloob_text_head: str = "mlp"
 
 
 FULL = DemoSettings()
@@ -148,7 +149,8 @@ class Demo:
         s = self.settings
         data = "shapes" if self.shapes else self.spec  # shapes: rendered at 32 px, not 64 px scaled down
         cfg = CLOOBTrainConfig(data=data, img_size=32, train_size=s.cloob_size, n_batches=s.cloob_steps,
-                               batch_size=min(256, s.cloob_size), eval_size=200 if self.quick else 1000)
+                               batch_size=min(256, s.cloob_size), eval_size=200 if self.quick else 1000,
+                               text_head=s.cloob_text_head)
         report = CLOOBTrainer(cfg, folder, resume=folder.exists(), progress=self.progress).run()
         print(json.dumps(report["zero_shot"] if "zero_shot" in report else report)[:400])
 

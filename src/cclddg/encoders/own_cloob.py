@@ -111,8 +111,9 @@ class CLOOBModel(ModelMixin, ConfigMixin):
         self.image_proj = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * final * final, 512), nn.GELU(),
                                         nn.Linear(512, dim))
         if text_tower == "minilm":
-            if text_head == "locked":
+            if text_head == "locked":  # a fixed map: minus the training captions' mean feature (zeros: none)
                 self.text_proj = nn.Identity()
+                self.register_buffer("text_center", torch.zeros(text_feature_dim))
             elif text_head == "mlp" and text_hidden:
                 self.text_proj = nn.Sequential(nn.Linear(text_feature_dim, text_hidden), nn.GELU(),
                                                nn.Linear(text_hidden, dim))
@@ -134,6 +135,8 @@ class CLOOBModel(ModelMixin, ConfigMixin):
         """Sentence features (minilm tower) or BPE token ids (bpe tower) -> (B, dim)."""
         if self.bpe is not None:
             return self.text_proj(self.bpe(inputs))
+        if self.config.text_head == "locked":
+            return inputs - self.text_center
         return self.text_proj(inputs)
 
     def loss(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:

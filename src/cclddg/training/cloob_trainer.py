@@ -46,6 +46,7 @@ class CLOOBTrainConfig(JsonConfig):
     widths: tuple[int, ...] = (32, 64, 128)
     text_tower: str = "minilm"
     text_head: str = "mlp"
+    center_text: bool = False  # locked head: subtract the training captions' mean sentence feature (a fixed map)
     text_hidden: int = 512
     inv_tau: float = 30.0
     scale_hopfield: float = 15.0
@@ -69,6 +70,8 @@ class CLOOBTrainConfig(JsonConfig):
             raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
         if self.text_head not in TEXT_HEADS:
             raise UserError(f"--text_head {self.text_head!r} is not valid; choose one of {', '.join(TEXT_HEADS)}")
+        if self.center_text and self.text_head != "locked":
+            raise UserError("--center_text is the fixed map of a locked text head: add --text_head locked")
         if self.text_head == "locked" and self.text_tower != "minilm":
             raise UserError("--text_head locked keeps the frozen sentence encoder's space: it needs --text_tower minilm")
         if self.dim < 0:
@@ -117,6 +120,9 @@ class CLOOBTrainer:
         if resume and ckpt_io.list_checkpoints(self.out):
             self._load(ckpt_io.resolve_checkpoint(self.out))
         self.images, self.text_inputs = self._load_data()
+        if cfg.center_text and self.step == 0:  # fixed before the first step; a resumed run loads it
+            with torch.no_grad():
+                self.model.text_center.copy_(self.text_inputs.mean(0))
 
     # ---- setup --------------------------------------------------------------------------------------
     def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -364,9 +364,9 @@ class Trainer:
     def batch(self, step: int, micro: int = 0, drop: bool = True) -> tuple[Tensor, Tensor | None]:
         """The examples of this step, micro-batch and rank (`example_indices`).
 
-        Embedding runs condition each example on its image embedding, or with probability pct_text on
-        its caption's text embedding. With `drop`, conditioning is replaced by the null embedding
-        with probability pct_zeros (for CFG).
+        Embedding runs condition each example on its image embedding (perturbed into pseudo-text with
+        --pseudo_text_xi), or with probability pct_text on its caption's text embedding; with `drop`, the
+        condition is replaced by the null one with probability pct_zeros (for CFG). See conditioning.py.
         """
         cfg = self.cfg
         b = cfg.batch_size

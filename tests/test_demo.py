@@ -27,18 +27,22 @@ def test_demo_writes_every_stage_and_a_report(demo_dir):
                  "eval.json", "report.md", "report.json", "times.json"):
         assert (demo_dir / path).is_file(), path
     report = json.loads((demo_dir / "report.json").read_text())
-    assert report["generator_steps"] >= 1 and set(report["eval"]) == {"2.0", "cloob_score_real"}
-    assert 0 <= report["eval"]["2.0"]["validity"] <= 1
-    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "eval"}
+    assert report["generator_steps"] >= 1
+    assert set(report["eval"]) == {"2.0", "paraphrase 2.0", "cloob_score_real", "text_prior", "pct_text", "pseudo_text_xi"}
+    assert report["eval"]["pct_text"] == 0.0 and report["eval"]["text_prior"] == "retrieval"  # language-free
+    assert 0 <= report["eval"]["2.0"]["validity"] <= 1 and report["eval"]["paraphrase 2.0"]["prompts"] == "paraphrase"
+    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "sample_paraphrased", "eval"}
     text = (demo_dir / "report.md").read_text()
-    assert "| 2.0 |" in text and "![prompts](prompts.png)" in text and "dB" in text
+    assert "| captions' wording | 2.0 |" in text and "| paraphrased | 2.0 |" in text and "dB" in text
+    assert "![prompts](prompts.png)" in text and "![paraphrased prompts](paraphrases.png)" in text
+    assert "text-only reference" in text
 
 
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     times = json.loads((demo_dir / "times.json").read_text())
     Demo(demo_dir, quick=True, settings=TINY, progress=False).run()
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 6
+    assert out.count("done before, skipped") == 7
     assert json.loads((demo_dir / "times.json").read_text()) == times
 
 

@@ -493,7 +493,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cclddg.demo import Demo
 
     demo = Demo(args.out, quick=args.quick, gen_minutes=args.minutes, progress=not args.no_progress,
-                threads=args.threads, data=args.data)
+                threads=args.threads, data=args.data, gen_steps=args.steps)
     try:
         demo.run()
     except KeyboardInterrupt:
@@ -595,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
                       help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
-    demo.add_argument("--minutes", type=float, default=None, help="the generator's training budget (default 20)")
+    demo.add_argument("--steps", type=int, default=None, help="the generator's training steps (default 7000)")
+    demo.add_argument("--minutes", type=float, default=None,
+                      help="also stop the generator after this many minutes (default: no time budget)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=cmd_demo)

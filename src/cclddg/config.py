@@ -173,7 +173,8 @@ FAST = dict(DDGAN, beta_max=12.0, img_size=32, n_channels_unet=32, ch_mults=(1, 
 # conditioning map sits at the 4x4 bottleneck.
 STANDARD_DIFFUSION = DIFFUSION
 LATENT_DIFFUSION = dict(DIFFUSION, img_size=64, needs_latents=True)
-CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.5, needs_latents=True, cond_map_size=4, batch_size=64)
+CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.0, pseudo_text_xi=0.5, text_prior="retrieval",
+              needs_latents=True, cond_map_size=4, batch_size=64)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "standard-diffusion": STANDARD_DIFFUSION, "latent-diffusion": LATENT_DIFFUSION, "ddgan": DDGAN,

@@ -46,7 +46,8 @@ class DemoSettings:
     cloob_steps: int = 2000
     cloob_size: int = 20000
     data_size: int = 20000
-    gen_minutes: float = 20.0
+    gen_steps: int = 7000  # the generator's fixed length (the same model on any CPU); about 20 min here
+    gen_minutes: float = 0.0  # an optional time budget on top (0: none)
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
     data: str = "shapes"
@@ -54,14 +55,14 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_minutes=1.0, eval_n=60,
+QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_steps=200, eval_n=60,
                      guidances=(2.0,))
 
 
 class Demo:
     def __init__(self, out: str | Path, quick: bool = False, gen_minutes: float | None = None,
                  progress: bool = True, threads: int = 0, settings: DemoSettings | None = None,
-                 data: str = "shapes") -> None:
+                 data: str = "shapes", gen_steps: int | None = None) -> None:
         if data not in DATA:
             raise UserError(f"the demo runs on {' or '.join(DATA)}, not {data!r}; for other data use the commands "
                             "it runs (train-ae, train-cloob, encode, train)")
@@ -74,6 +75,10 @@ class Demo:
             if gen_minutes <= 0:
                 raise UserError(f"--minutes must be > 0, got {gen_minutes}")
             self.settings = DemoSettings(**{**self.settings.__dict__, "gen_minutes": gen_minutes})
+        if gen_steps is not None:
+            if gen_steps < 1:
+                raise UserError(f"--steps must be >= 1, got {gen_steps}")
+            self.settings = DemoSettings(**{**self.settings.__dict__, "gen_steps": gen_steps})
         self.progress = progress
         self.threads = threads
         self._check_out()
@@ -174,11 +179,12 @@ class Demo:
         folder = self.out / "gen"
         resume = (folder / "config.json").is_file()
         overrides: dict[str, Any] = {"data": str((self.out / "cache").resolve()),
-                                     "max_minutes": self.settings.gen_minutes, "threads": self.threads}
+                                     "n_batches": self.settings.gen_steps, "max_minutes": self.settings.gen_minutes,
+                                     "threads": self.threads}
         if self.quick:
             overrides.update(log_images_every=100, save_models_every=100)
         cfg = resolve("cclddg", overrides)
-        if resume:  # a resumed run gets the rest of the time budget, not a new one
+        if resume and self.settings.gen_minutes:  # a resumed run gets the rest of the time budget, not a new one
             spent = self.times.get("train", 0.0) / 60
             cfg.max_minutes = max(0.05, self.settings.gen_minutes - spent)
         trainer = Trainer(cfg, folder, resume=resume, progress=self.progress)

@@ -100,8 +100,12 @@ def test_stats_keep_captioned_text_only_and_a_bounded_bank(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(UserError, match="damaged.*embedding-stats"):
         EmbeddingStats.load(path)
-    with pytest.raises(UserError, match="no captions"):
-        EmbeddingStats.measure(image, text, "src", torch.zeros(50, dtype=torch.bool))
+    uncaptioned = EmbeddingStats.measure(image, text, "photos/", torch.zeros(50, dtype=torch.bool))
+    assert uncaptioned.text_mean is None and len(uncaptioned.bank) == 50  # retrieval still works
+    uncaptioned.save(path)
+    with pytest.raises(UserError, match="without captions.*--data SOURCE"):
+        apply_text_prior(text, "gap", EmbeddingStats.load(path))
+    assert apply_text_prior(text, "retrieval", EmbeddingStats.load(path), k=1).shape == text.shape
 
 
 class FakeEmbedder:

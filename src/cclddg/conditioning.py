@@ -82,7 +82,7 @@ class EmbeddingStats:
     """Mean image and mean text embedding of a dataset (the modality gap) and a bank of its image embeddings."""
 
     image_mean: Tensor  # (dim,)
-    text_mean: Tensor  # (dim,)
+    text_mean: Tensor | None  # (dim,); None when the data had no captions (then no gap, the bank still serves)
     bank: Tensor  # (N, dim) unit image embeddings, float16
     source: str = ""  # what they were measured on
 
@@ -93,24 +93,26 @@ class EmbeddingStats:
         image_emb, text_emb = image_emb.float(), text_emb.float()
         if captioned is not None:
             text_emb = text_emb[captioned]
-        if len(text_emb) == 0:
-            raise UserError(f"{source} has no captions to measure the mean text embedding on; measure it on a "
-                            "captioned source: cclddg embedding-stats RUN --data SOURCE")
         n = len(image_emb)
         keep = np.sort(np.random.default_rng(seed).permutation(n)[:bank_size]) if n > bank_size else np.arange(n)
         bank = F.normalize(image_emb[torch.from_numpy(keep)], dim=-1).half()
-        return cls(image_emb.mean(0), text_emb.mean(0), bank.contiguous(), source)
+        return cls(image_emb.mean(0), text_emb.mean(0) if len(text_emb) else None, bank.contiguous(), source)
 
     @property
     def gap(self) -> Tensor:
         """The vector from the mean text embedding to the mean image embedding."""
+        if self.text_mean is None:
+            raise UserError(f"the embedding statistics ({self.source}) were measured on data without captions, so "
+                            "they hold no modality gap: measure them on a captioned source, "
+                            "cclddg embedding-stats RUN --data SOURCE (or use --text_prior retrieval)")
         return self.image_mean - self.text_mean
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {"image_mean": self.image_mean.contiguous(), "text_mean": self.text_mean.contiguous(),
-                   "bank": self.bank.contiguous()}
+        tensors = {"image_mean": self.image_mean.contiguous(), "bank": self.bank.contiguous()}
+        if self.text_mean is not None:
+            tensors["text_mean"] = self.text_mean.contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"source": self.source, "format": "1"})
 
@@ -121,11 +123,12 @@ class EmbeddingStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in ("image_mean", "text_mean", "bank")}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            text_mean = tensors["text_mean"].float() if "text_mean" in tensors else None
+            return cls(tensors["image_mean"].float(), text_mean, tensors["bank"], meta.get("source", ""))
         except Exception as exc:
             raise UserError(f"{path} is damaged ({type(exc).__name__}); measure it again with "
                             f"`cclddg embedding-stats {path.parent}`") from None
-        return cls(tensors["image_mean"].float(), tensors["text_mean"].float(), tensors["bank"], meta.get("source", ""))
 
 
 @torch.no_grad()
@@ -263,5 +266,5 @@ def _square(image: Tensor) -> Tensor:
 
 
 def describe(stats: EmbeddingStats) -> str:
-    return json.dumps({"source": stats.source, "bank": len(stats.bank),
-                       "gap_norm": round(float(stats.gap.norm()), 4)})
+    gap = None if stats.text_mean is None else round(float(stats.gap.norm()), 4)
+    return json.dumps({"source": stats.source, "bank": len(stats.bank), "gap_norm": gap})

@@ -277,3 +277,19 @@ def test_the_text_prior_may_change_on_resume(tmp_path, encoder):
     assert main(["train", "--out", str(out), *common, "--n_batches", "2"]) == 0
     assert main(["train", "--out", str(out), *common, "--n_batches", "3", "--resume", "--text_prior", "gap"]) == 0
     assert json.loads((out / "config.json").read_text())["text_prior"] == "none"  # the saved config is the run's
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--pseudo_text_xi", "-1"], "--pseudo_text_xi must be >= 0"),
+    (["--pseudo_text_xi", "nan"], "--pseudo_text_xi must be >= 0"),
+    (["--text_prior", "knn"], "invalid choice"),
+    (["--prior_k", "0"], "--prior_k must be > 0"),
+])
+def test_language_free_flags_bad_input_is_one_line(tmp_path, encoder, capsys, extra, expected):
+    try:
+        code = main(["train", "--out", str(tmp_path / "run"), *TINY_GEN, "--encoder", encoder, *extra])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

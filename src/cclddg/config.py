@@ -257,7 +257,7 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not value >= 0 or (value == 0 and not allow_zero):  # `not >=` also refuses NaN
         raise UserError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 

@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
                       help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
-    demo.add_argument("--steps", type=int, default=None, help="the generator's training steps (default 7000)")
+    demo.add_argument("--steps", type=int, default=None, help="the generator's training steps (default 5000)")
     demo.add_argument("--minutes", type=float, default=None,
                       help="also stop the generator after this many minutes (default: no time budget)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")

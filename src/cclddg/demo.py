@@ -46,7 +46,7 @@ class DemoSettings:
     cloob_steps: int = 2000
     cloob_size: int = 20000
     data_size: int = 20000
-    gen_steps: int = 7000  # the generator's fixed length (the same model on any CPU); about 20 min here
+    gen_steps: int = 5000  # the generator's fixed length: the same model on any CPU
     gen_minutes: float = 0.0  # an optional time budget on top (0: none)
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)

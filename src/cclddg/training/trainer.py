@@ -55,8 +55,8 @@ from cclddg.training import precision
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
-RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minutes", "log_every", "log_images_every", "save_models_every",
-                     "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
+RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
+                     "save_models_every", "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
                      "channels_last", "compile", "deterministic", "skip_nonfinite"}
 # --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
 MAX_SKIPPED_IN_A_ROW = 20
@@ -323,7 +323,7 @@ class Trainer:
                           source: str) -> None:
         """The embedding statistics of the training data (the text priors' modality gap and image bank; written
         into the run folder once the folder exists) and the grids' prompt conditions, mapped as sampling maps them."""
-        self.stats = conditioning.load_stats(self.out) if conditioning.stats_path(self.out).is_file() else None
+        self.stats = conditioning.load_stats(self.out)  # a resumed run keeps what it measured
         if self.stats is None:
             self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
             self._stats_to_write = True

@@ -205,7 +205,7 @@ class PromptPipeline:
 
     def __call__(self, prompts: str | Sequence[str] | None = None, images: Sequence | None = None,
                  image_weight: float = 0.5, negative_prompt: str | None = None, n: int = 1,
-                 guidance: float = 3.0, seed: int = 0) -> list:
+                 guidance: float = 1.0, seed: int = 0) -> list:
         """PIL images: n per prompt (or image), prompt-major order."""
         from PIL import Image
 

@@ -55,7 +55,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_steps=200, eval_n=60,
+QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_steps=100, eval_n=60,
                      guidances=(2.0,))
 
 

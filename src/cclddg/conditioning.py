@@ -46,13 +46,19 @@ def label_condition(requests: Sequence[dict[str, str]]) -> Tensor:
     return torch.from_numpy(np.stack([attrs_to_label(r) for r in requests]))
 
 
+# ---- the null condition ----------------------------------------------------------------------------------
+def null_like(cond: Tensor) -> Tensor:
+    """The null condition (zeros, DESIGN.md): what dropout trains on and what guidance pushes away from."""
+    return torch.zeros_like(cond)
+
+
 # ---- training ---------------------------------------------------------------------------------------------
 def drop(cond: Tensor, p: float) -> Tensor:
     """Replace each row by the null condition (zeros) with probability p (classifier-free guidance)."""
     if p <= 0:
         return cond
     keep = torch.rand(cond.shape[0], 1, device=cond.device) >= p
-    return cond * keep
+    return torch.where(keep, cond, null_like(cond))
 
 
 def pseudo_text(image_emb: Tensor, xi: float) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cclddg import diffusion
+from cclddg.conditioning import null_like
 from cclddg.config import TrainConfig
 from cclddg.diffusion import Schedule
 from cclddg.errors import UserError
@@ -35,7 +36,7 @@ def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | 
     """
     if cond is None or guidance == 1.0:
         return model(x, t, cond, z)
-    null = torch.zeros_like(cond) if uncond is None else uncond.expand_as(cond).to(cond)
+    null = null_like(cond) if uncond is None else uncond.expand_as(cond).to(cond)
     if guidance == 0.0:
         return model(x, t, null, z)
     if batched:

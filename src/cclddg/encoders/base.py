@@ -76,3 +76,12 @@ class Embedder(nn.Module):
             raise UserError(f"the prompt {text[:40]!r}... is {n} tokens long; this encoder reads at most "
                             f"{self.max_text_tokens}: shorten it")
         return text.strip()
+
+
+def reference_text_encoder(embedder) -> tuple:
+    """(encode, name): the frozen sentence encoder under an embedder's text tower when it has one, else the text
+    tower itself; the text-only references of the paraphrase evaluations read texts with it."""
+    sentence = getattr(embedder, "sentence", None)
+    if sentence is not None:
+        return sentence.encode, "frozen sentence encoder"
+    return embedder.embed_texts, "text tower"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cclddg.encoders.base import reference_text_encoder
 from cclddg.errors import UserError
 
 
@@ -49,8 +50,7 @@ def paraphrase_retrieval(embedder, images: torch.Tensor, captions: list[str], pa
         return {"top1": round(float((rank < 1).float().mean()) * 100, 2),
                 "top5": round(float((rank < 5).float().mean()) * 100, 2)}
 
-    sentence = getattr(embedder, "sentence", None)
-    encode = sentence.encode if sentence is not None else embedder.embed_texts
+    encode, _ = reference_text_encoder(embedder)
     distinct = sorted(set(captions))
     names = torch.nn.functional.normalize(encode(distinct).float().cpu(), dim=-1)
     queries = torch.nn.functional.normalize(encode([paraphrases[c] for _, c in named]).float().cpu(), dim=-1)

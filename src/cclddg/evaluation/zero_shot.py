@@ -20,7 +20,7 @@ from cclddg.data.shapes import (
     article,
     position_phrase,
 )
-from cclddg.encoders.base import Embedder
+from cclddg.encoders.base import Embedder, reference_text_encoder
 
 # Wordings no shapes caption uses: several per value (synonyms, other phrasings), for every colour, shape and
 # position. Paraphrased prompt tables use variant k of each (k = 0..PARAPHRASE_VARIANTS-1).
@@ -111,8 +111,7 @@ def text_only_reference(embedder: Embedder) -> dict[str, float]:
     """What the frozen text encoder alone understands: how often a paraphrased prompt's nearest caption-wording
     prompt (cosine of the frozen sentence encoder, or of the text tower when there is none) names the right
     colour / shape / position. A reference for the paraphrase zero-shot, not a strict bound."""
-    sentence = getattr(embedder, "sentence", None)
-    encode = sentence.encode if sentence is not None else embedder.embed_texts
+    encode, name = reference_text_encoder(embedder)
     captions, attrs = prompt_table(False)
     caption_emb = torch.nn.functional.normalize(encode(captions).float(), dim=-1)
     reports = []
@@ -120,7 +119,7 @@ def text_only_reference(embedder: Embedder) -> dict[str, float]:
         prompts, truth = prompt_table(True, variant)
         emb = torch.nn.functional.normalize(encode(prompts).float(), dim=-1)
         reports.append(_accuracy((emb @ caption_emb.T).argmax(dim=1).tolist(), attrs, truth))
-    return {**_mean_reports(reports), "encoder": "frozen sentence encoder" if sentence is not None else "text tower"}
+    return {**_mean_reports(reports), "encoder": name}
 
 
 def _retrieval(embedder: Embedder, image: torch.Tensor, truth: list[dict[str, str]], k: int) -> dict[str, float]:

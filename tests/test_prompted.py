@@ -140,7 +140,7 @@ def test_image_prompt_from_a_file(gen_run, tmp_path):
     (["--prompt", "   "], "the prompt is empty"),
     (["--prompt", "red " * 300], "tokens long"),
     (["--image", "missing.png"], "does not exist"),
-    (["--prompt", "a", "--image_weight", "2", "--image", "IMG"], "image weight must be in [0, 1]"),
+    (["--prompt", "a", "--image_weight", "2", "--image", "IMG"], "--image_weight must be in [0, 1]"),
     ([], "give --prompt"),
 ])
 def test_prompt_bad_input_is_one_line(gen_run, tmp_path, capsys, extra, expected):
@@ -281,9 +281,9 @@ def test_the_text_prior_may_change_on_resume(tmp_path, encoder):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--pseudo_text_xi", "-1"], "--pseudo_text_xi must be >= 0"),
-    (["--pseudo_text_xi", "nan"], "--pseudo_text_xi must be >= 0"),
+    (["--pseudo_text_xi", "nan"], "--pseudo_text_xi must be a finite number"),
     (["--text_prior", "knn"], "invalid choice"),
-    (["--prior_k", "0"], "--prior_k must be > 0"),
+    (["--prior_k", "0"], "--prior_k must be >= 1"),
 ])
 def test_language_free_flags_bad_input_is_one_line(tmp_path, encoder, capsys, extra, expected):
     try:

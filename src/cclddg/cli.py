@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cclddg.config import (
     OBJECTIVES,
@@ -25,6 +26,20 @@ from cclddg.config import (
 )
 from cclddg.data.sources import with_font
 from cclddg.errors import UserError
+from cclddg.options import (
+    ANY,
+    AT_LEAST_1,
+    BELOW_1,
+    FRACTION,
+    NON_NEGATIVE,
+    SEED,
+    THREADS,
+    Range,
+    field_kind,
+    parse_number,
+)
+
+GUIDANCE = Range(0, 100)  # classifier-free guidance scales: 0 unconditional, 1 plain, beyond ~10 saturated
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -35,27 +50,31 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line that points at --help."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # "argument --lr: must be > 0" reads as the checks of options.py do: "--lr must be > 0"
+        message = re.sub(r"^argument (-\S+?)(?:/\S+)?: (must|expected)", r"\1 \2", message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def number_list(kind: type, example: str):
-    """An argparse type: numbers of `kind` separated by commas (or spaces), at least one."""
+def number_list(kind: type, example: str, rng: Range = ANY):
+    """An argparse type: numbers of `kind` (finite, in `rng`) separated by commas (or spaces), at least one."""
     name = "integers" if kind is int else "numbers"
+    one = parse_number(kind, rng)
 
     def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v) for v in text.replace(" ", ",").split(",") if v)
-        except ValueError:
+        parts = [v for v in text.replace(" ", ",").split(",")]
+        if not text.strip() or any(not v for v in parts[1:-1]):
             raise argparse.ArgumentTypeError(f"expected {name} separated by commas, e.g. {example}; got {text!r}")
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one {name[:-1]}, e.g. {example}")
-        return values
+        try:
+            return tuple(one(v) for v in parts if v)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (in {text!r})" if len(parts) > 1 else str(exc)) from None
 
     return parse
 
 
-int_list = number_list(int, "1,2,2")
-float_list = number_list(float, "3 or 1,2,3")
+def guidance_scales(text: str) -> tuple[float, ...]:
+    """--cfg: one guidance scale or a comma list of them."""
+    return number_list(float, "3 or 1,2,3", GUIDANCE)(text)
 
 
 def bool_list(text: str) -> tuple[bool, ...]:
@@ -73,12 +92,15 @@ def parse_bool(text: str) -> bool:
     return table[text.lower()]
 
 
-def float_pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers like 0.5,0.9; got {text!r}")
-    return a, b
+def number_pair(rng: Range):
+    """An argparse type: two numbers in `rng`, like 0.5,0.9."""
+    def parse(text: str) -> tuple[float, float]:
+        values = number_list(float, "0.5,0.9", rng)(text)
+        if len(values) != 2:
+            raise argparse.ArgumentTypeError(f"expected two numbers like 0.5,0.9; got {text!r}")
+        return values
+
+    return parse
 
 
 def optional_str(text: str) -> str | None:
@@ -96,7 +118,7 @@ def add_font_flag(p: argparse.ArgumentParser) -> None:
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the data sources that are not part of a run's recipe."""
     add_font_flag(p)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=parse_number(int, Range(0, 256)), default=None,
                    help="processes that read and decode images (default: 2, at most the CPU count)")
 
 
@@ -111,6 +133,18 @@ def resolve_workers(workers: int | None, spec) -> int:
     return 0 if spec.procedural else DEFAULT_WORKERS
 
 
+def config_flag_type(config_cls: type, f) -> Callable[[str], Any]:
+    """The argparse type of a config field's flag: numbers are checked against the config's RANGES as parsed."""
+    kind, _ = field_kind(str(f.type))
+    if kind == "bool":
+        return parse_bool
+    if kind in ("int", "float"):
+        return parse_number(int if kind == "int" else float, config_cls.RANGES[f.name])
+    if kind == "tuple-int":
+        return number_list(int, "16,32,64", config_cls.RANGES[f.name])
+    return str
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag defaulting to None: the preset fills what is not given."""
     p.add_argument("--preset", default="ddgan", help=f"recipe to start from: {', '.join(PRESETS)} (default ddgan)")
@@ -119,9 +153,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
     special: dict[str, dict[str, Any]] = {
-        "ch_mults": dict(type=int_list), "ch_mults_disc": dict(type=int_list),
+        "ch_mults": dict(type=number_list(int, "1,2,2", TrainConfig.RANGES["ch_mults"])),
+        "ch_mults_disc": dict(type=number_list(int, "1,2,2", TrainConfig.RANGES["ch_mults_disc"])),
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
-        "adam_betas": dict(type=float_pair), "wandb_project": dict(type=optional_str),
+        "adam_betas": dict(type=number_pair(TrainConfig.RANGES["adam_betas"])), "wandb_project": dict(type=optional_str),
         "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str), "cache_dir": dict(type=str),
         "mixed_precision": dict(choices=PRECISIONS), "text_prior": dict(choices=TEXT_PRIORS),
     }
@@ -157,9 +192,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             continue
         kwargs = special.get(f.name)
         if kwargs is None:
-            default = f.default
-            kind = type(default) if default is not None else float
-            kwargs = dict(type=parse_bool if kind is bool else kind)
+            kwargs = dict(type=config_flag_type(TrainConfig, f))
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None,
                            help=f"data source ({SPEC_HELP_SOURCES}) or a latent cache folder from `cclddg encode`")
@@ -259,11 +292,8 @@ def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default
     p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
     add_font_flag(p)
     for f in fields(config_cls):
-        if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", type=parse_bool, default=None, help=helps.get(f.name, f"default {f.default}"))
-            continue
-        kind = int_list if f.name == "widths" else type(f.default)
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=helps.get(f.name, f"default {f.default}"))
+        p.add_argument(f"--{f.name}", type=config_flag_type(config_cls, f), default=None,
+                       help=helps.get(f.name, f"default {f.default}"))
 
 
 def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
@@ -298,7 +328,7 @@ def add_text_prior_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text_prior", choices=TEXT_PRIORS, default=None,
                    help="how text prompts are mapped for the generator: none, gap (the modality-gap shift) or "
                         "retrieval (a nearest image embedding of the training data); default: the run's")
-    p.add_argument("--prior_k", type=int, default=None, help="neighbours the retrieval prior draws from (default: the run's)")
+    p.add_argument("--prior_k", type=parse_number(int, AT_LEAST_1), default=None, help="neighbours the retrieval prior draws from (default: the run's)")
 
 
 def request_condition(attrs: str | None, n: int):
@@ -311,55 +341,108 @@ def request_condition(attrs: str | None, n: int):
     return label_condition([parse_attrs(attrs)] * n)
 
 
-def write_outputs(images, nrow: int, output: str | None, singles: str | None) -> None:
-    from cclddg.data.images import make_grid, save_image_atomic, tensor_to_image
+@dataclass
+class SampleJob:
+    """One guidance scale's share of a `cclddg sample` request: `count` images (conditions `cond`, or None) whose
+    i-th lands in grid cell `cell(i)`."""
 
+    guidance: float
+    count: int
+    cond: Any
+    cell: Callable[[int], int]
+
+
+def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """-o and --singles, checked (and their folders made) before any sampling."""
+    from cclddg.paths import IMAGE_SUFFIXES, output_file, output_folder
+
+    if not (args.output or args.singles):
+        raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
+    grid = output_file(args.output, "-o", IMAGE_SUFFIXES) if args.output else None
+    singles = output_folder(args.singles, "--singles") if args.singles else None
+    return grid, singles
+
+
+def run_sample_jobs(jobs: list[SampleJob], make_batches, nrow: int, size: int, grid_path: Path | None,
+                    singles: Path | None, progress: bool) -> None:
+    """Sample every job in batches; each batch goes into the grid canvas (uint8) and, one file each, into
+    --singles as it is made, so memory does not grow with --n and Ctrl-C keeps every single written."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from cclddg.atomic import atomic_path
+    from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
+
+    total = sum(job.count for job in jobs)
+    canvas = GridCanvas(total, nrow, size, size) if grid_path else None  # a too-large grid is refused here, first
+    width = max(5, len(str(total - 1)))
+    bar = tqdm(total=total, desc="sample", unit="img", delay=2, disable=not progress)
+    done = 0
+    try:
+        for job in jobs:
+            index = 0
+            for batch in make_batches(job):
+                tiles = tensor_to_array(batch)
+                for k, tile in enumerate(tiles):
+                    cell = job.cell(index + k)
+                    if canvas is not None:
+                        canvas.put(cell, tile[None])
+                    if singles is not None:
+                        save_image_atomic(Image.fromarray(tile, "RGB"), singles / f"{cell:0{width}d}.png")
+                index += len(tiles)
+                done += len(tiles)
+                bar.update(len(tiles))
+    except KeyboardInterrupt:
+        bar.close()
+        kept = f"; the {done} singles made are in {singles}" if singles is not None and done else ""
+        raise SamplingInterrupted(f"interrupted after {done} of {total} images{kept}; no grid written") from None
+    bar.close()
     written = []
-    if output:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(make_grid(images, nrow=nrow), out)
-        written.append(str(out))
-    if singles:
-        folder = Path(singles)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            tensor_to_image(image).save(folder / f"{i:05d}.png")
-        written.append(f"{folder}/ ({len(images)} images)")
+    if canvas is not None:
+        with atomic_path(grid_path, suffix=grid_path.suffix) as tmp:
+            canvas.image().save(tmp)
+        written.append(str(grid_path))
+    if singles is not None:
+        written.append(f"{singles}/ ({total} images)")
     print("wrote " + ", ".join(written))
 
 
-def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...]) -> int:
-    """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
-    import torch
+class SamplingInterrupted(Exception):
+    """Ctrl-C during sampling: the message says what was kept."""
 
+
+def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Path | None,
+                    singles: Path | None) -> int:
+    """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
     from cclddg.pipeline import PromptPipeline, read_image
 
+    images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
     pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
                                    text_prior=args.text_prior, prior_k=args.prior_k)
-    images = [read_image(p) for p in args.image or []]
     n = args.n or 4
     cond = pipe.condition(args.prompt, images, args.image_weight, n=n, seed=args.seed)
     negative = pipe.negative(args.negative_prompt)
-    per_cfg = [pipe.generate(cond, 1, g, args.seed, negative, args.sampler, args.steps).cpu() for g in cfgs]
-    rows = cond.shape[0] // n
-    grid = torch.stack([x.view(rows, n, *x.shape[1:]) for x in per_cfg], dim=1)  # (rows, cfgs, n, ...)
-    write_outputs(grid.flatten(0, 2), len(cfgs) * n, args.output, args.singles)
+    cols = len(cfgs) * n
+
+    def cell_of(gi: int) -> Callable[[int], int]:
+        return lambda j: (j // n) * cols + gi * n + j % n  # row j // n, guidance gi, sample j % n
+
+    jobs = [SampleJob(g, len(cond), cond, cell_of(gi)) for gi, g in enumerate(cfgs)]
+    run_sample_jobs(jobs, lambda job: pipe.batches(job.cond, 1, job.guidance, args.seed, negative, args.sampler,
+                                                   args.steps, args.batch_size),
+                    cols, pipe.cfg.img_size, grid, singles, not args.no_progress)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from cclddg.pipeline import load_generator, sample
+    from cclddg.pipeline import load_generator, sample_batches
 
-    if not (args.output or args.singles):
-        raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
-    if args.n is not None and args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
+    grid, singles = check_sample_outputs(args)
     cfgs = args.cfg or (1.0,)
     if args.prompt or args.image:
-        return sample_prompted(args, cfgs)
+        return sample_prompted(args, cfgs, grid, singles)
     if args.negative_prompt is not None:
         raise UserError("--negative_prompt needs --prompt or --image")
     model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
@@ -367,19 +450,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError("this model is conditioned on embeddings: give --prompt \"...\" and/or --image PATH")
     if cfg.cond == "none" and args.attrs:
         raise UserError("this model is unconditional (trained with --cond none); drop --attrs")
+    if args.cfg and cfg.cond == "labels" and not args.attrs:
+        raise UserError("--cfg guides towards a request: give --attrs (e.g. color=red), or drop --cfg")
+    if args.cfg and cfg.cond == "none":
+        raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
     n = args.n or 16
     attrs = args.attrs if cfg.cond != "none" else None
     cond = request_condition(attrs, n)
-    columns = []
-    for g in cfgs:
-        rng = torch.Generator().manual_seed(args.seed)
-        columns.append(torch.cat([
-            sample(model, cfg, len(chunk), None if cond is None else cond[chunk], g, args.sampler, args.steps, rng)
-            for chunk in torch.arange(n).split(args.batch_size)]))
     if len(cfgs) == 1:
-        write_outputs(columns[0], args.nrow or max(1, int(round(n ** 0.5))), args.output, args.singles)
+        jobs = [SampleJob(cfgs[0], n, cond, lambda j: j)]
+        nrow = args.nrow or max(1, int(round(n ** 0.5)))
     else:  # a guidance sweep: one column per scale, one row per sample
-        write_outputs(torch.stack(columns, dim=1).flatten(0, 1), len(cfgs), args.output, args.singles)
+        jobs = [SampleJob(g, n, cond, lambda j, gi=gi: j * len(cfgs) + gi) for gi, g in enumerate(cfgs)]
+        nrow = len(cfgs)
+
+    def batches(job: SampleJob):
+        rng = torch.Generator().manual_seed(args.seed)  # the same noise for every guidance scale
+        return sample_batches(model, cfg, job.count, job.cond, job.guidance, args.sampler, args.steps, rng,
+                              batch_size=args.batch_size)
+
+    run_sample_jobs(jobs, batches, nrow, cfg.img_size, grid, singles, not args.no_progress)
     return 0
 
 
@@ -550,36 +640,37 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     smp.add_argument("-o", "--output", help="grid PNG to write")
     smp.add_argument("--singles", help="folder for one PNG per image")
-    smp.add_argument("--n", type=int, default=None,
+    smp.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
                      help="images (label runs, default 16) or images per prompt and guidance scale (default 4)")
-    smp.add_argument("--nrow", type=int, default=0, help="images per grid row (default: square)")
-    smp.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    smp.add_argument("--cfg", type=float_list, default=None,
+    smp.add_argument("--nrow", type=parse_number(int, NON_NEGATIVE), default=0, help="images per grid row (default: square)")
+    smp.add_argument("--seed", type=parse_number(int, SEED), default=0, help="same seed, same images")
+    smp.add_argument("--cfg", type=guidance_scales, default=None,
                      help="classifier-free guidance scale (1 = none); a list like 1,2,3 sweeps across columns")
     smp.add_argument("--attrs", help="labels to ask for, e.g. color=red,shape=circle,position=top left")
     smp.add_argument("--prompt", action="append", help="text prompt (repeat for more rows)")
     smp.add_argument("--image", action="append", help="image prompt: variations of it (repeat for more rows)")
-    smp.add_argument("--image_weight", type=float, default=0.5,
+    smp.add_argument("--image_weight", type=parse_number(float, FRACTION), default=0.5,
                      help="with --prompt and --image together: the image's share of the mixed embedding")
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
     smp.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
     add_text_prior_flags(smp)
     smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim)")
-    smp.add_argument("--steps", type=int, help="DDIM steps for diffusion models (default 50)")
-    smp.add_argument("--batch_size", type=int, default=64)
+    smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
+    smp.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=64)
     smp.add_argument("--no_ema", action="store_true", help="use the raw generator weights, not the EMA")
+    smp.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="score samples of a shapes model (or real shapes) with the analyzer")
     ev.add_argument("--checkpoint", help="run folder or checkpoint folder")
     ev.add_argument("--data", help="score real data instead, e.g. shapes:32")
-    ev.add_argument("--n", type=int, default=500)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--cfg", type=float, default=1.0)
+    ev.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=500)
+    ev.add_argument("--seed", type=parse_number(int, SEED), default=0)
+    ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
     ev.add_argument("--sampler", choices=("ddpm", "ddim"))
-    ev.add_argument("--steps", type=int)
-    ev.add_argument("--batch_size", type=int, default=100)
-    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--steps", type=parse_number(int, Range(1, 100_000)))
+    ev.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=100)
+    ev.add_argument("--threads", type=parse_number(int, THREADS), default=0)
     ev.add_argument("--no_ema", action="store_true", help="score the raw generator weights, not the EMA")
     ev.add_argument("--prompts", choices=("text", "paraphrase", "image"), default="text",
                     help="embedding runs: ask with text prompts in the captions' wording, paraphrased (words no "
@@ -595,33 +686,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
                       help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
-    demo.add_argument("--steps", type=int, default=None, help="the generator's training steps (default 5000)")
-    demo.add_argument("--minutes", type=float, default=None,
+    demo.add_argument("--steps", type=parse_number(int, AT_LEAST_1), default=None, help="the generator's training steps (default 5000)")
+    demo.add_argument("--minutes", type=parse_number(float, Range(0, low_open=True)), default=None,
                       help="also stop the generator after this many minutes (default: no time budget)")
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    demo.add_argument("--threads", type=parse_number(int, THREADS), default=0, help="torch threads (default: all cores)")
     demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=cmd_demo)
 
     enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
     enc.add_argument("--data", "--dataset", dest="data", default="shapes",
                      help=f"data source (default shapes): {SPEC_HELP_SOURCES}")
-    enc.add_argument("--img_size", type=int, default=None, help="image size when --data has none (default 64)")
-    enc.add_argument("--n", type=int, default=None,
+    enc.add_argument("--img_size", type=parse_number(int, Range(1, 8192)), default=None, help="image size when --data has none (default 64)")
+    enc.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
                      help="good examples to encode, from the start of the source (default: all; shapes: required)")
     add_data_flags(enc)
     enc.add_argument("--crop", default="center", choices=("center", "random"),
                      help="square crop after resizing the shorter side (default center)")
-    enc.add_argument("--seed", type=int, default=0, help="the data source's seed")
+    enc.add_argument("--seed", type=parse_number(int, SEED), default=0, help="the data source's seed")
     enc.add_argument("--autoencoder", required=True, help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
     enc.add_argument("--encoder", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")
     enc.add_argument("--out", required=True, help="cache folder (new, or a partial one to finish)")
     enc.add_argument("--flip", action="store_true", help="also store the latents of horizontally flipped images")
-    enc.add_argument("--shard_size", type=int, default=5000, help="examples per shard (default 5000)")
-    enc.add_argument("--batch_size", type=int, default=256, help="images per encoder call (default 256)")
-    enc.add_argument("--scale", type=float, default=None,
+    enc.add_argument("--shard_size", type=parse_number(int, Range(1, 10_000_000)), default=5000, help="examples per shard (default 5000)")
+    enc.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=256, help="images per encoder call (default 256)")
+    enc.add_argument("--scale", type=parse_number(float, Range(0, 1000, low_open=True)), default=None,
                      help="latent scale factor (default: measured on the first 512 images)")
     enc.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    enc.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    enc.add_argument("--threads", type=parse_number(int, THREADS), default=0, help="CPU threads for torch (default: torch's choice)")
     enc.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     enc.set_defaults(func=cmd_encode)
 
@@ -630,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("run", help="run folder of an embedding-conditioned `cclddg train`")
     es.add_argument("--data", help="a latent cache or a captioned data source to measure on (default: the run's data; "
                     "for a run trained without captions, the embedder's own data)")
-    es.add_argument("--n", type=int, default=5000, help="examples of a data source to embed (default 5000)")
+    es.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=5000, help="examples of a data source to embed (default 5000)")
     es.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
     es.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     es.set_defaults(func=cmd_embedding_stats)
@@ -638,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw a run's log.jsonl (losses, D outputs, R1, grad norms, lr, ...) as a PNG")
     plot.add_argument("run", help="run folder of cclddg train (it has a log.jsonl)")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN/plot.png)")
-    plot.add_argument("--smooth", type=float, default=0.9,
+    plot.add_argument("--smooth", type=parse_number(float, BELOW_1), default=0.9,
                       help="EMA factor of the smoothed line, in [0, 1): 0 = raw values (default 0.9)")
     plot.set_defaults(func=cmd_plot)
     return parser
@@ -648,7 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cclddg.training.trainer import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line already printed) or --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "eval" and not (args.checkpoint or args.data):
         parser.exit(EXIT_USAGE, "cclddg eval: error: give --checkpoint RUN or --data shapes:SIZE\n")
     show = warnings.showwarning
@@ -658,6 +752,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"cclddg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SamplingInterrupted as exc:
+        print(f"cclddg {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # commands that keep nothing half-made: nothing more to say
+        print(f"cclddg {args.command}: interrupted; nothing was written half-way", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingError as exc:
         print(f"cclddg {args.command}: stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED

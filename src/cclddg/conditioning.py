@@ -36,6 +36,7 @@ from cclddg.errors import UserError
 
 STATS_FILE = "embedding_stats.safetensors"
 BANK_SIZE = 20000  # image embeddings kept for the retrieval prior (10 MB at 256-d in fp16)
+PRIOR_CHUNK = 1024  # text embeddings the retrieval prior compares with the bank at once (80 MB of similarities)
 
 
 # ---- labels (shapes) -----------------------------------------------------------------------------------------
@@ -224,8 +225,14 @@ class PromptConditioner:
         self.embedder, self.prior, self.stats, self.k = embedder, prior, stats, k
 
     def texts(self, prompts: Sequence[str], generator: torch.Generator | None = None, pick: str = "sample") -> Tensor:
-        prompts = [self.embedder.check_prompt(p) for p in prompts]
-        return apply_text_prior(self.embedder.embed_texts(prompts), self.prior, self.stats, self.k, generator, pick)
+        """(len(prompts), dim): each distinct prompt is embedded once, however often it repeats (n samples of
+        one prompt), and the prior maps the rows in chunks, so memory does not grow with the repeats."""
+        checked = [self.embedder.check_prompt(p) for p in prompts]
+        unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
+        embedded = self.embedder.embed_texts(list(unique))
+        rows = embedded[torch.tensor([unique[p] for p in checked], dtype=torch.long)]
+        return torch.cat([apply_text_prior(chunk, self.prior, self.stats, self.k, generator, pick)
+                          for chunk in rows.split(PRIOR_CHUNK)])
 
     def images(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         if isinstance(images, Tensor) and images.ndim == 4:

@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cclddg.errors import UserError
+from cclddg.options import (
+    AT_LEAST_1,
+    BELOW_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    Range,
+    check_fields,
+)
 
 OBJECTIVES = ("ddgan", "diffusion")
 STEP_KINDS = ("posterior", "renoise")
@@ -33,12 +44,16 @@ class JsonConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
+    def from_dict(cls, values: Any):
+        """The config from (JSON) values; a wrong key, type or range is one line (`options.check_fields`)."""
+        if not isinstance(values, dict):
+            raise UserError(f"a {cls.KIND} is a JSON object of settings, not a {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown {cls.KIND} keys {unknown}; this cclddg knows {sorted(known)}")
         cfg = cls(**values)
+        check_fields(cfg)
         for name in cls.TUPLE_FIELDS:
             setattr(cfg, name, tuple(getattr(cfg, name)))
         return cfg
@@ -134,6 +149,21 @@ class TrainConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas")
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": Range(1, 8192), "latent_channels": Range(1, 4096), "latent_factor": Range(1, 1024),
+        "latent_scale": POSITIVE, "pct_zeros": BELOW_1, "pct_text": FRACTION, "pseudo_text_xi": NON_NEGATIVE,
+        "prior_k": AT_LEAST_1, "data_size": NON_NEGATIVE, "workers": Range(0, 256), "n_steps": Range(1, 100_000),
+        "beta_min": POSITIVE, "beta_max": POSITIVE, "n_channels_unet": Range(1, 8192), "ch_mults": Range(1, 64),
+        "n_blocks": Range(1, 64), "z_dim": Range(0, 65536), "n_z_channels": Range(1, 65536),
+        "n_cond_channels": Range(1, 65536), "n_cond_channels_disc": Range(-1, 65536), "n_time_channels": Range(-1, 65536),
+        "denom_factor": POSITIVE, "dropout": BELOW_1, "cond_map_size": Range(0, 1024),
+        "n_channels_disc": Range(1, 8192), "ch_mults_disc": Range(1, 64), "n_blocks_disc": Range(1, 64),
+        "batch_size": Range(1, 1 << 20), "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
+        "lr_disc": POSITIVE, "adam_betas": BELOW_1, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+        "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
+        "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEED, "log_every": AT_LEAST_1,
+        "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
+    }
 
 
 # The seed project's recipe (train_cclddg.py): schedule 0.3..0.9 over 5 steps, the x_{t-1} fake step
@@ -256,11 +286,6 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise UserError(f"--{name} {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if not value >= 0 or (value == 0 and not allow_zero):  # `not >=` also refuses NaN
-        raise UserError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings before a model is built or a file is written."""
     _choice("objective", cfg.objective, OBJECTIVES)
@@ -270,18 +295,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("injection", cfg.injection, INJECTIONS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
-    for name in ("img_size", "n_steps", "n_channels_unet", "n_channels_disc", "batch_size", "n_blocks",
-                 "n_blocks_disc", "log_every", "log_images_every", "save_models_every", "lazy_reg", "grad_accum"):
-        _positive(name, getattr(cfg, name))
-    for name in ("n_batches", "max_minutes", "lr_warmup", "z_dim", "cond_map_size", "weight_decay", "r1_gamma", "recon_loss_scale", "grad_clip"):
-        _positive(name, getattr(cfg, name), allow_zero=True)
-    for name in ("lr_gen", "lr_disc"):
-        _positive(name, getattr(cfg, name))
-    if not 0.0 <= cfg.pct_text <= 1.0:
-        raise UserError(f"--pct_text must be in [0, 1], got {cfg.pct_text}")
+    check_fields(cfg)
     _choice("text_prior", cfg.text_prior, TEXT_PRIORS)
-    _positive("pseudo_text_xi", cfg.pseudo_text_xi, allow_zero=True)
-    _positive("prior_k", cfg.prior_k)
     if cfg.cond == "embedding" and not cfg.encoder:
         raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
                         "(train one with `cclddg train-cloob`)")
@@ -291,18 +306,12 @@ def validate(cfg: TrainConfig) -> None:
         from cclddg.encoders import parse_encoder_spec
 
         parse_encoder_spec(cfg.encoder)
-    _positive("data_size", cfg.data_size, allow_zero=True)
-    _positive("workers", cfg.workers, allow_zero=True)
     if cfg.data_size == 0 and not is_cache(cfg.data):
         from cclddg.data.sources import parse_data_spec
 
         if parse_data_spec(cfg.data).procedural:
             raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
                             "give --data_size N")
-    for name in ("pct_zeros", "ema_decay"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"--{name} must be in [0, 1), got {value}")
     if len(cfg.ch_mults) != len(cfg.is_attn):
         raise UserError(f"--ch_mults has {len(cfg.ch_mults)} levels but --is_attn has {len(cfg.is_attn)}; "
                         "give one attention flag per level")
@@ -312,8 +321,6 @@ def validate(cfg: TrainConfig) -> None:
     from cclddg.latents import parse_autoencoder_spec
 
     parse_autoencoder_spec(cfg.autoencoder)
-    for name in ("latent_channels", "latent_factor", "latent_scale"):
-        _positive(name, getattr(cfg, name))
     for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
         factor = 2 ** (len(mults) - 1) * cfg.latent_factor
         if cfg.img_size % factor:

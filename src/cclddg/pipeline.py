@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -117,6 +117,22 @@ def sample(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None
     return run_latent_space(cfg.autoencoder, cfg.latent_scale, str(torch.device(device))).decode(x)
 
 
+def sample_batches(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None = None,
+                   guidance: float = 1.0, sampler: str | None = None, n_sample_steps: int | None = None,
+                   rng: torch.Generator | None = None, device: torch.device | str = "cpu",
+                   uncond: Tensor | None = None, batch_size: int = 64) -> Iterator[Tensor]:
+    """`sample` of n images (rows of `cond`) in batches of at most `batch_size`, yielded on the CPU as they are
+    made: memory is one batch's, whatever n is. One `rng` runs through the batches in order."""
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if cond is not None and len(cond) != n:
+        raise UserError(f"{len(cond)} conditions for {n} images; give one per image")
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        chunk = None if cond is None else cond[start:stop].to(device)
+        yield sample(model, cfg, stop - start, chunk, guidance, sampler, n_sample_steps, rng, device, uncond).cpu()
+
+
 @functools.lru_cache(maxsize=4)
 def run_latent_space(spec: str, scale: float, device: str):
     """A run's autoencoder, loaded once per process (sampling in batches would otherwise reload it)."""
@@ -196,18 +212,26 @@ class PromptPipeline:
         return self.prompts.negative(prompt)
 
     @torch.no_grad()
-    def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
-                 negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None) -> Tensor:
-        """(rows * n, 3, H, W) in [-1, 1]: n samples per row of `cond`, the same noise for the same seed."""
+    def batches(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
+                negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None,
+                batch_size: int = 64) -> Iterator[Tensor]:
+        """Batches of (≤ batch_size, 3, H, W) in [-1, 1] on the CPU: n samples per row of `cond`, in order; the
+        same noise for the same seed and batch size."""
         rng = torch.Generator().manual_seed(seed)
-        c = cond.to(self.device).repeat_interleave(n, dim=0)
-        return sample(self.model, self.cfg, c.shape[0], c, guidance, sampler, steps, rng, self.device,
-                      uncond=None if negative is None else negative.to(self.device))
+        c = cond.repeat_interleave(n, dim=0)
+        yield from sample_batches(self.model, self.cfg, c.shape[0], c, guidance, sampler, steps, rng, self.device,
+                                  None if negative is None else negative.to(self.device), batch_size)
+
+    def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
+                 negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None,
+                 batch_size: int = 64) -> Tensor:
+        """(rows * n, 3, H, W) in [-1, 1]: n samples per row of `cond`, made in batches of `batch_size`."""
+        return torch.cat(list(self.batches(cond, n, guidance, seed, negative, sampler, steps, batch_size)))
 
     def __call__(self, prompts: str | Sequence[str] | None = None, images: Sequence | None = None,
                  image_weight: float = 0.5, negative_prompt: str | None = None, n: int = 1,
-                 guidance: float = 1.0, seed: int = 0) -> list:
-        """PIL images: n per prompt (or image), prompt-major order."""
+                 guidance: float = 1.0, seed: int = 0, batch_size: int = 64) -> list:
+        """PIL images: n per prompt (or image), prompt-major order, made in batches of `batch_size`."""
         from PIL import Image
 
         from cclddg.data.images import image_to_tensor, tensor_to_image
@@ -218,4 +242,5 @@ class PromptPipeline:
                    (read_image(i) if isinstance(i, (str, Path)) else i) for i in images or []]
         cond = self.condition(prompts, tensors, image_weight, n=n, seed=seed)
         negative = self.negative(negative_prompt)
-        return [tensor_to_image(x) for x in self.generate(cond, 1, guidance, seed, negative)]
+        return [tensor_to_image(x) for batch in self.batches(cond, 1, guidance, seed, negative, batch_size=batch_size)
+                for x in batch]

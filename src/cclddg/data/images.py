@@ -44,6 +44,35 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(tensor_to_array(t), "RGB")
 
 
+class GridCanvas:
+    """A grid image filled tile by tile as uint8, so a grid of thousands of samples never holds them as floats."""
+
+    MAX_PIXELS = 400_000_000  # ~1.2 GB of RGB: a grid larger than this is refused before any sampling
+
+    def __init__(self, count: int, nrow: int, height: int, width: int, padding: int = 2, pad_value: float = 1.0):
+        if count < 1 or nrow < 1 or padding < 0:
+            raise UserError(f"a grid needs count >= 1, nrow >= 1 and padding >= 0, got {count}, {nrow}, {padding}")
+        self.cols = min(nrow, count)
+        rows = -(-count // self.cols)
+        self.count, self.h, self.w, self.padding = count, height, width, padding
+        shape = (rows * (height + padding) + padding, self.cols * (width + padding) + padding)
+        if shape[0] * shape[1] > self.MAX_PIXELS:
+            raise UserError(f"a grid of {count} images would be {shape[1]}x{shape[0]} pixels, too large for one "
+                            "image; write them one by one with --singles FOLDER, or ask for fewer")
+        fill = int(round((max(-1.0, min(1.0, pad_value)) + 1.0) * 127.5))
+        self.canvas = np.full((*shape, 3), fill, np.uint8)
+
+    def put(self, index: int, tiles: np.ndarray) -> None:
+        """Place uint8 (B, H, W, 3) tiles at grid cells index, index+1, ..."""
+        step_y, step_x = self.h + self.padding, self.w + self.padding
+        for k, tile in enumerate(tiles, start=index):
+            y, x = self.padding + (k // self.cols) * step_y, self.padding + (k % self.cols) * step_x
+            self.canvas[y:y + self.h, x:x + self.w] = tile
+
+    def image(self) -> Image.Image:
+        return Image.fromarray(self.canvas, "RGB")
+
+
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> Image.Image:
     """Tile (B, 3, H, W) images in [-1, 1] into one PIL image, `nrow` images per row."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -51,16 +80,10 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
     if nrow < 1 or padding < 0:
         raise UserError(f"make_grid needs nrow >= 1 and padding >= 0, got nrow={nrow}, padding={padding}")
     b, _, h, w = images.shape
-    cols = min(nrow, max(b, 1))
-    rows = max(1, -(-b // cols))
-    fill = int(round((max(-1.0, min(1.0, pad_value)) + 1.0) * 127.5))
-    canvas = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), fill, np.uint8)
-    tiles = tensor_to_array(images) if b else []
-    for k, tile in enumerate(tiles):
-        y = padding + (k // cols) * (h + padding)
-        x = padding + (k % cols) * (w + padding)
-        canvas[y:y + h, x:x + w] = tile
-    return Image.fromarray(canvas, "RGB")
+    canvas = GridCanvas(max(b, 1), nrow, h, w, padding, pad_value)
+    if b:
+        canvas.put(0, tensor_to_array(images))
+    return canvas.image()
 
 
 def save_image_atomic(image: Image.Image, path: str | Path) -> None:

@@ -7,6 +7,7 @@ batching, moving inputs to the model's device, L2 normalisation and prompt check
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -69,8 +70,12 @@ class Embedder(nn.Module):
 
     def check_prompt(self, text: str) -> str:
         """A prompt the user typed: reject empty ones and ones the text tower would have to cut."""
-        if not text or not text.strip():
-            raise UserError("the prompt is empty; give some words, e.g. --prompt \"a red circle\"")
+        if not isinstance(text, str):
+            raise UserError(f"a prompt is text, not {type(text).__name__}")
+        text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)  # control characters
+        if not text.strip():
+            raise UserError("the prompt is empty (or only control characters); give some words, "
+                            "e.g. --prompt \"a red circle\"")
         n = self.count_tokens(text)
         if n > self.max_text_tokens:
             raise UserError(f"the prompt {text[:40]!r}... is {n} tokens long; this encoder reads at most "

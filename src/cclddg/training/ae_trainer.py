@@ -31,6 +31,15 @@ from cclddg.config import JsonConfig
 from cclddg.data.sources import check_source, load_held_out, load_training_set
 from cclddg.errors import UserError
 from cclddg.latents.own_ae import build_autoencoder
+from cclddg.options import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    Range,
+    check_fields,
+)
 from cclddg.training import checkpoint as ckpt_io
 
 HELD_OUT_SEED = 1_000_003  # the held-out images of every report (as in evaluation.zero_shot)
@@ -65,21 +74,21 @@ class AETrainConfig(JsonConfig):
 
     KIND: ClassVar[str] = "train-ae config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEED, "widths": Range(1, 8192),
+        "latent_channels": Range(1, 1024), "layers_per_block": Range(1, 64), "norm_groups": Range(1, 1024),
+        "crop": Range(0, 8192), "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE,
+        "mse_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "adv_weight": NON_NEGATIVE, "adv_start": NON_NEGATIVE,
+        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
+        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+    }
 
     @property
     def factor(self) -> int:
         return 2 ** (len(self.widths) - 1)
 
     def validate(self) -> None:
-        for name in ("img_size", "train_size", "latent_channels", "layers_per_block", "norm_groups", "batch_size",
-                     "log_every", "save_every", "eval_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_batches", "max_minutes", "warmup", "mse_weight", "kl_weight", "adv_weight", "adv_start", "crop"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        check_fields(self)
         if not self.widths:
             raise UserError("--widths needs at least one width, e.g. 16,32,64")
         if any(w % self.norm_groups for w in self.widths):

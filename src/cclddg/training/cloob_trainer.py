@@ -33,6 +33,15 @@ from cclddg.data.sources import (
 from cclddg.encoders.own_cloob import TEXT_HEADS, TEXT_TOWERS, CLOOBModel, OwnCLOOB
 from cclddg.encoders.sentence import SENTENCE_DIM
 from cclddg.errors import UserError
+from cclddg.options import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    Range,
+    check_fields,
+)
 from cclddg.training import checkpoint as ckpt_io
 
 
@@ -64,8 +73,16 @@ class CLOOBTrainConfig(JsonConfig):
 
     KIND: ClassVar[str] = "train-cloob config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEED, "dim": Range(0, 65536),
+        "widths": Range(1, 8192), "text_hidden": Range(0, 65536), "inv_tau": POSITIVE, "scale_hopfield": POSITIVE,
+        "batch_size": Range(2, 1 << 20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE,
+        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
+        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+    }
 
     def validate(self) -> None:
+        check_fields(self)
         if self.text_tower not in TEXT_TOWERS:
             raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
         if self.text_head not in TEXT_HEADS:
@@ -74,16 +91,6 @@ class CLOOBTrainConfig(JsonConfig):
             raise UserError("--center_text is the fixed map of a locked text head: add --text_head locked")
         if self.text_head == "locked" and self.text_tower != "minilm":
             raise UserError("--text_head locked keeps the frozen sentence encoder's space: it needs --text_tower minilm")
-        if self.dim < 0:
-            raise UserError(f"--dim must be >= 1 (or 0 for the default), got {self.dim}")
-        for name in ("img_size", "train_size", "batch_size", "log_every", "save_every", "eval_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_batches", "max_minutes", "warmup", "weight_decay", "text_hidden"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.inv_tau <= 0 or self.scale_hopfield <= 0:
-            raise UserError("--lr, --inv_tau and --scale_hopfield must be > 0")
         if self.batch_size < 2 or self.batch_size > self.train_size:
             raise UserError(f"--batch_size must be in [2, train_size={self.train_size}] (contrastive learning "
                             f"needs negatives), got {self.batch_size}")

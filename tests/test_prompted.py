@@ -276,7 +276,7 @@ def test_the_text_prior_may_change_on_resume(tmp_path, encoder):
     common = [*TINY_GEN, "--encoder", encoder, "--cache_dir", str(tmp_path / "cache")]
     assert main(["train", "--out", str(out), *common, "--n_batches", "2"]) == 0
     assert main(["train", "--out", str(out), *common, "--n_batches", "3", "--resume", "--text_prior", "gap"]) == 0
-    assert json.loads((out / "config.json").read_text())["text_prior"] == "none"  # the saved config is the run's
+    assert json.loads((out / "config.json").read_text())["text_prior"] == "gap"  # what the run now uses
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -153,8 +153,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
     before = (out / "config.json").read_bytes(), (out / "log.jsonl").read_bytes()
     result = run_cli("train", "--out", str(out), *TINY, "--n_batches", "2")
     assert result.returncode != 0 and "holds another run" in result.stderr
-    result = run_cli("train", "--out", str(out), *TINY, "--n_batches", "4", "--lr_gen", "0.1", "--resume")
-    assert result.returncode != 0 and "cannot resume" in result.stderr and "lr_gen" in result.stderr
+    result = run_cli("train", "--out", str(out), *TINY, "--n_batches", "4", "--z_dim", "3", "--resume")
+    assert result.returncode != 0 and "cannot resume" in result.stderr and "z_dim" in result.stderr
     assert ((out / "config.json").read_bytes(), (out / "log.jsonl").read_bytes()) == before
 
 

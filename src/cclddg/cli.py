@@ -11,10 +11,11 @@ import json
 import re
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cclddg.atomic import write_text_atomic
 from cclddg.config import (
     OBJECTIVES,
     PRECISIONS,
@@ -25,7 +26,7 @@ from cclddg.config import (
     validate,
 )
 from cclddg.data.sources import with_font
-from cclddg.errors import UserError
+from cclddg.errors import OneLineWarning, UserError
 from cclddg.options import (
     ANY,
     AT_LEAST_1,
@@ -38,6 +39,7 @@ from cclddg.options import (
     field_kind,
     parse_number,
 )
+from cclddg.paths import output_folder, undone_if_failed
 
 GUIDANCE = Range(0, 100)  # classifier-free guidance scales: 0 unconditional, 1 plain, beyond ~10 saturated
 
@@ -203,13 +205,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cclddg.training.checkpoint import list_checkpoints
     from cclddg.training.trainer import Trainer
 
     names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if args.font:
         overrides["data"] = with_font(overrides.get("data") or "shapes", args.font)
-    out = Path(args.out)
+    out = output_folder(args.out, "--out")
     if overrides.get("encoder"):
         from cclddg.encoders import absolute_spec
 
@@ -222,22 +225,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["autoencoder"] = absolute_autoencoder_spec(overrides["autoencoder"])
     if args.resume and (out / "config.json").is_file():
         # Resume from the run's own config; flags given on top must agree with it (checked by the trainer).
-        saved = json.loads((out / "config.json").read_text())
+        from cclddg.training.checkpoint import read_config_json
+
+        saved = asdict(read_config_json(out / "config.json"))
         saved.update({k: v for k, v in overrides.items() if v is not None})
         cfg = TrainConfig.from_dict(saved)
         validate(cfg)
     else:
         cfg = resolve(args.preset, overrides)
-    trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
-    try:
-        trainer.run()
-    except KeyboardInterrupt:
-        if trainer.rank == 0:  # one line for the run, not one per process
-            print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-                  f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        trainer.close()
+    with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
+        trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+        try:
+            trainer.run()
+        except KeyboardInterrupt:
+            if trainer.rank == 0 and trainer.last_checkpoint is not None:  # one line for the run, not one per process
+                print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
+                      f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            raise
+        finally:
+            trainer.close()
     if trainer.rank == 0:
         print(f"done: {trainer.step} steps; run folder {out}; latest checkpoint {trainer.last_checkpoint}")
     return 0
@@ -247,20 +254,29 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
     """`train-cloob` / `train-ae`: flags over the run's saved config (on --resume), run, Ctrl-C saves.
 
     Returns the trainer's final report, or None when interrupted (the message says how to resume)."""
+    from cclddg.training.checkpoint import list_checkpoints
+
     names = {f.name for f in fields(config_cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    out = Path(args.out)
-    values = json.loads((out / "config.json").read_text()) if args.resume and (out / "config.json").is_file() else {}
+    out = output_folder(args.out, "--out")
+    values = {}
+    if args.resume and (out / "config.json").is_file():
+        from cclddg.training.checkpoint import read_config_json
+
+        values = asdict(read_config_json(out / "config.json", config_cls, f"{command} config"))
     values.update(overrides)
     if args.font:
         values["data"] = with_font(values.get("data", "shapes"), args.font)
-    trainer = trainer_cls(config_cls.from_dict(values), out, resume=args.resume, progress=not args.no_progress)
-    try:
-        report = trainer.run()
-    except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-              f"continue with: cclddg {command} --out {out} --resume", file=sys.stderr)
-        return None
+    with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
+        trainer = trainer_cls(config_cls.from_dict(values), out, resume=args.resume, progress=not args.no_progress)
+        try:
+            report = trainer.run()
+        except KeyboardInterrupt:
+            if trainer.last_checkpoint is None:
+                raise
+            print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
+                  f"continue with: cclddg {command} --out {out} --resume", file=sys.stderr)
+            return None
     print(json.dumps(report, indent=2))
     return report
 
@@ -354,7 +370,7 @@ class SampleJob:
 
 def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """-o and --singles, checked (and their folders made) before any sampling."""
-    from cclddg.paths import IMAGE_SUFFIXES, output_file, output_folder
+    from cclddg.paths import IMAGE_SUFFIXES, output_file
 
     if not (args.output or args.singles):
         raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
@@ -375,6 +391,10 @@ def run_sample_jobs(jobs: list[SampleJob], make_batches, nrow: int, size: int, g
 
     total = sum(job.count for job in jobs)
     canvas = GridCanvas(total, nrow, size, size) if grid_path else None  # a too-large grid is refused here, first
+    if grid_path is not None:
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+    if singles is not None:
+        singles.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(total - 1)))
     bar = tqdm(total=total, desc="sample", unit="img", delay=2, disable=not progress)
     done = 0
@@ -478,9 +498,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from cclddg.encoders import load_embedder
     from cclddg.evaluation.generated import evaluate_model, real_clip_score
+    from cclddg.paths import output_file
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
+    output = output_file(args.output, "-o", (".json",)) if args.output else None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data:
@@ -522,8 +542,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {k: v for k, v in report.items() if not isinstance(v, list)}
     text = json.dumps(report, indent=2, default=str)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, text + "\n")
     return 0
 
 
@@ -538,11 +559,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from cclddg.encoders import load_embedder
     from cclddg.latents import load_latent_space
 
-    for name in ("n", "shard_size", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.scale is not None and not args.scale > 0:
-        raise UserError(f"--scale must be > 0, got {args.scale}")
     if args.threads:
         torch.set_num_threads(args.threads)
     data = with_font(args.data, args.font)
@@ -550,16 +566,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if spec.procedural and args.n is None:
         raise UserError("--data shapes is endless: give --n, the number of examples to encode")
     img_size = spec.size or args.img_size or 64
-    out = Path(args.out)
+    out = output_folder(args.out, "--out")
     was_complete = (out / META_FILE).is_file()
     source = open_source(spec, img_size, seed=args.seed, length=args.n)
     space = load_latent_space(args.autoencoder, args.device)
     embedder = load_embedder(args.encoder, args.device) if args.encoder else None
     start = time.perf_counter()
     try:
-        encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
-                       shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
-                       progress=not args.no_progress, workers=resolve_workers(args.workers, spec), crop=args.crop)
+        with undone_if_failed(out, lambda: shards_done(out) > 0):
+            encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
+                           shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
+                           progress=not args.no_progress, workers=resolve_workers(args.workers, spec), crop=args.crop)
     except KeyboardInterrupt:
         print(f"interrupted; {shards_done(out)} finished shards are kept in {out}; "
               "rerun the same command to resume", file=sys.stderr)
@@ -581,7 +598,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cclddg.demo import Demo
-
+    output_folder(args.out, "--out")
     demo = Demo(args.out, quick=args.quick, gen_minutes=args.minutes, progress=not args.no_progress,
                 threads=args.threads, data=args.data, gen_steps=args.steps)
     try:
@@ -599,8 +616,6 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     from cclddg.encoders import load_embedder
     from cclddg.training.checkpoint import load_config, resolve_checkpoint
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
     cfg = load_config(resolve_checkpoint(Path(args.run)))
     if cfg.cond != "embedding":
         raise UserError(f"{args.run} is conditioned on {cfg.cond}, not on embeddings: it takes no text prompts")
@@ -613,9 +628,12 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from cclddg.paths import input_folder, output_file
     from cclddg.training.plot import plot_run
 
-    out = plot_run(Path(args.run), Path(args.output) if args.output else None, smooth=args.smooth)
+    run = input_folder(args.run, "RUN")
+    output = output_file(args.output, "-o", (".png",)) if args.output else None
+    out = plot_run(run, output, smooth=args.smooth)
     print(f"wrote {out}")
     return 0
 
@@ -746,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "eval" and not (args.checkpoint or args.data):
         parser.exit(EXIT_USAGE, "cclddg eval: error: give --checkpoint RUN or --data shapes:SIZE\n")
     show = warnings.showwarning
-    warnings.showwarning = _one_line_data_warnings(show, args.command)
+    warnings.showwarning = _one_line_warnings(show, args.command)
     try:
         return args.func(args)
     except UserError as exc:
@@ -765,12 +783,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
 
 
-def _one_line_data_warnings(show, command: str):
-    """Skipped bad files are warned about as one line each (no source line of the library under it)."""
-    from cclddg.data.preprocess import BadDataWarning
-
+def _one_line_warnings(show, command: str):
+    """Our warnings (a skipped bad file, a damaged checkpoint passed over) are one line each, without the
+    library's source line under it."""
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, BadDataWarning):
+        if issubclass(category, OneLineWarning):
             print(f"cclddg {command}: warning: {message}", file=file or sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)

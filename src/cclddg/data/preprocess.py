@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cclddg.data.source import Record
+from cclddg.errors import OneLineWarning
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (~0.25 GB of 24-bit pixels)
 CROPS = ("center", "random")
@@ -33,7 +34,7 @@ class BadExample(Exception):
         self.kind, self.detail = kind, detail
 
 
-class BadDataWarning(UserWarning):
+class BadDataWarning(OneLineWarning):
     """A bad example was skipped (the first few are named; all are counted)."""
 
 

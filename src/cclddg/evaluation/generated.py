@@ -17,7 +17,7 @@ from cclddg.conditioning import PromptConditioner, label_condition
 from cclddg.config import TrainConfig
 from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset
 from cclddg.errors import UserError
-from cclddg.evaluation.shapes_eval import score
+from cclddg.evaluation.shapes_eval import analyze, summarize
 from cclddg.evaluation.zero_shot import (
     HELD_OUT_SEED,
     PARAPHRASE_VARIANTS,
@@ -73,7 +73,7 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
     texts = request_texts(requests, prompts, seed) if cfg.cond == "embedding" and prompts != "image" else []
     rng = torch.Generator(device=device).manual_seed(seed)
     prior_rng = torch.Generator().manual_seed(seed)
-    images = []
+    analyses, clip_sum = [], 0.0  # per batch: memory does not grow with n
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
         chunk = requests[start:start + batch_size]
         cond = None
@@ -83,12 +83,14 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
             cond = conditioner.images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
         elif cfg.cond == "embedding":
             cond = conditioner.texts(texts[start:start + len(chunk)], prior_rng).to(device)
-        images.append(sample(model, cfg, len(chunk), cond, guidance, sampler, n_sample_steps, rng, device).cpu())
-    images = torch.cat(images)
-    report = score(list(images), requests)
+        images = sample(model, cfg, len(chunk), cond, guidance, sampler, n_sample_steps, rng, device).cpu()
+        analyses.extend(analyze(x) for x in images)
+        if cfg.cond == "embedding":
+            # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
+            clip_sum += clip_score(conditioner.embedder, images, [request_prompt(r) for r in chunk]) * len(chunk)
+    report = summarize(analyses, requests)
     if cfg.cond == "embedding":
-        # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
-        report["cloob_score"] = clip_score(conditioner.embedder, images, [request_prompt(r) for r in requests])
+        report["cloob_score"] = clip_sum / n
         report["prompts"] = prompts
         report["text_prior"] = conditioner.prior
     return report

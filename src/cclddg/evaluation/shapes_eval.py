@@ -343,9 +343,16 @@ def score(images, requested: Sequence[Mapping[str, str]], return_analyses: bool 
     items = _as_list(images)
     if len(items) != len(requested):
         raise UserError(f"score got {len(items)} images but {len(requested)} requests; they must pair up")
+    return summarize([analyze(x) for x in items], requested, return_analyses)
+
+
+def summarize(analyses: Sequence[Analysis], requested: Sequence[Mapping[str, str]],
+              return_analyses: bool = False) -> dict:
+    """`score` from analyses already made (a caller that analyses batch by batch keeps no images)."""
+    if len(analyses) != len(requested):
+        raise UserError(f"{len(analyses)} analyses but {len(requested)} requests; they must pair up")
     wanted = [validate_attrs(r, complete=False) for r in requested]
-    analyses = [analyze(x) for x in items]
-    result: dict = {"n": len(items), "validity": float(np.mean([a.valid for a in analyses])) if items else 0.0}
+    result: dict = {"n": len(analyses), "validity": float(np.mean([a.valid for a in analyses])) if analyses else 0.0}
     accs = []
     for attr in ATTRIBUTES:
         hits = [a.valid and getattr(a, attr) == r[attr] for a, r in zip(analyses, wanted) if attr in r]

@@ -64,7 +64,8 @@ def prepare_small_run(out: Path, cfg: Any, resume: bool, resumable: set[str], co
     if resume:
         if not config_path.is_file():
             raise UserError(f"--resume: {out} holds no {command} run; start it without --resume")
-        old, new = json.loads(config_path.read_text()), json.loads(cfg.to_json())
+        old = json.loads(read_config_json(config_path, type(cfg), f"{command} config").to_json())
+        new = json.loads(cfg.to_json())
         clash = [k for k in new if k not in resumable and new[k] != old.get(k)]
         if clash:
             raise UserError(f"cannot resume {out} with a different config ({', '.join(clash[:4])} differ); "
@@ -188,8 +189,50 @@ def load_state(folder: Path) -> dict[str, Any]:
         raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__})") from exc
 
 
-def load_config(folder: Path) -> TrainConfig:
+def read_config_json(path: Path, config_cls: type = TrainConfig, what: str = "run config") -> Any:
+    """A config.json read back into `config_cls`; unreadable JSON, a list or a string where a number goes is one
+    line that names the file (the keys and types are checked by `from_dict`)."""
     try:
-        return TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"could not read {folder / CONFIG_FILE}: {exc}") from exc
+        values = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"could not read the {what} {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"the {what} {path} is not valid JSON ({exc}); restore it, e.g. from a checkpoint's "
+                        f"{CONFIG_FILE}") from None
+    try:
+        return config_cls.from_dict(values)
+    except (UserError, TypeError) as exc:
+        raise UserError(f"the {what} {path} is not one cclddg wrote: {exc}") from None
+
+
+def load_config(folder: Path) -> TrainConfig:
+    return read_config_json(folder / CONFIG_FILE, TrainConfig, "checkpoint config")
+
+
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what a killed process left half-made in a run folder: checkpoints being written (`.tmp-step_*`) or
+    deleted (`.tmp-del-step_*`), and temporary files of atomic writes (`.NAME.PID.tmp*`). Returns them."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_dir() and path.name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif path.is_file() and re.fullmatch(r"\..+\.\d+\.tmp(\..*)?", path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The checkpoints a resume may start from: the one `latest` names first, then the others newest first."""
+    found = list_checkpoints(run_dir)[::-1]
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        named = run_dir / "checkpoints" / latest.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found

@@ -101,6 +101,11 @@ class JsonlTracker:
     def log_images(self, images: Mapping[str, Image.Image], step: int) -> None:
         """Nothing: the trainer saves its grids as PNGs in RUN/samples/."""
 
+    def note(self, values: Mapping[str, Any], step: int) -> None:
+        """A record that is not a scalar (what a resume changed): `cclddg plot` passes over it."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **values}, allow_nan=False, default=str) + "\n")
+
     def close(self) -> None:
         """Nothing to flush: every record is appended and closed at once."""
 
@@ -204,6 +209,12 @@ class Trackers:
     def log_images(self, images: Mapping[str, Image.Image], step: int) -> None:
         for tracker in self.trackers:
             tracker.log_images(images, step)
+
+    def note(self, values: Mapping[str, Any], step: int) -> None:
+        """Written where text fits (log.jsonl)."""
+        for tracker in self.trackers:
+            if hasattr(tracker, "note"):
+                tracker.note(values, step)
 
     def close(self) -> None:
         """Close every tracker even if one fails (then raise the first failure)."""

@@ -47,7 +47,7 @@ from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig, is_cache, validate
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
-from cclddg.errors import UserError
+from cclddg.errors import OneLineWarning, UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import ddgan_sample, diffusion_sample
 from cclddg.training import checkpoint as ckpt_io
@@ -55,11 +55,18 @@ from cclddg.training import precision
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
+# The learning rates, R1 and gradient clipping may change too: a run stopped by a non-finite loss is resumed with
+# them lowered/raised (its own advice); the change is written to config.json and noted in log.jsonl.
 RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
                      "save_models_every", "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
-                     "channels_last", "compile", "deterministic", "skip_nonfinite"}
+                     "channels_last", "compile", "deterministic", "skip_nonfinite", "lr_gen", "lr_disc", "r1_gamma",
+                     "grad_clip"}
 # --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
 MAX_SKIPPED_IN_A_ROW = 20
+
+
+class BadCheckpointWarning(OneLineWarning):
+    """A damaged checkpoint was passed over on --resume (the CLI prints it as one line)."""
 
 
 class TrainingError(RuntimeError):
@@ -134,8 +141,18 @@ def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
     return conditioning.label_condition(grid_requests(rows))
 
 
-def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> TrainConfig:
-    """Create the run folder, or check that the run being resumed matches the flags given.
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` holds a `cclddg train` run (a config.json this cclddg reads)."""
+    try:
+        ckpt_io.read_config_json(out / "config.json")
+    except UserError:
+        return False
+    return True
+
+
+def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> dict[str, tuple[Any, Any]]:
+    """Create the run folder, or check that the run being resumed matches the flags given; returns the
+    resumable settings that changed, {name: (old, new)} (written to config.json when `write`).
 
     `write=False` only checks, so slow setup (the embedding cache) never runs for an --out it would refuse.
     """
@@ -143,23 +160,27 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = Tru
     if resume:
         if not config_path.is_file():
             raise UserError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        old = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        old = ckpt_io.read_config_json(config_path)
         new, old_d = asdict(cfg), asdict(old)
         clash = [k for k in new if k not in RESUMABLE_CHANGES and new[k] != old_d[k]]
         if clash:
             details = ", ".join(f"{k}: run has {old_d[k]!r}, flags give {new[k]!r}" for k in clash[:4])
             raise UserError(f"cannot resume {out} with a different config ({details}); "
                             "drop those flags or start a new --out")
-        return cfg
+        changed = {k: (old_d[k], new[k]) for k in new if new[k] != old_d[k]}
+        if changed and write:
+            write_text_atomic(config_path, cfg.to_json())
+        return changed
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
     if out.exists() and any(out.iterdir()):
-        if config_path.exists():
+        if is_run_folder(out):
             raise UserError(f"{out} holds another run; pass --resume to continue it or choose a new --out")
-        raise UserError(f"{out} is not empty; choose a new or empty --out folder")
-    if not write:
-        return cfg
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config_path, cfg.to_json())
-    return cfg
+        raise UserError(f"{out} is not empty (and holds no cclddg run); choose a new or empty --out folder")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(config_path, cfg.to_json())
+    return {}
 
 
 class Trainer:
@@ -203,8 +224,11 @@ class Trainer:
         disc = None
         if cfg.objective == "ddgan":
             disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
+        self.resumed_changes: dict[str, tuple[Any, Any]] = {}  # resumable settings changed on this --resume
         if acc.is_main_process:
-            prepare_run_dir(self.out, cfg, resume)
+            self.resumed_changes = prepare_run_dir(self.out, cfg, resume)
+            if resume:
+                ckpt_io.clean_leftovers(self.out)
             if self._stats_to_write:
                 self.stats.save(conditioning.stats_path(self.out))
         acc.wait_for_everyone()
@@ -230,7 +254,7 @@ class Trainer:
         self.skipped = self.skipped_in_a_row = 0  # optimizer updates skipped by --skip_nonfinite
         self.last_checkpoint: Path | None = None
         if resume:
-            self._load(ckpt_io.resolve_checkpoint(self.out) if ckpt_io.list_checkpoints(self.out) else None)
+            self._resume()
         self.trackers = None  # opened by the main process when it first logs (_open_trackers), closed by run()
         self.logged_until = self.step if resume else None  # what the trackers keep of an earlier log
 
@@ -619,6 +643,10 @@ class Trainer:
 
             self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=self.logged_until,
                                           tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
+            if self.resumed_changes:  # what this --resume changed, kept beside the losses it explains
+                self.trackers.note({"resumed_with": {k: new for k, (_, new) in self.resumed_changes.items()},
+                                    "was": {k: old for k, (old, _) in self.resumed_changes.items()}}, self.step)
+                self.resumed_changes = {}
         return self.trackers
 
     def _log_window(self, window: MeanLogs, seen: int, since: float) -> dict[str, float]:
@@ -721,6 +749,39 @@ class Trainer:
         if result[1]:
             raise TrainingError(result[1])
         self.last_checkpoint = result[0]
+
+    def _resume(self) -> None:
+        """Load the newest intact checkpoint: a damaged latest one (a truncated file) is passed over with a
+        one-line warning naming both; then the learning rates in effect are the config's (they may have changed)."""
+        damaged: list[tuple[Path, str]] = []
+        for folder in ckpt_io.checkpoints_newest_first(self.out):
+            try:
+                self._load(folder)
+            except UserError as exc:
+                damaged.append((folder, str(exc)))
+                continue
+            if damaged and self.rank == 0:
+                names = ", ".join(d.name for d, _ in damaged)
+                warnings.warn(f"checkpoint {names} is damaged ({damaged[0][1]}); resuming from {folder.name} "
+                              f"(step {self.step}) instead", BadCheckpointWarning, stacklevel=2)
+            break
+        else:
+            if damaged:
+                raise UserError(f"no intact checkpoint in {self.out / 'checkpoints'} to resume from: "
+                                f"{damaged[0][1]}")
+        self._set_lrs()
+
+    def _set_lrs(self) -> None:
+        """The config's learning rates on the optimizers and their warmup schedules (a resumed optimizer state
+        brings the rates it was saved with)."""
+        pairs = [(self.opt_g, self.sched_g, self.cfg.lr_gen)]
+        if self.opt_d is not None:
+            pairs.append((self.opt_d, self.sched_d, self.cfg.lr_disc))
+        for opt, sched, lr in pairs:
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor(sched.last_epoch)
 
     def _load(self, folder: Path | None) -> None:
         if folder is None:

@@ -51,7 +51,9 @@ class JsonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"unknown {cls.KIND} keys {unknown}; this cclddg knows {sorted(known)}")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise UserError(f"unknown {cls.KIND} keys {', '.join(unknown[:5])}{more} (a newer cclddg's, or not a "
+                            f"{cls.KIND} at all)")
         cfg = cls(**values)
         check_fields(cfg)
         for name in cls.TUPLE_FIELDS:

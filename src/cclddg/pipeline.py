@@ -150,17 +150,33 @@ def load_generator(path: str | Path, ema: bool = True, device: torch.device | st
     return model, cfg
 
 
+READ_SIDE = 1024  # prompt images are shrunk to at most this side on reading: embedders see 224 px or less
+
+
 def read_image(path: str | Path) -> Tensor:
-    """An image file -> (3, H, W) in [-1, 1]; an unreadable file is one clear error."""
+    """An image file -> (3, H, W) in [-1, 1], at most READ_SIDE pixels a side; an unreadable or huge file (a
+    decompression bomb) is one clear error."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     from cclddg.data.images import image_to_tensor
 
     try:
-        with Image.open(path) as image:
-            return image_to_tensor(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (READ_SIDE, READ_SIDE))  # JPEGs decode at a reduced size
+                image = image.convert("RGB")
+                image.thumbnail((READ_SIDE, READ_SIDE))
+                return image_to_tensor(image)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"image {path} is a folder; give an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {path} is too large to read safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels); "
+                        "give a smaller image") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {type(exc).__name__}; give a PNG or JPEG file") from None
 

@@ -59,8 +59,8 @@ def _load(name: str, alias: str | None = None):
         raise UserError(f"hf:{name} is a hub dataset and {why}; on a machine with a network run "
                         f"datasets.load_dataset('{name}').save_to_disk('DIR'), copy DIR here and use {use}") from None
     except FileNotFoundError as exc:
-        what = "folder holds no data files datasets can read" if local else "is neither a local folder nor a hub dataset"
-        raise UserError(f"hf:{name}: the {what} ({str(exc).splitlines()[0]})") from None
+        what = "the folder holds no data files datasets can read" if local else "it is neither a local folder nor a hub dataset"
+        raise UserError(f"hf:{name}: {what} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     except Exception as exc:  # datasets raises many kinds (DatasetNotFoundError, ValueError ...); one line each
         raise UserError(f"hf:{name} could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,34 +157,64 @@ class _Inert:
 
 
 def _torch_load(path: Path) -> Any:
-    """`torch.load` that runs no pickled code; Lightning bookkeeping objects become `_Inert`."""
+    """`torch.load` that runs no pickled code; Lightning bookkeeping objects become `_Inert`.
+
+    The zip format lists every global up front; the legacy format names one per failed attempt, so the load is
+    retried, allowing one more bookkeeping global each time, until it succeeds or meets code."""
+    allowed: list[str] = []
+    for _ in range(64):  # far more globals than any checkpoint's bookkeeping
+        try:
+            with warnings.catch_warnings(), torch.serialization.safe_globals([(_Inert, n) for n in allowed]):
+                warnings.simplefilter("ignore")  # torch's advice would print above our one line
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            message = str(e)
+        except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... for damaged files
+            raise UserError(f"{path} is not a readable torch checkpoint: {_load_failure(path, e)}") from None
+        try:
+            needed = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+        except Exception:  # the legacy (pre-zip) format cannot be scanned; the error names the next global
+            needed = [n for n in re.findall(r"GLOBAL (\S+) was not an allowed global", message) if n not in allowed]
+        if not needed:
+            raise UserError(f"{path} is not a readable torch checkpoint: {_unpickler_reason(message)}")
+        if any(name.startswith("torch.") and not _resolves(name) for name in needed):  # a name cut by truncation
+            raise UserError(f"{path} is not a readable torch checkpoint: it ends early (truncated or damaged?)")
+        code = [name for name in needed if name not in BOOKKEEPING_GLOBALS]
+        if code:
+            raise UserError(f"{path} cannot be read safely: unpickling it would run code ({_few(code)}); "
+                            "convert its state_dict to .safetensors where you trust the file")
+        allowed += needed
+    raise UserError(f"{path} cannot be read safely: it names too many globals for a weights file")
+
+
+def _resolves(name: str) -> bool:
+    """Whether a dotted global names something torch has (torch's own globals are loaded by weights_only)."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        message = str(e)
-    except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... for damaged files
-        raise UserError(f"{path} is not a readable torch checkpoint: {' '.join(str(e).split())[:300]}") from None
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # the legacy (pre-zip) format cannot be scanned; the error names the first global
-        needed = re.findall(r"GLOBAL (\S+) was not an allowed global", message)
-    if not needed:
-        raise UserError(f"{path} is not a readable torch checkpoint: {_unpickler_reason(message)}")
-    code = [name for name in needed if name not in BOOKKEEPING_GLOBALS]
-    if code:
-        raise UserError(f"{path} cannot be read safely: unpickling it would run code ({_few(code)}); "
-                        "convert its state_dict to .safetensors where you trust the file")
-    try:
-        with torch.serialization.safe_globals([(_Inert, name) for name in needed]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} cannot be read safely: {_unpickler_reason(str(e))}") from None
+        return hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return False
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why a checkpoint could not be read, in one whole sentence (torch's messages run on, or are empty)."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    text = " ".join(str(error).split())
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] if text else ""
+    return f"{sentence or type(error).__name__} (truncated or damaged?)"
 
 
 def _unpickler_reason(message: str) -> str:
-    """The one informative sentence of torch's long weights_only error."""
+    """The one informative sentence of torch's long weights_only error, without its advice to turn the safety off."""
     reason = message.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-    return " ".join((reason or message).split())[:300]
+    text = " ".join((reason or message).split())
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if "weights_only" in sentence:  # torch's advice, not the reason
+        return "the pickle holds something other than tensors and plain values"
+    return sentence
 
 
 # ---- converting and loading ------------------------------------------------------------------------

@@ -109,12 +109,16 @@ def optional_str(text: str) -> str | None:
     return None if text in ("", "None", "none") else text
 
 
+# Every option that names a path says which kind in its metavar (shown in --help; tests/test_bad_input.py tries
+# each kind with a missing path, a file, a folder and an unwritable place).
+PATH_METAVARS = ("FILE", "RUN", "OUT_FILE", "OUT_FOLDER", "DATA", "ENCODER", "AUTOENCODER")
+
 SPEC_HELP_SOURCES = ("shapes[:SIZE], emoji, folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
                      "imagewoof[:PATH], cc12m")
 
 
 def add_font_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--font", default=None, help="colour emoji font for --data emoji (default: Noto Color Emoji)")
+    p.add_argument("--font", default=None, metavar="FILE", help="colour emoji font for --data emoji (default: Noto Color Emoji)")
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -150,7 +154,7 @@ def config_flag_type(config_cls: type, f) -> Callable[[str], Any]:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag defaulting to None: the preset fills what is not given."""
     p.add_argument("--preset", default="ddgan", help=f"recipe to start from: {', '.join(PRESETS)} (default ddgan)")
-    p.add_argument("--out", default="runs/latest", help="run folder (default runs/latest)")
+    p.add_argument("--out", default="runs/latest", metavar="OUT_FOLDER", help="run folder (default runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
@@ -159,7 +163,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "ch_mults_disc": dict(type=number_list(int, "1,2,2", TrainConfig.RANGES["ch_mults_disc"])),
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
         "adam_betas": dict(type=number_pair(TrainConfig.RANGES["adam_betas"])), "wandb_project": dict(type=optional_str),
-        "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str), "cache_dir": dict(type=str),
+        "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str, metavar="ENCODER"),
+        "cache_dir": dict(type=str, metavar="OUT_FOLDER"), "autoencoder": dict(type=str, metavar="AUTOENCODER"),
         "mixed_precision": dict(choices=PRECISIONS), "text_prior": dict(choices=TEXT_PRIORS),
     }
     aliases = {"n_cond_channels": ["--n_cloob_channels_unet"], "n_cond_channels_disc": ["--n_cloob_channels_disc"]}
@@ -196,7 +201,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if kwargs is None:
             kwargs = dict(type=config_flag_type(TrainConfig, f))
         if f.name == "data":
-            p.add_argument("--data", dest="data", default=None,
+            p.add_argument("--data", dest="data", default=None, metavar="DATA",
                            help=f"data source ({SPEC_HELP_SOURCES}) or a latent cache folder from `cclddg encode`")
             add_font_flag(p)
             continue
@@ -302,7 +307,7 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
 def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default_out: str,
                            helps: dict[str, str]) -> None:
     """--out/--resume/--no_progress and one flag per config field (defaults shown from the dataclass)."""
-    p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
+    p.add_argument("--out", default=default_out, metavar="OUT_FOLDER", help=f"run folder (default {default_out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--dataset", dest="data", default=None, help="the seed's name for --data")
@@ -655,9 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.set_defaults(func=cmd_train_ae)
 
     smp = sub.add_parser("sample", help="sample images from a trained run")
-    smp.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    smp.add_argument("-o", "--output", help="grid PNG to write")
-    smp.add_argument("--singles", help="folder for one PNG per image")
+    smp.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or checkpoint folder")
+    smp.add_argument("-o", "--output", metavar="OUT_FILE", help="grid PNG to write")
+    smp.add_argument("--singles", metavar="OUT_FOLDER", help="folder for one PNG per image")
     smp.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
                      help="images (label runs, default 16) or images per prompt and guidance scale (default 4)")
     smp.add_argument("--nrow", type=parse_number(int, NON_NEGATIVE), default=0, help="images per grid row (default: square)")
@@ -666,11 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classifier-free guidance scale (1 = none); a list like 1,2,3 sweeps across columns")
     smp.add_argument("--attrs", help="labels to ask for, e.g. color=red,shape=circle,position=top left")
     smp.add_argument("--prompt", action="append", help="text prompt (repeat for more rows)")
-    smp.add_argument("--image", action="append", help="image prompt: variations of it (repeat for more rows)")
+    smp.add_argument("--image", action="append", metavar="FILE", help="image prompt: variations of it (repeat for more rows)")
     smp.add_argument("--image_weight", type=parse_number(float, FRACTION), default=0.5,
                      help="with --prompt and --image together: the image's share of the mixed embedding")
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
-    smp.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
+    smp.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     add_text_prior_flags(smp)
     smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim)")
     smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
@@ -680,8 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="score samples of a shapes model (or real shapes) with the analyzer")
-    ev.add_argument("--checkpoint", help="run folder or checkpoint folder")
-    ev.add_argument("--data", help="score real data instead, e.g. shapes:32")
+    ev.add_argument("--checkpoint", metavar="RUN", help="run folder or checkpoint folder")
+    ev.add_argument("--data", metavar="DATA", help="score real data instead, e.g. shapes:32")
     ev.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=500)
     ev.add_argument("--seed", type=parse_number(int, SEED), default=0)
     ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
@@ -693,14 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", choices=("text", "paraphrase", "image"), default="text",
                     help="embedding runs: ask with text prompts in the captions' wording, paraphrased (words no "
                          "caption uses), or with held-out images (default text)")
-    ev.add_argument("--encoder", help="embedder for the CLOOB score (default: the run's own)")
+    ev.add_argument("--encoder", metavar="ENCODER", help="embedder for the CLOOB score (default: the run's own)")
     add_text_prior_flags(ev)
-    ev.add_argument("-o", "--output", help="also write the report as JSON here")
+    ev.add_argument("-o", "--output", metavar="OUT_FILE", help="also write the report as JSON here")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="offline, from nothing to a prompt grid: autoencoder, CLOOB, cache, "
                           "latent DDGAN, samples, eval, report (~30 min on 2 CPU cores)")
-    demo.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); rerun to resume")
+    demo.add_argument("--out", default="runs/demo", metavar="OUT_FOLDER", help="demo folder (default runs/demo); rerun to resume")
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
                       help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
@@ -712,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
-    enc.add_argument("--data", "--dataset", dest="data", default="shapes",
+    enc.add_argument("--data", "--dataset", dest="data", default="shapes", metavar="DATA",
                      help=f"data source (default shapes): {SPEC_HELP_SOURCES}")
     enc.add_argument("--img_size", type=parse_number(int, Range(1, 8192)), default=None, help="image size when --data has none (default 64)")
     enc.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
@@ -721,9 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--crop", default="center", choices=("center", "random"),
                      help="square crop after resizing the shorter side (default center)")
     enc.add_argument("--seed", type=parse_number(int, SEED), default=0, help="the data source's seed")
-    enc.add_argument("--autoencoder", required=True, help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
-    enc.add_argument("--encoder", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")
-    enc.add_argument("--out", required=True, help="cache folder (new, or a partial one to finish)")
+    enc.add_argument("--autoencoder", required=True, metavar="AUTOENCODER", help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
+    enc.add_argument("--encoder", metavar="ENCODER", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")
+    enc.add_argument("--out", required=True, metavar="OUT_FOLDER", help="cache folder (new, or a partial one to finish)")
     enc.add_argument("--flip", action="store_true", help="also store the latents of horizontally flipped images")
     enc.add_argument("--shard_size", type=parse_number(int, Range(1, 10_000_000)), default=5000, help="examples per shard (default 5000)")
     enc.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=256, help="images per encoder call (default 256)")
@@ -736,17 +741,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     es = sub.add_parser("embedding-stats", help="measure the text priors' statistics (mean image and text "
                         "embedding, image bank) into an embedding run that lacks them")
-    es.add_argument("run", help="run folder of an embedding-conditioned `cclddg train`")
-    es.add_argument("--data", help="a latent cache or a captioned data source to measure on (default: the run's data; "
+    es.add_argument("run", metavar="RUN", help="run folder of an embedding-conditioned `cclddg train`")
+    es.add_argument("--data", metavar="DATA", help="a latent cache or a captioned data source to measure on (default: the run's data; "
                     "for a run trained without captions, the embedder's own data)")
     es.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=5000, help="examples of a data source to embed (default 5000)")
-    es.add_argument("--encoder", help="embedder spec if the run's own has moved (it must be the same model)")
+    es.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     es.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     es.set_defaults(func=cmd_embedding_stats)
 
     plot = sub.add_parser("plot", help="draw a run's log.jsonl (losses, D outputs, R1, grad norms, lr, ...) as a PNG")
-    plot.add_argument("run", help="run folder of cclddg train (it has a log.jsonl)")
-    plot.add_argument("-o", "--output", help="PNG to write (default RUN/plot.png)")
+    plot.add_argument("run", metavar="RUN", help="run folder of cclddg train (it has a log.jsonl)")
+    plot.add_argument("-o", "--output", metavar="OUT_FILE", help="PNG to write (default RUN/plot.png)")
     plot.add_argument("--smooth", type=parse_number(float, BELOW_1), default=0.9,
                       help="EMA factor of the smoothed line, in [0, 1): 0 = raw values (default 0.9)")
     plot.set_defaults(func=cmd_plot)

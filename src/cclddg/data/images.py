@@ -33,7 +33,7 @@ def tensor_to_array(t: torch.Tensor) -> np.ndarray:
     if t.ndim not in (3, 4) or t.shape[-3] != 3:
         raise UserError(f"expected a (3, H, W) or (B, 3, H, W) tensor, got shape {tuple(t.shape)}")
     arr = t.detach().to("cpu", torch.float32).numpy()
-    arr = np.rint(np.clip((arr + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+    arr = np.rint(np.clip(np.nan_to_num((arr + 1.0) * 127.5, nan=127.5), 0.0, 255.0)).astype(np.uint8)  # NaN: mid grey
     return np.ascontiguousarray(np.moveaxis(arr, -3, -1))
 
 

@@ -1,0 +1,167 @@
+"""Every subcommand, every numeric option, every path option, with bad values: a working run or one line.
+
+Not a list of hand-picked cases: the options are read from the parser itself. A numeric option is one whose type
+turns "1" into a number (or a list of numbers); a path option is one whose metavar names a kind of path
+(cli.PATH_METAVARS). Each gets the values below on top of a small working command line of its subcommand. The
+outcome must be a run that exits 0, or a non-zero exit with exactly one line on stderr: never a traceback, never a
+user's file replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cclddg.cli import PATH_METAVARS, build_parser, main
+
+NUMBERS = ("0", "-1", "nan", "inf", "1e30", "abc")
+PATH_CASES = ("missing", "file", "folder", "unwritable")
+UNWRITABLE = "/proc/cclddg-no-such-place/x"  # refused even to root
+
+TINY_TRAIN = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
+              "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
+              "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress"]
+TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "64", "--batch_size", "16",
+              "--eval_size", "8", "--n_batches", "2", "--warmup", "1", "--text_tower", "bpe", "--no_progress"]
+TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--train_size", "16", "--eval_size", "4",
+           "--batch_size", "4", "--n_batches", "2", "--crop", "0", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad_input") / "run"
+    assert main(["train", "--out", str(out), *TINY_TRAIN, "--n_batches", "2"]) == 0
+    return out
+
+
+def base_command(command: str, run: Path, new: Path) -> list[str]:
+    """A small command line of `command` that works; `new` is a path nothing exists at."""
+    return {
+        "train": ["train", "--out", str(new), *TINY_TRAIN, "--n_batches", "1"],
+        "train-cloob": ["train-cloob", "--out", str(new), *TINY_CLOOB],
+        "train-ae": ["train-ae", "--out", str(new), *TINY_AE],
+        "encode": ["encode", "--data", "shapes:16", "--n", "8", "--autoencoder", "pixels", "--out", str(new),
+                   "--no_progress"],
+        "sample": ["sample", "--checkpoint", str(run), "--attrs", "color=red", "--n", "2", "-o", f"{new}.png",
+                   "--no_progress"],
+        "eval": ["eval", "--checkpoint", str(run), "--n", "4"],
+        "demo": ["demo", "--out", str(new), "--no_progress"],
+        "embedding-stats": ["embedding-stats", str(run), "--no_progress"],
+        "plot": ["plot", str(run), "-o", f"{new}.png"],
+    }[command]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    actions = build_parser()._subparsers._group_actions[0]  # the subcommands
+    return dict(actions.choices)
+
+
+def option_name(action: argparse.Action) -> str:
+    return next((s for s in action.option_strings if s.startswith("--")), action.dest)
+
+
+def is_numeric(action: argparse.Action) -> bool:
+    if action.type is None or action.choices:
+        return False
+    for text in ("1", "0", "2", "0.5"):  # one of them is in any range
+        try:
+            value = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return False
+
+
+def numeric_options(parser: argparse.ArgumentParser) -> list[str]:
+    return [option_name(a) for a in parser._actions if a.option_strings and is_numeric(a)]
+
+
+def path_options(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """(option, metavar); a positional path is given as its own name, e.g. "RUN"."""
+    return [(option_name(a) if a.option_strings else "", a.metavar) for a in parser._actions
+            if a.metavar in PATH_METAVARS]
+
+
+def outcome(argv: list[str], capsys) -> str:
+    """"ran", "one line", or what went wrong."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # only argparse may exit; main() returns its code
+        code = exc.code
+    except BaseException as exc:  # a traceback for the user
+        return f"traceback {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    if code == 0:
+        return "ran"
+    if len(err) == 1 and err[0].startswith("cclddg"):
+        return "one line"
+    return f"exit {code} with {len(err)} lines on stderr: {' | '.join(err)[:300]}"
+
+
+def path_value(case: str, metavar: str, tmp: Path) -> str:
+    """A path of the kind `case` for an option of kind `metavar`."""
+    prefix = {"ENCODER": "cloob-tiny:", "AUTOENCODER": "own:"}.get(metavar, "")
+    suffix = {"OUT_FILE": ".png", "FILE": ".png"}.get(metavar, "")
+    path = {"missing": tmp / "missing" / f"nothing{suffix}", "file": tmp / "a_file.txt",
+            "folder": tmp / "a_folder", "unwritable": Path(UNWRITABLE + suffix)}[case]
+    return prefix + str(path)
+
+
+@pytest.fixture
+def no_demo_work(monkeypatch):
+    """The demo's settings and folder are checked for real when it is made; its hour of training is not run."""
+    from cclddg.demo import Demo
+
+    monkeypatch.setattr(Demo, "run", lambda self: {})
+
+
+@pytest.mark.parametrize("command", list(subcommands()))
+def test_every_numeric_option_takes_bad_values_in_one_line(command, label_run, tmp_path, capsys, no_demo_work):
+    parser = subcommands()[command]
+    failures, tried = [], 0
+    for option in numeric_options(parser):
+        for value in NUMBERS:
+            new = tmp_path / f"case{tried}"
+            result = outcome([*base_command(command, label_run, new), option, value], capsys)
+            tried += 1
+            if result not in ("ran", "one line"):
+                failures.append(f"{command} {option} {value}: {result}")
+    assert tried > 0
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("command", list(subcommands()))
+def test_every_path_option_takes_bad_paths_in_one_line(command, label_run, tmp_path, capsys, no_demo_work):
+    parser = subcommands()[command]
+    user_file, user_folder = tmp_path / "a_file.txt", tmp_path / "a_folder"
+    user_file.write_text("the user's notes\n")
+    user_folder.mkdir()
+    (user_folder / "keep.txt").write_text("the user's other notes\n")
+    failures = []
+    for i, (option, metavar) in enumerate(path_options(parser)):
+        for case in PATH_CASES:
+            argv = base_command(command, label_run, tmp_path / f"case{i}-{case}")
+            value = path_value(case, metavar, tmp_path)
+            if option:
+                argv = [*argv, option, value]
+            else:  # the positional RUN of embedding-stats / plot
+                argv = [value if a == str(label_run) else a for a in argv]
+            result = outcome(argv, capsys)
+            if result not in ("ran", "one line"):
+                failures.append(f"{command} {option or metavar} {case}: {result}")
+            if user_file.read_text() != "the user's notes\n" or not (user_folder / "keep.txt").is_file():
+                failures.append(f"{command} {option or metavar} {case}: replaced or removed the user's files")
+                user_file.write_text("the user's notes\n")
+                (user_folder / "keep.txt").write_text("the user's other notes\n")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_number_flag_is_checked():
+    """No numeric flag parses with a bare int/float (which takes nan, inf and any range)."""
+    bare = [f"{name} {option_name(a)}" for name, p in subcommands().items() for a in p._actions
+            if a.type in (int, float)]
+    assert not bare, bare

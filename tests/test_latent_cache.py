@@ -262,11 +262,11 @@ def test_cli_encodes_end_to_end(tmp_path, cloob, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--n", "0"], "--n must be >= 1"),
-    (["--shard_size", "-1"], "--shard_size must be >= 1"),
+    (["--shard_size", "-1"], "--shard_size must be in [1, 10000000]"),
     (["--autoencoder", "vae"], "--autoencoder 'vae' is not valid"),
     (["--encoder", "clip:x"], "--encoder 'clip:x' is not valid"),
     (["--data", "imagenet"], "unknown data source 'imagenet'"),
-    (["--scale", "0"], "--scale must be > 0"),
+    (["--scale", "0"], "--scale must be in (0, 1000]"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, expected):
     out = tmp_path / "c"
@@ -279,10 +279,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, expected):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--n", "4", "--autoencoder", "pixels"], "the following arguments are required: --out"),
-    (["--n", "four", "--autoencoder", "pixels", "--out", "x"], "invalid int value: 'four'"),
+    (["--n", "four", "--autoencoder", "pixels", "--out", "x"], "--n expected an integer, got 'four'"),
 ])
 def test_cli_usage_errors_exit_2(capsys, argv, expected):
-    with pytest.raises(SystemExit) as exc:
-        main(["encode", *argv])
+    code = main(["encode", *argv])  # argparse's refusals too: main returns the code, it does not exit
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected in err
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err

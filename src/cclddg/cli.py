@@ -633,12 +633,11 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from cclddg.paths import input_folder, output_file
+    from cclddg.paths import output_file
     from cclddg.training.plot import plot_run
 
-    run = input_folder(args.run, "RUN")
     output = output_file(args.output, "-o", (".png",)) if args.output else None
-    out = plot_run(run, output, smooth=args.smooth)
+    out = plot_run(Path(args.run), output, smooth=args.smooth)
     print(f"wrote {out}")
     return 0
 

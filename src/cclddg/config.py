@@ -150,6 +150,7 @@ class TrainConfig(JsonConfig):
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    KIND: ClassVar[str] = "train config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas")
     RANGES: ClassVar[dict[str, Range]] = {
         "img_size": Range(1, 8192), "latent_channels": Range(1, 4096), "latent_factor": Range(1, 1024),

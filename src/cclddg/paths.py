@@ -57,26 +57,6 @@ def output_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
-def input_file(path: str | Path, flag: str) -> Path:
-    """A file the command will read: it exists and is a file."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"{flag} {path} does not exist")
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; give a file")
-    return path
-
-
-def input_folder(path: str | Path, flag: str) -> Path:
-    """A folder the command will read: it exists and is a folder."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"{flag} {path} does not exist")
-    if not path.is_dir():
-        raise UserError(f"{flag} {path} is a file; give a folder")
-    return path
-
-
 @contextlib.contextmanager
 def undone_if_failed(folder: Path, kept: Callable[[], bool]) -> Iterator[None]:
     """Run a command that fills `folder`; if it was new or empty and the command fails (or is interrupted) before

@@ -61,6 +61,8 @@ RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minut
                      "save_models_every", "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
                      "channels_last", "compile", "deterministic", "skip_nonfinite", "lr_gen", "lr_disc", "r1_gamma",
                      "grad_clip"}
+# Changes on resume that alter the optimisation: noted in log.jsonl at the resumed step.
+NOTED_CHANGES = {"lr_gen", "lr_disc", "r1_gamma", "grad_clip", "skip_nonfinite"}
 # --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -224,9 +226,10 @@ class Trainer:
         disc = None
         if cfg.objective == "ddgan":
             disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
-        self.resumed_changes: dict[str, tuple[Any, Any]] = {}  # resumable settings changed on this --resume
+        self.resumed_changes: dict[str, tuple[Any, Any]] = {}  # optimisation settings changed on this --resume
         if acc.is_main_process:
-            self.resumed_changes = prepare_run_dir(self.out, cfg, resume)
+            changed = prepare_run_dir(self.out, cfg, resume)
+            self.resumed_changes = {k: v for k, v in changed.items() if k in NOTED_CHANGES}
             if resume:
                 ckpt_io.clean_leftovers(self.out)
             if self._stats_to_write:
@@ -645,7 +648,8 @@ class Trainer:
                                           tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
             if self.resumed_changes:  # what this --resume changed, kept beside the losses it explains
                 self.trackers.note({"resumed_with": {k: new for k, (_, new) in self.resumed_changes.items()},
-                                    "was": {k: old for k, (old, _) in self.resumed_changes.items()}}, self.step)
+                                    "was": {k: old for k, (old, _) in self.resumed_changes.items()}},
+                                   self.logged_until or 0)
                 self.resumed_changes = {}
         return self.trackers
 

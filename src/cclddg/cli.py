@@ -374,7 +374,7 @@ class SampleJob:
 
 
 def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """-o and --singles, checked (and their folders made) before any sampling."""
+    """-o and --singles, checked before the model loads (the folders are made when sampling starts)."""
     from cclddg.paths import IMAGE_SUFFIXES, output_file
 
     if not (args.output or args.singles):
@@ -391,7 +391,6 @@ def run_sample_jobs(jobs: list[SampleJob], make_batches, nrow: int, size: int, g
     from PIL import Image
     from tqdm import tqdm
 
-    from cclddg.atomic import atomic_path
     from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
 
     total = sum(job.count for job in jobs)
@@ -420,12 +419,12 @@ def run_sample_jobs(jobs: list[SampleJob], make_batches, nrow: int, size: int, g
     except KeyboardInterrupt:
         bar.close()
         kept = f"; the {done} singles made are in {singles}" if singles is not None and done else ""
-        raise SamplingInterrupted(f"interrupted after {done} of {total} images{kept}; no grid written") from None
+        grid = f"; the grid {grid_path} was not written" if canvas is not None else ""
+        raise SamplingInterrupted(f"interrupted after {done} of {total} images{kept}{grid}") from None
     bar.close()
     written = []
     if canvas is not None:
-        with atomic_path(grid_path, suffix=grid_path.suffix) as tmp:
-            canvas.image().save(tmp)
+        save_image_atomic(canvas.image(), grid_path)
         written.append(str(grid_path))
     if singles is not None:
         written.append(f"{singles}/ ({total} images)")
@@ -603,6 +602,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cclddg.demo import Demo
+
     output_folder(args.out, "--out")
     demo = Demo(args.out, quick=args.quick, gen_minutes=args.minutes, progress=not args.no_progress,
                 threads=args.threads, data=args.data, gen_steps=args.steps)

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from cclddg.cli import main
-from cclddg.config import resolve
-from cclddg.errors import UserError
+from cclddg.errors import TrainingError, UserError
 from cclddg.paths import undone_if_failed
-from cclddg.training.trainer import Trainer, TrainingError
+from cclddg.run_config import resolve
+from cclddg.training.trainer import Trainer
 
 TINY = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
         "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",

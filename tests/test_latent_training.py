@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from cclddg.cli import main
-from cclddg.config import resolve
 from cclddg.data.latent_cache import LatentCache
 from cclddg.errors import UserError
 from cclddg.pipeline import PromptPipeline, load_generator, sample
+from cclddg.run_config import resolve
 
 TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--crop", "8", "--train_size", "128",
            "--batch_size", "16", "--eval_size", "16", "--n_batches", "40", "--warmup", "5", "--no_progress"]

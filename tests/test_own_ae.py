@@ -9,10 +9,11 @@ import torch
 from diffusers import AutoencoderKL
 
 from cclddg.cli import main
+from cclddg.config import AETrainConfig
 from cclddg.errors import UserError
 from cclddg.latents import load_latent_space
 from cclddg.latents.own_ae import find_model_folder
-from cclddg.training.ae_trainer import AETrainConfig, AETrainer
+from cclddg.training.ae_trainer import AETrainer
 
 TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--crop", "8", "--train_size", "256",
            "--batch_size", "16", "--eval_size", "32", "--log_every", "10", "--save_every", "40", "--warmup", "5",

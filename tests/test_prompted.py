@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from cclddg.cli import main
-from cclddg.config import resolve
 from cclddg.data.embedding_cache import cache_file, cache_key, dataset_embeddings
 from cclddg.data.shapes import ShapesDataset
 from cclddg.encoders import load_embedder
 from cclddg.pipeline import PromptPipeline
+from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
 
 TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "128", "--batch_size", "32",

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from cclddg import objectives
 from cclddg.cli import main
-from cclddg.config import resolve
+from cclddg.errors import TrainingError
 from cclddg.models import Discriminator
+from cclddg.run_config import resolve
 from cclddg.training import precision
-from cclddg.training.trainer import Trainer, TrainingError
+from cclddg.training.trainer import Trainer
 
 TINY = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
         "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",

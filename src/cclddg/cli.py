@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,11 +22,9 @@ from cclddg.config import (
     PRESETS,
     TEXT_PRIORS,
     TrainConfig,
-    resolve,
-    validate,
 )
 from cclddg.data.sources import with_font
-from cclddg.errors import OneLineWarning, UserError
+from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.options import (
     ANY,
     AT_LEAST_1,
@@ -210,34 +208,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cclddg.run_config import train_config
     from cclddg.training.checkpoint import list_checkpoints
     from cclddg.training.trainer import Trainer
 
-    names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    if args.font:
-        overrides["data"] = with_font(overrides.get("data") or "shapes", args.font)
     out = output_folder(args.out, "--out")
-    if overrides.get("encoder"):
-        from cclddg.encoders import absolute_spec
-
-        overrides["encoder"] = absolute_spec(overrides["encoder"])
-        if overrides.get("cond") is None:
-            overrides["cond"] = "embedding"
-    if overrides.get("autoencoder"):
-        from cclddg.latents import absolute_autoencoder_spec
-
-        overrides["autoencoder"] = absolute_autoencoder_spec(overrides["autoencoder"])
-    if args.resume and (out / "config.json").is_file():
-        # Resume from the run's own config; flags given on top must agree with it (checked by the trainer).
-        from cclddg.training.checkpoint import read_config_json
-
-        saved = asdict(read_config_json(out / "config.json"))
-        saved.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = TrainConfig.from_dict(saved)
-        validate(cfg)
-    else:
-        cfg = resolve(args.preset, overrides)
+    names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
+    cfg = train_config(args.preset, {k: v for k, v in vars(args).items() if k in names}, out, args.resume, args.font)
     with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
         trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
         try:
@@ -259,21 +236,13 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
     """`train-cloob` / `train-ae`: flags over the run's saved config (on --resume), run, Ctrl-C saves.
 
     Returns the trainer's final report, or None when interrupted (the message says how to resume)."""
+    from cclddg.run_config import small_run_config
     from cclddg.training.checkpoint import list_checkpoints
 
-    names = {f.name for f in fields(config_cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     out = output_folder(args.out, "--out")
-    values = {}
-    if args.resume and (out / "config.json").is_file():
-        from cclddg.training.checkpoint import read_config_json
-
-        values = asdict(read_config_json(out / "config.json", config_cls, f"{command} config"))
-    values.update(overrides)
-    if args.font:
-        values["data"] = with_font(values.get("data", "shapes"), args.font)
+    cfg = small_run_config(config_cls, vars(args), out, args.resume, args.font, command)
     with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
-        trainer = trainer_cls(config_cls.from_dict(values), out, resume=args.resume, progress=not args.no_progress)
+        trainer = trainer_cls(cfg, out, resume=args.resume, progress=not args.no_progress)
         try:
             report = trainer.run()
         except KeyboardInterrupt:
@@ -287,7 +256,8 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
 
 
 def cmd_train_cloob(args: argparse.Namespace) -> int:
-    from cclddg.training.cloob_trainer import CLOOBTrainConfig, CLOOBTrainer
+    from cclddg.config import CLOOBTrainConfig
+    from cclddg.training.cloob_trainer import CLOOBTrainer
 
     if run_small_trainer(args, CLOOBTrainConfig, CLOOBTrainer, "train-cloob") is None:
         return EXIT_INTERRUPTED
@@ -296,7 +266,8 @@ def cmd_train_cloob(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ae(args: argparse.Namespace) -> int:
-    from cclddg.training.ae_trainer import AETrainConfig, AETrainer
+    from cclddg.config import AETrainConfig
+    from cclddg.training.ae_trainer import AETrainer
 
     if run_small_trainer(args, AETrainConfig, AETrainer, "train-ae") is None:
         return EXIT_INTERRUPTED
@@ -318,7 +289,7 @@ def add_small_trainer_args(p: argparse.ArgumentParser, config_cls: type, default
 
 
 def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
-    from cclddg.training.cloob_trainer import CLOOBTrainConfig
+    from cclddg.config import CLOOBTrainConfig
 
     helps = {"text_tower": "minilm (frozen pretrained sentence encoder + trained head) or bpe (from scratch)",
              "text_head": "minilm tower: mlp or linear (a trained head) or locked (none: the sentence encoder's own "
@@ -333,7 +304,7 @@ def add_train_cloob_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_ae_args(p: argparse.ArgumentParser) -> None:
-    from cclddg.training.ae_trainer import AETrainConfig
+    from cclddg.config import AETrainConfig
 
     helps = {"widths": "channels per level; the downsampling factor is 2**(levels-1) (default 16,32,64: 4)",
              "crop": "train on random crops of this size (0: whole images; default 32)",
@@ -559,7 +530,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
     from cclddg.data.latent_cache import META_FILE, encode_dataset, shards_done
-    from cclddg.data.sources import open_source, parse_data_spec, with_font
+    from cclddg.data.sources import open_source, parse_data_spec
     from cclddg.encoders import load_embedder
     from cclddg.latents import load_latent_space
 
@@ -758,8 +729,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cclddg.training.trainer import TrainingError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

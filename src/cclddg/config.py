@@ -1,7 +1,8 @@
-"""Training configuration: one flat dataclass, named presets, and the checks that run before any work.
+"""Training configuration: one flat dataclass, its numeric ranges, and the named presets.
 
-A preset fills every field; flags the user gives override it. The resolved config is saved in the
-run folder, so a run can be resumed or sampled without repeating its flags.
+A preset fills every field; flags the user gives override it (`run_config.resolve`, the one resolution step,
+which also validates). The resolved config is saved in the run folder, so a run can be resumed or sampled
+without repeating its flags.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ TEXT_PRIORS = ("none", "gap", "retrieval")  # how a text prompt's embedding is m
 INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("no", "fp16", "bf16")
+TEXT_TOWERS = ("minilm", "bpe")  # the own CLOOB's text tower: the frozen sentence encoder + a head, or BPE from scratch
+# What maps the frozen sentence features into the joint space: a trained MLP or linear head, or nothing ("locked",
+# LiT: the sentence encoder's own space is the joint space and only the image tower learns).
+TEXT_HEADS = ("mlp", "linear", "locked")
 
 
 class JsonConfig:
@@ -215,120 +220,110 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
-    """The preset's values, then the user's flags (those not None) on top, then validation."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
-    needs_latents = values.pop("needs_latents", False)
-    values.update(given)
-    if is_cache(values.get("data", "shapes")):
-        values.update(cache_values(values, given))
-    else:
-        values.update(source_values(values, given))
-    if not is_cache(values.get("data", "shapes")) and needs_latents and values.get("autoencoder", "pixels") == "pixels":
-        raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
-                        "or a latent cache as --data (made by `cclddg encode`)")
-    cfg = TrainConfig.from_dict(values)
-    validate(cfg)
-    return cfg
+# ---- the own CLOOB's and the own autoencoder's runs (`cclddg train-cloob`, `cclddg train-ae`) ----------
+@dataclass
+class CLOOBTrainConfig(JsonConfig):
+    data: str = "shapes"
+    img_size: int = 32
+    train_size: int = 20000
+    seed: int = 0
+    dim: int = 0  # 0: the sentence encoder's width (384) with a locked text head, else 256
+    widths: tuple[int, ...] = (32, 64, 128)
+    text_tower: str = "minilm"
+    text_head: str = "mlp"
+    center_text: bool = False  # locked head: subtract the training captions' mean sentence feature (a fixed map)
+    text_hidden: int = 512
+    inv_tau: float = 30.0
+    scale_hopfield: float = 15.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    n_batches: int = 3000
+    max_minutes: float = 0.0
+    log_every: int = 50
+    save_every: int = 500
+    eval_size: int = 1000
+    threads: int = 0
+    workers: int = 2
+
+    KIND: ClassVar[str] = "train-cloob config"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEED, "dim": Range(0, 65536),
+        "widths": Range(1, 8192), "text_hidden": Range(0, 65536), "inv_tau": POSITIVE, "scale_hopfield": POSITIVE,
+        "batch_size": Range(2, 1 << 20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE,
+        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
+        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+    }
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.text_tower not in TEXT_TOWERS:
+            raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
+        if self.text_head not in TEXT_HEADS:
+            raise UserError(f"--text_head {self.text_head!r} is not valid; choose one of {', '.join(TEXT_HEADS)}")
+        if self.center_text and self.text_head != "locked":
+            raise UserError("--center_text is the fixed map of a locked text head: add --text_head locked")
+        if self.text_head == "locked" and self.text_tower != "minilm":
+            raise UserError("--text_head locked keeps the frozen sentence encoder's space: it needs --text_tower minilm")
+        if self.batch_size < 2 or self.batch_size > self.train_size:
+            raise UserError(f"--batch_size must be in [2, train_size={self.train_size}] (contrastive learning "
+                            f"needs negatives), got {self.batch_size}")
 
 
-def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """Run settings a data source fixes: `shapes:64` the image size; a real source (finite, unlabelled)
-    uses all its examples unless --data_size is given, and cannot give --cond labels."""
-    from cclddg.data.sources import parse_data_spec
+@dataclass
+class AETrainConfig(JsonConfig):
+    data: str = "shapes"
+    img_size: int = 64
+    train_size: int = 20000
+    seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    crop: int = 32
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6
+    sample_posterior: bool = False
+    adv_weight: float = 0.0
+    adv_start: int = 1000
+    n_batches: int = 3000
+    max_minutes: float = 0.0
+    log_every: int = 50
+    save_every: int = 500
+    eval_size: int = 500
+    threads: int = 0
+    workers: int = 2
 
-    data = values.get("data", "shapes")
-    spec = parse_data_spec(data)
-    out: dict[str, Any] = {}
-    if spec.size is not None:
-        if "img_size" in given and given["img_size"] != spec.size:
-            raise UserError(f"--data {data} gives {spec.size}px images but --img_size is {given['img_size']}; "
-                            "drop one of them")
-        out["img_size"] = spec.size
-    if not spec.procedural:
-        if "data_size" not in given:
-            out["data_size"] = 0
-        if values.get("cond", "labels") == "labels":
-            raise UserError(f"--data {data} has no class labels (only shapes do): use --cond embedding "
-                            "--encoder SPEC (its images and captions), or --cond none")
-    return out
+    KIND: ClassVar[str] = "train-ae config"
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEED, "widths": Range(1, 8192),
+        "latent_channels": Range(1, 1024), "layers_per_block": Range(1, 64), "norm_groups": Range(1, 1024),
+        "crop": Range(0, 8192), "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE,
+        "mse_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "adv_weight": NON_NEGATIVE, "adv_start": NON_NEGATIVE,
+        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
+        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+    }
 
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.widths) - 1)
 
-def is_cache(data: str) -> bool:
-    """A data spec naming a folder is a latent cache (sources are names like `shapes:64`)."""
-    from pathlib import Path
-
-    return Path(data).expanduser().is_dir()
-
-
-def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The run settings a latent cache fixes (latent space, sizes, scale, encoder), read from its cache.json;
-    flags that contradict it are errors. (Whether the cache can give the run's conditioning is checked when
-    the trainer opens it.)"""
-    from pathlib import Path
-
-    from cclddg.data.latent_cache import read_cache_meta
-
-    path = Path(values["data"]).expanduser().resolve()
-    meta = read_cache_meta(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
-    img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
-    if "img_size" in given and given["img_size"] != img_size:
-        raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {img_size}px images; drop --img_size")
-    out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, "latent_channels": channels,
-           "latent_factor": img_size // latent, "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
-    if values.get("cond", "labels") == "embedding":
-        out["encoder"] = meta["encoder"]
-    return out
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"--{name} {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Reject impossible settings before a model is built or a file is written."""
-    _choice("objective", cfg.objective, OBJECTIVES)
-    _choice("step_kind", cfg.step_kind, STEP_KINDS)
-    _choice("schedule", cfg.schedule, SCHEDULES)
-    _choice("cond", cfg.cond, CONDS)
-    _choice("injection", cfg.injection, INJECTIONS)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
-    check_fields(cfg)
-    _choice("text_prior", cfg.text_prior, TEXT_PRIORS)
-    if cfg.cond == "embedding" and not cfg.encoder:
-        raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
-                        "(train one with `cclddg train-cloob`)")
-    if cfg.cond != "embedding" and cfg.encoder:
-        raise UserError(f"--encoder is only used with --cond embedding (this run has --cond {cfg.cond})")
-    if cfg.cond == "embedding":
-        from cclddg.encoders import parse_encoder_spec
-
-        parse_encoder_spec(cfg.encoder)
-    if cfg.data_size == 0 and not is_cache(cfg.data):
-        from cclddg.data.sources import parse_data_spec
-
-        if parse_data_spec(cfg.data).procedural:
-            raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
-                            "give --data_size N")
-    if len(cfg.ch_mults) != len(cfg.is_attn):
-        raise UserError(f"--ch_mults has {len(cfg.ch_mults)} levels but --is_attn has {len(cfg.is_attn)}; "
-                        "give one attention flag per level")
-    if len(cfg.ch_mults_disc) != len(cfg.is_attn_disc):
-        raise UserError(f"--ch_mults_disc has {len(cfg.ch_mults_disc)} levels but --is_attn_disc has "
-                        f"{len(cfg.is_attn_disc)}; give one attention flag per level")
-    from cclddg.latents import parse_autoencoder_spec
-
-    parse_autoencoder_spec(cfg.autoencoder)
-    for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
-        factor = 2 ** (len(mults) - 1) * cfg.latent_factor
-        if cfg.img_size % factor:
-            where = f" (x{cfg.latent_factor} by the autoencoder)" if cfg.latent_factor > 1 else ""
-            raise UserError(f"--img_size {cfg.img_size} is not divisible by {factor}, the downsampling of "
-                            f"{len(mults)} levels in --{flag}{where}; use a multiple of {factor} or fewer levels")
-    if cfg.objective == "diffusion" and cfg.n_steps < 2:
-        raise UserError("--objective diffusion needs --n_steps >= 2 (1000 is usual)")
+    def validate(self) -> None:
+        check_fields(self)
+        if not self.widths:
+            raise UserError("--widths needs at least one width, e.g. 16,32,64")
+        if any(w % self.norm_groups for w in self.widths):
+            raise UserError(f"--widths {','.join(map(str, self.widths))}: every width must be divisible by "
+                            f"--norm_groups {self.norm_groups}")
+        if self.img_size % self.factor:
+            raise UserError(f"--img_size {self.img_size} is not divisible by the downsampling factor {self.factor} "
+                            f"of {len(self.widths)} --widths levels")
+        if self.crop and (self.crop % self.factor or self.crop > self.img_size):
+            raise UserError(f"--crop {self.crop} must be a multiple of the factor {self.factor} and at most "
+                            f"--img_size {self.img_size} (0: whole images)")

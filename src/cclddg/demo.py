@@ -140,7 +140,8 @@ class Demo:
         return report
 
     def train_ae(self) -> None:
-        from cclddg.training.ae_trainer import AETrainConfig, AETrainer
+        from cclddg.config import AETrainConfig
+        from cclddg.training.ae_trainer import AETrainer
 
         folder = self.out / "ae"
         cfg = AETrainConfig(data=self.spec, img_size=64, n_batches=self.settings.ae_steps,
@@ -148,7 +149,8 @@ class Demo:
         print(json.dumps(AETrainer(cfg, folder, resume=folder.exists(), progress=self.progress).run()))
 
     def train_cloob(self) -> None:
-        from cclddg.training.cloob_trainer import CLOOBTrainConfig, CLOOBTrainer
+        from cclddg.config import CLOOBTrainConfig
+        from cclddg.training.cloob_trainer import CLOOBTrainer
 
         folder = self.out / "cloob"
         s = self.settings
@@ -173,7 +175,7 @@ class Demo:
                        shard_size=5000, progress=self.progress, workers=0 if self.shapes else 2)
 
     def train_generator(self) -> None:
-        from cclddg.config import resolve
+        from cclddg.run_config import resolve
         from cclddg.training.trainer import Trainer
 
         folder = self.out / "gen"

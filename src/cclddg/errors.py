@@ -1,8 +1,12 @@
-"""The exception type the CLI turns into a one-line message, and the warning type it prints as one line."""
+"""The exceptions the CLI turns into one-line messages, and the warning type it prints as one line."""
 
 
 class UserError(ValueError):
     """Bad input from the user: the message says what was wrong and how to mend it."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
 
 
 class OneLineWarning(UserWarning):

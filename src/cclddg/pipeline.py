@@ -19,7 +19,8 @@ from cclddg.config import TrainConfig
 from cclddg.diffusion import Schedule
 from cclddg.errors import UserError
 from cclddg.models import UNet
-from cclddg.training.checkpoint import load_config, load_model, resolve_checkpoint
+from cclddg.storage import load_model
+from cclddg.training.checkpoint import load_config, resolve_checkpoint
 
 
 def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device) -> Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cclddg.config import resolve
+from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
 
 

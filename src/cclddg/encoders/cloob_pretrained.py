@@ -487,7 +487,7 @@ def read_converted(path: Path) -> tuple[dict[str, Tensor], CLOOBConfig | None]:
 def write_converted(path: Path, model: PretrainedCLOOB) -> bool:
     """Write the weights and config to `path` atomically (temp file + rename); False if the folder
     is not writable, which only costs the speed-up."""
-    from cclddg.training.checkpoint import save_tensors_atomic
+    from cclddg.storage import save_tensors_atomic
 
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     try:

@@ -18,14 +18,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
+from cclddg.config import TEXT_HEADS, TEXT_TOWERS
 from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
 from cclddg.models.blocks import append_coords
-
-TEXT_TOWERS = ("minilm", "bpe")
-# What maps the frozen sentence features into the joint space: a trained MLP or linear head, or nothing
-# ("locked", LiT: the sentence encoder's own space is the joint space and only the image tower learns).
-TEXT_HEADS = ("mlp", "linear", "locked")
 
 
 def cloob_loss(image: Tensor, text: Tensor, inv_tau: float = 30.0, scale_hopfield: float = 15.0) -> Tensor:
@@ -185,7 +181,7 @@ class OwnCLOOB(Embedder):
 
 def load_own_cloob(path: str | Path, device: str | torch.device = "cpu") -> OwnCLOOB:
     """An OwnCLOOB from a `train-cloob` run folder (its latest checkpoint) or a model folder."""
-    from cclddg.training.checkpoint import load_model
+    from cclddg.storage import load_model
 
     path = Path(path)
     if not path.exists():

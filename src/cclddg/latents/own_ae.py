@@ -45,7 +45,7 @@ def find_model_folder(path: Path) -> Path:
 def load_own_ae(path: str | Path, device: str | torch.device = "cpu") -> DiffusersVAE:
     from diffusers import AutoencoderKL
 
-    from cclddg.training.checkpoint import load_model
+    from cclddg.storage import load_model
 
     path = Path(path)
     if not path.exists():

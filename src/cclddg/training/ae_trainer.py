@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,79 +25,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cclddg.atomic import write_text_atomic
-from cclddg.config import JsonConfig
+from cclddg.config import AETrainConfig
 from cclddg.data.sources import check_source, load_held_out, load_training_set
 from cclddg.errors import UserError
 from cclddg.latents.own_ae import build_autoencoder
-from cclddg.options import (
-    AT_LEAST_1,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    THREADS,
-    Range,
-    check_fields,
-)
+from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
 
 HELD_OUT_SEED = 1_000_003  # the held-out images of every report (as in evaluation.zero_shot)
-
-
-@dataclass
-class AETrainConfig(JsonConfig):
-    data: str = "shapes"
-    img_size: int = 64
-    train_size: int = 20000
-    seed: int = 0
-    widths: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 4
-    layers_per_block: int = 1
-    norm_groups: int = 8
-    crop: int = 32
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 100
-    mse_weight: float = 1.0
-    kl_weight: float = 1e-6
-    sample_posterior: bool = False
-    adv_weight: float = 0.0
-    adv_start: int = 1000
-    n_batches: int = 3000
-    max_minutes: float = 0.0
-    log_every: int = 50
-    save_every: int = 500
-    eval_size: int = 500
-    threads: int = 0
-    workers: int = 2
-
-    KIND: ClassVar[str] = "train-ae config"
-    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
-    RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEED, "widths": Range(1, 8192),
-        "latent_channels": Range(1, 1024), "layers_per_block": Range(1, 64), "norm_groups": Range(1, 1024),
-        "crop": Range(0, 8192), "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE,
-        "mse_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "adv_weight": NON_NEGATIVE, "adv_start": NON_NEGATIVE,
-        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
-        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
-    }
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.widths) - 1)
-
-    def validate(self) -> None:
-        check_fields(self)
-        if not self.widths:
-            raise UserError("--widths needs at least one width, e.g. 16,32,64")
-        if any(w % self.norm_groups for w in self.widths):
-            raise UserError(f"--widths {','.join(map(str, self.widths))}: every width must be divisible by "
-                            f"--norm_groups {self.norm_groups}")
-        if self.img_size % self.factor:
-            raise UserError(f"--img_size {self.img_size} is not divisible by the downsampling factor {self.factor} "
-                            f"of {len(self.widths)} --widths levels")
-        if self.crop and (self.crop % self.factor or self.crop > self.img_size):
-            raise UserError(f"--crop {self.crop} must be a multiple of the factor {self.factor} and at most "
-                            f"--img_size {self.img_size} (0: whole images)")
 
 
 RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
@@ -261,7 +194,7 @@ class AETrainer:
     def _load(self, folder: Path) -> None:
         from diffusers import AutoencoderKL
 
-        self.ae.load_state_dict(ckpt_io.load_model(AutoencoderKL, folder / "autoencoder").state_dict())
+        self.ae.load_state_dict(load_model(AutoencoderKL, folder / "autoencoder").state_dict())
         state = ckpt_io.load_state(folder)
         self.opt.load_state_dict(state["optimizer"])
         if self.disc is not None and "discriminator" in state:

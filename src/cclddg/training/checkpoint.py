@@ -12,7 +12,6 @@ Layout of one checkpoint (a folder, written under a temporary name and renamed w
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -20,41 +19,18 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from cclddg.atomic import atomic_path, write_text_atomic
+from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.errors import UserError
+from cclddg.storage import read_config_json, safetensors_os_errors
 
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "train_config.json"
 KEEP_LAST = 2
-
-
-@contextlib.contextmanager
-def safetensors_os_errors() -> Iterator[None]:
-    """safetensors reports a failed write (a full disk) as its own SafetensorError: raise it as the OSError it
-    is, with its errno, so callers handle every failed write alike."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as exc:
-        found = re.search(r"os error (\d+)", str(exc))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code)) from exc
-
-
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written under a temporary name (unique per process) and renamed when complete."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp, safetensors_os_errors():
-        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def prepare_small_run(out: Path, cfg: Any, resume: bool, resumable: set[str], command: str) -> None:
@@ -165,19 +141,6 @@ def resolve_checkpoint(path: Path) -> Path:
                     f"(no {CONFIG_FILE} found); point --checkpoint at a run made by `cclddg train`")
 
 
-def load_model(cls: type, folder: Path) -> torch.nn.Module:
-    """Load a config.json + safetensors model, turning a damaged or missing file into one clear line."""
-    if not (folder / "config.json").is_file():
-        raise UserError(f"checkpoint folder {folder} has no config.json; the checkpoint is incomplete")
-    try:
-        return cls.from_pretrained(folder, use_safetensors=True)  # never fall back to a pickle
-    except UserError:
-        raise
-    except Exception as exc:  # safetensors/diffusers raise many types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load the model in {folder}: it is missing or damaged ({first})") from exc
-
-
 def load_state(folder: Path) -> dict[str, Any]:
     """The training state, loaded without running pickled code."""
     path = folder / STATE_FILE
@@ -189,24 +152,13 @@ def load_state(folder: Path) -> dict[str, Any]:
         raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__})") from exc
 
 
-def read_config_json(path: Path, config_cls: type = TrainConfig, what: str = "run config") -> Any:
-    """A config.json read back into `config_cls`; unreadable JSON, a list or a string where a number goes is one
-    line that names the file (the keys and types are checked by `from_dict`)."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UserError(f"could not read the {what} {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"the {what} {path} is not valid JSON ({exc}); restore it, e.g. from a checkpoint's "
-                        f"{CONFIG_FILE}") from None
-    try:
-        return config_cls.from_dict(values)
-    except (UserError, TypeError) as exc:
-        raise UserError(f"the {what} {path} is not one cclddg wrote: {exc}") from None
-
-
 def load_config(folder: Path) -> TrainConfig:
     return read_config_json(folder / CONFIG_FILE, TrainConfig, "checkpoint config")
+
+
+def read_run_config(path: Path) -> TrainConfig:
+    """A run folder's config.json."""
+    return read_config_json(path, TrainConfig, "run config")
 
 
 def clean_leftovers(run_dir: Path) -> list[Path]:

@@ -14,86 +14,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cclddg.atomic import write_text_atomic
-from cclddg.config import JsonConfig
+from cclddg.config import CLOOBTrainConfig
 from cclddg.data.sources import (
     check_source,
     load_held_out,
     load_training_set,
     parse_data_spec,
 )
-from cclddg.encoders.own_cloob import TEXT_HEADS, TEXT_TOWERS, CLOOBModel, OwnCLOOB
+from cclddg.encoders.own_cloob import CLOOBModel, OwnCLOOB
 from cclddg.encoders.sentence import SENTENCE_DIM
 from cclddg.errors import UserError
-from cclddg.options import (
-    AT_LEAST_1,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    THREADS,
-    Range,
-    check_fields,
-)
+from cclddg.storage import load_model, save_tensors_atomic
 from cclddg.training import checkpoint as ckpt_io
-
-
-@dataclass
-class CLOOBTrainConfig(JsonConfig):
-    data: str = "shapes"
-    img_size: int = 32
-    train_size: int = 20000
-    seed: int = 0
-    dim: int = 0  # 0: the sentence encoder's width (384) with a locked text head, else 256
-    widths: tuple[int, ...] = (32, 64, 128)
-    text_tower: str = "minilm"
-    text_head: str = "mlp"
-    center_text: bool = False  # locked head: subtract the training captions' mean sentence feature (a fixed map)
-    text_hidden: int = 512
-    inv_tau: float = 30.0
-    scale_hopfield: float = 15.0
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 100
-    n_batches: int = 3000
-    max_minutes: float = 0.0
-    log_every: int = 50
-    save_every: int = 500
-    eval_size: int = 1000
-    threads: int = 0
-    workers: int = 2
-
-    KIND: ClassVar[str] = "train-cloob config"
-    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
-    RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEED, "dim": Range(0, 65536),
-        "widths": Range(1, 8192), "text_hidden": Range(0, 65536), "inv_tau": POSITIVE, "scale_hopfield": POSITIVE,
-        "batch_size": Range(2, 1 << 20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE,
-        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
-        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
-    }
-
-    def validate(self) -> None:
-        check_fields(self)
-        if self.text_tower not in TEXT_TOWERS:
-            raise UserError(f"--text_tower {self.text_tower!r} is not valid; choose one of {', '.join(TEXT_TOWERS)}")
-        if self.text_head not in TEXT_HEADS:
-            raise UserError(f"--text_head {self.text_head!r} is not valid; choose one of {', '.join(TEXT_HEADS)}")
-        if self.center_text and self.text_head != "locked":
-            raise UserError("--center_text is the fixed map of a locked text head: add --text_head locked")
-        if self.text_head == "locked" and self.text_tower != "minilm":
-            raise UserError("--text_head locked keeps the frozen sentence encoder's space: it needs --text_tower minilm")
-        if self.batch_size < 2 or self.batch_size > self.train_size:
-            raise UserError(f"--batch_size must be in [2, train_size={self.train_size}] (contrastive learning "
-                            f"needs negatives), got {self.batch_size}")
 
 
 def embedding_dim(cfg: CLOOBTrainConfig) -> int:
@@ -152,7 +91,7 @@ class CLOOBTrainer:
             for start in tqdm(range(0, len(unique), 512), desc="text features", disable=not self.progress):
                 feats.append(self.embedder.text_inputs(unique[start:start + 512]).cpu())
             text = torch.cat(feats)[torch.tensor([index[c] for c in captions])]
-            ckpt_io.save_tensors_atomic(cache, {"text": text.contiguous()})
+            save_tensors_atomic(cache, {"text": text.contiguous()})
         return images, text
 
     # ---- training -----------------------------------------------------------------------------------
@@ -237,7 +176,7 @@ class CLOOBTrainer:
         self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, {"cloob": self.model}, state, self.cfg)
 
     def _load(self, folder: Path) -> None:
-        model = ckpt_io.load_model(CLOOBModel, folder / "cloob")
+        model = load_model(CLOOBModel, folder / "cloob")
         self.model.load_state_dict(model.state_dict())
         state = ckpt_io.load_state(folder)
         self.opt.load_state_dict(state["optimizer"])

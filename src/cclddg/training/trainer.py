@@ -44,12 +44,14 @@ from tqdm.auto import tqdm
 
 from cclddg import conditioning, diffusion, objectives
 from cclddg.atomic import write_text_atomic
-from cclddg.config import TrainConfig, is_cache, validate
+from cclddg.config import TrainConfig
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
-from cclddg.errors import OneLineWarning, UserError
+from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import ddgan_sample, diffusion_sample
+from cclddg.run_config import is_cache, validate
+from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
 from cclddg.training.ema import ema_update, warmup_decay
@@ -69,10 +71,6 @@ MAX_SKIPPED_IN_A_ROW = 20
 
 class BadCheckpointWarning(OneLineWarning):
     """A damaged checkpoint was passed over on --resume (the CLI prints it as one line)."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
 
 
 def label_dim(cfg: TrainConfig, embed_dim: int = 0) -> int:
@@ -146,7 +144,7 @@ def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
 def is_run_folder(out: Path) -> bool:
     """Whether `out` holds a `cclddg train` run (a config.json this cclddg reads)."""
     try:
-        ckpt_io.read_config_json(out / "config.json")
+        ckpt_io.read_run_config(out / "config.json")
     except UserError:
         return False
     return True
@@ -162,7 +160,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = Tru
     if resume:
         if not config_path.is_file():
             raise UserError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        old = ckpt_io.read_config_json(config_path)
+        old = ckpt_io.read_run_config(config_path)
         new, old_d = asdict(cfg), asdict(old)
         clash = [k for k in new if k not in RESUMABLE_CHANGES and new[k] != old_d[k]]
         if clash:
@@ -792,13 +790,13 @@ class Trainer:
             return
         acc = self.accelerator
         state = ckpt_io.load_state(folder)
-        acc.unwrap_model(self.gen).load_state_dict(ckpt_io.load_model(UNet, folder / "generator").state_dict())
-        self.ema.load_state_dict(ckpt_io.load_model(UNet, folder / "generator_ema").state_dict())
+        acc.unwrap_model(self.gen).load_state_dict(load_model(UNet, folder / "generator").state_dict())
+        self.ema.load_state_dict(load_model(UNet, folder / "generator_ema").state_dict())
         self.opt_g.load_state_dict(state["opt_g"])
         _load_if_saved(self.sched_g, state.get("sched_g"))
         _load_if_saved(self.scaler_g, state.get("scaler_g"))
         if self.disc is not None:
-            disc = ckpt_io.load_model(Discriminator, folder / "discriminator")
+            disc = load_model(Discriminator, folder / "discriminator")
             acc.unwrap_model(self.disc).load_state_dict(disc.state_dict())
             self.opt_d.load_state_dict(state["opt_d"])
             _load_if_saved(self.sched_d, state.get("sched_d"))

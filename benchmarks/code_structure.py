@@ -1,0 +1,64 @@
+"""Figures of the package's structure: import cycles, function-local imports, largest module and class, and the
+start-up time of light commands. Run from the repository root: python benchmarks/code_structure.py
+
+The import graph is tests/test_structure.py's (every `import cclddg...`, top level or local).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_structure import PACKAGE, cycles, graph, module_name  # noqa: E402  (the graph has one home: the test)
+
+
+def largest_class() -> tuple[str, int]:
+    best = ("", 0)
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > best[1]:
+                    best = (f"{module_name(path)}.{node.name}", size)
+    return best
+
+
+def startup(args: list[str], repeats: int = 5) -> float:
+    """Median wall time of `python -m cclddg ARGS` (exit code ignored: an error exit still measures start-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cclddg", *args], capture_output=True)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    edges, local = graph()
+    sizes = sorted(((len(p.read_text().splitlines()), module_name(p)) for p in PACKAGE.rglob("*.py")), reverse=True)
+    found = cycles(edges)
+    name, lines = largest_class()
+    print(f"largest modules: {', '.join(f'{m} {n}' for n, m in sizes[:3])}")
+    print(f"largest class: {name} {lines} lines")
+    print(f"function-local imports of package modules: {local}")
+    print(f"import cycles: {len(found)}" + "".join(f"\n  {' <-> '.join(c)}" for c in found))
+    print(f"start-up, median of 5: cclddg --help {startup(['--help']):.2f} s, "
+          f"cclddg plot (no run) {startup(['plot', '/nonexistent']):.2f} s, "
+          f"python -c pass {_python_startup():.2f} s")
+
+
+def _python_startup() -> float:
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"])
+        times.append(time.perf_counter() - start)
+    return sorted(times)[2]
+
+
+if __name__ == "__main__":
+    main()

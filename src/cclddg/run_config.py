@@ -1,0 +1,172 @@
+"""The one resolution step of a training run's config: flags + preset + a latent cache's metadata + a resumed
+run's config.json -> a validated `TrainConfig`.
+
+This is where settings meet the file system (caches, data sources, encoder and autoencoder specs), so it sits
+above data, encoders and latents; `config.py` below it is only the dataclass and the presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from cclddg.config import (
+    CONDS,
+    INJECTIONS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULES,
+    STEP_KINDS,
+    TEXT_PRIORS,
+    TrainConfig,
+)
+from cclddg.data.latent_cache import read_cache_meta
+from cclddg.data.sources import parse_data_spec, with_font
+from cclddg.encoders import absolute_spec, parse_encoder_spec
+from cclddg.errors import UserError
+from cclddg.latents import absolute_autoencoder_spec, parse_autoencoder_spec
+from cclddg.options import check_fields
+from cclddg.storage import read_config_json
+
+
+def train_config(preset: str, flags: dict[str, Any], out: Path, resume: bool, font: str | None = None) -> TrainConfig:
+    """`cclddg train`'s config: the preset and the flags given (None = not given), or on --resume the run's own
+    config.json with the flags on top (the trainer checks that only resumable settings changed).
+
+    `--encoder` implies `--cond embedding`; encoder and autoencoder paths are made absolute, so the run folder
+    says where its models are from anywhere."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if font:
+        given["data"] = with_font(given.get("data") or "shapes", font)
+    if given.get("encoder"):
+        given["encoder"] = absolute_spec(given["encoder"])
+        given.setdefault("cond", "embedding")
+    if given.get("autoencoder"):
+        given["autoencoder"] = absolute_autoencoder_spec(given["autoencoder"])
+    if resume and (out / "config.json").is_file():
+        saved = asdict(read_config_json(out / "config.json", TrainConfig, "run config"))
+        cfg = TrainConfig.from_dict({**saved, **given})
+        validate(cfg)
+        return cfg
+    return resolve(preset, given)
+
+
+def small_run_config(config_cls: type, flags: dict[str, Any], out: Path, resume: bool, font: str | None,
+                     command: str) -> Any:
+    """`train-cloob` / `train-ae`: the flags given over the defaults, or over the run's config.json on --resume."""
+    names = {f.name for f in fields(config_cls)}
+    values: dict[str, Any] = {}
+    if resume and (out / "config.json").is_file():
+        values = asdict(read_config_json(out / "config.json", config_cls, f"{command} config"))
+    values.update({k: v for k, v in flags.items() if k in names and v is not None})
+    if font:
+        values["data"] = with_font(values.get("data", "shapes"), font)
+    return config_cls.from_dict(values)
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The preset's values, then the user's flags (those not None) on top, then validation."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    needs_latents = values.pop("needs_latents", False)
+    values.update(given)
+    if is_cache(values.get("data", "shapes")):
+        values.update(cache_values(values, given))
+    else:
+        values.update(source_values(values, given))
+    if not is_cache(values.get("data", "shapes")) and needs_latents and values.get("autoencoder", "pixels") == "pixels":
+        raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
+                        "or a latent cache as --data (made by `cclddg encode`)")
+    cfg = TrainConfig.from_dict(values)
+    validate(cfg)
+    return cfg
+
+
+def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Run settings a data source fixes: `shapes:64` the image size; a real source (finite, unlabelled)
+    uses all its examples unless --data_size is given, and cannot give --cond labels."""
+    data = values.get("data", "shapes")
+    spec = parse_data_spec(data)
+    out: dict[str, Any] = {}
+    if spec.size is not None:
+        if "img_size" in given and given["img_size"] != spec.size:
+            raise UserError(f"--data {data} gives {spec.size}px images but --img_size is {given['img_size']}; "
+                            "drop one of them")
+        out["img_size"] = spec.size
+    if not spec.procedural:
+        if "data_size" not in given:
+            out["data_size"] = 0
+        if values.get("cond", "labels") == "labels":
+            raise UserError(f"--data {data} has no class labels (only shapes do): use --cond embedding "
+                            "--encoder SPEC (its images and captions), or --cond none")
+    return out
+
+
+def is_cache(data: str) -> bool:
+    """A data spec naming a folder is a latent cache (sources are names like `shapes:64`)."""
+    return Path(data).expanduser().is_dir()
+
+
+def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The run settings a latent cache fixes (latent space, sizes, scale, encoder), read from its cache.json;
+    flags that contradict it are errors. (Whether the cache can give the run's conditioning is checked when
+    the trainer opens it.)"""
+    path = Path(values["data"]).expanduser().resolve()
+    meta = read_cache_meta(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
+    img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
+    if "img_size" in given and given["img_size"] != img_size:
+        raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {img_size}px images; drop --img_size")
+    out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, "latent_channels": channels,
+           "latent_factor": img_size // latent, "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
+    if values.get("cond", "labels") == "embedding":
+        out["encoder"] = meta["encoder"]
+    return out
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"--{name} {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible settings before a model is built or a file is written."""
+    _choice("objective", cfg.objective, OBJECTIVES)
+    _choice("step_kind", cfg.step_kind, STEP_KINDS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("cond", cfg.cond, CONDS)
+    _choice("injection", cfg.injection, INJECTIONS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
+    check_fields(cfg)
+    _choice("text_prior", cfg.text_prior, TEXT_PRIORS)
+    if cfg.cond == "embedding" and not cfg.encoder:
+        raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
+                        "(train one with `cclddg train-cloob`)")
+    if cfg.cond != "embedding" and cfg.encoder:
+        raise UserError(f"--encoder is only used with --cond embedding (this run has --cond {cfg.cond})")
+    if cfg.cond == "embedding":
+        parse_encoder_spec(cfg.encoder)
+    if cfg.data_size == 0 and not is_cache(cfg.data):
+        if parse_data_spec(cfg.data).procedural:
+            raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
+                            "give --data_size N")
+    if len(cfg.ch_mults) != len(cfg.is_attn):
+        raise UserError(f"--ch_mults has {len(cfg.ch_mults)} levels but --is_attn has {len(cfg.is_attn)}; "
+                        "give one attention flag per level")
+    if len(cfg.ch_mults_disc) != len(cfg.is_attn_disc):
+        raise UserError(f"--ch_mults_disc has {len(cfg.ch_mults_disc)} levels but --is_attn_disc has "
+                        f"{len(cfg.is_attn_disc)}; give one attention flag per level")
+    parse_autoencoder_spec(cfg.autoencoder)
+    for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
+        factor = 2 ** (len(mults) - 1) * cfg.latent_factor
+        if cfg.img_size % factor:
+            where = f" (x{cfg.latent_factor} by the autoencoder)" if cfg.latent_factor > 1 else ""
+            raise UserError(f"--img_size {cfg.img_size} is not divisible by {factor}, the downsampling of "
+                            f"{len(mults)} levels in --{flag}{where}; use a multiple of {factor} or fewer levels")
+    if cfg.objective == "diffusion" and cfg.n_steps < 2:
+        raise UserError("--objective diffusion needs --n_steps >= 2 (1000 is usual)")

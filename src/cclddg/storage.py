@@ -1,0 +1,71 @@
+"""Saving and loading weights and configs: safetensors written atomically, models as config.json + safetensors,
+JSON configs read back with one-line errors. The bottom layer: it imports nothing of cclddg but errors and
+atomic writes, so models, encoders, latents, data and training all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cclddg.atomic import atomic_path
+from cclddg.errors import UserError
+
+
+@contextlib.contextmanager
+def safetensors_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as its own SafetensorError: raise it as the OSError it
+    is, with its errno, so callers handle every failed write alike."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from exc
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name (unique per process) and renamed when complete."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp, safetensors_os_errors():
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_model(cls: type, folder: Path) -> torch.nn.Module:
+    """Load a config.json + safetensors model, turning a damaged or missing file into one clear line."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint folder {folder} has no config.json; the checkpoint is incomplete")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)  # never fall back to a pickle
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors/diffusers raise many types for truncated or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load the model in {folder}: it is missing or damaged ({first})") from exc
+
+
+def read_config_json(path: Path, config_cls: type, what: str = "run config") -> Any:
+    """A config.json read back into `config_cls`; unreadable JSON, a list or a string where a number goes is one
+    line that names the file (the keys and types are checked by `from_dict`)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"could not read the {what} {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"the {what} {path} is not valid JSON ({exc}); restore it, e.g. from a checkpoint's "
+                        "train_config.json") from None
+    try:
+        return config_cls.from_dict(values)
+    except (UserError, TypeError) as exc:
+        raise UserError(f"the {what} {path} is not one cclddg wrote: {exc}") from None

@@ -1,0 +1,119 @@
+"""The package's structure: data and imports flow one way (DESIGN.md, docs/ARCHITECTURE.md).
+
+The import graph holds every `import cclddg...` in the package, at the top of a file or inside a function alike
+(a local import hides a dependency; it does not remove it). benchmarks/code_structure.py reports from it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cclddg"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> tuple[set[str], int]:
+    """The package modules a file imports (top level and local), and how many of those imports are local."""
+    tree = ast.parse(path.read_text())
+    found, local = set(), 0
+    top = {id(n) for n in tree.body}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        names = [n for n in names if n.startswith("cclddg")]
+        if not names:
+            continue
+        found.update(names)
+        if id(node) not in top and not _under_type_checking(tree, node):
+            local += 1
+    return found, local
+
+
+def _under_type_checking(tree: ast.Module, node: ast.AST) -> bool:
+    for stmt in tree.body:
+        if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
+            if any(child is node for child in ast.walk(stmt)):
+                return True
+    return False
+
+
+def graph() -> tuple[dict[str, set[str]], int]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges, local_total = {}, 0
+    for name, path in modules.items():
+        found, local = imports(path)
+        local_total += local
+        edges[name] = {m for m in found if m in modules and m != name}
+    return edges, local_total
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    sys.setrecursionlimit(10000)
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+BOTTOM = ("cclddg.errors", "cclddg.atomic", "cclddg.options", "cclddg.storage")
+BELOW_TRAINING = ("cclddg.models", "cclddg.diffusion", "cclddg.encoders", "cclddg.latents", "cclddg.data")
+
+
+def test_there_is_no_import_cycle():
+    edges, _ = graph()
+    assert cycles(edges) == []
+
+
+def test_the_bottom_layer_imports_nothing_above_it():
+    edges, _ = graph()
+    for module in BOTTOM:
+        assert edges[module] <= set(BOTTOM), (module, edges[module] - set(BOTTOM))
+
+
+def test_models_data_encoders_and_latents_never_import_training():
+    edges, _ = graph()
+    for module, deps in edges.items():
+        if module.startswith(BELOW_TRAINING):
+            assert not {d for d in deps if d.startswith(("cclddg.training", "cclddg.cli", "cclddg.demo"))}, module
+
+
+def test_the_command_line_starts_without_torch():
+    """`cclddg --help` (and every usage error) answers before torch, accelerate or diffusers load."""
+    code = "import sys, cclddg.cli; print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

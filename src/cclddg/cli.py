@@ -31,7 +31,7 @@ from cclddg.options import (
     BELOW_1,
     FRACTION,
     NON_NEGATIVE,
-    SEED,
+    SEEDS,
     THREADS,
     Range,
     field_kind,
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
                      help="images (label runs, default 16) or images per prompt and guidance scale (default 4)")
     smp.add_argument("--nrow", type=parse_number(int, NON_NEGATIVE), default=0, help="images per grid row (default: square)")
-    smp.add_argument("--seed", type=parse_number(int, SEED), default=0, help="same seed, same images")
+    smp.add_argument("--seed", type=parse_number(int, SEEDS), default=0, help="same seed, same images")
     smp.add_argument("--cfg", type=guidance_scales, default=None,
                      help="classifier-free guidance scale (1 = none); a list like 1,2,3 sweeps across columns")
     smp.add_argument("--attrs", help="labels to ask for, e.g. color=red,shape=circle,position=top left")
@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="RUN", help="run folder or checkpoint folder")
     ev.add_argument("--data", metavar="DATA", help="score real data instead, e.g. shapes:32")
     ev.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=500)
-    ev.add_argument("--seed", type=parse_number(int, SEED), default=0)
+    ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)
     ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
     ev.add_argument("--sampler", choices=("ddpm", "ddim"))
     ev.add_argument("--steps", type=parse_number(int, Range(1, 100_000)))
@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(enc)
     enc.add_argument("--crop", default="center", choices=("center", "random"),
                      help="square crop after resizing the shorter side (default center)")
-    enc.add_argument("--seed", type=parse_number(int, SEED), default=0, help="the data source's seed")
+    enc.add_argument("--seed", type=parse_number(int, SEEDS), default=0, help="the data source's seed")
     enc.add_argument("--autoencoder", required=True, metavar="AUTOENCODER", help="latent space: pixels, own:RUN, kl-f8:PATH or taesd:PATH")
     enc.add_argument("--encoder", metavar="ENCODER", help="embedder for image and caption embeddings, e.g. cloob-tiny:runs/cloob")
     enc.add_argument("--out", required=True, metavar="OUT_FOLDER", help="cache folder (new, or a partial one to finish)")

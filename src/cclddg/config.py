@@ -19,7 +19,7 @@ from cclddg.options import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
-    SEED,
+    SEEDS,
     THREADS,
     Range,
     check_fields,
@@ -27,10 +27,8 @@ from cclddg.options import (
 
 OBJECTIVES = ("ddgan", "diffusion")
 STEP_KINDS = ("posterior", "renoise")
-SCHEDULES = ("seed", "vp", "linear")
 CONDS = ("labels", "embedding", "none")
 TEXT_PRIORS = ("none", "gap", "retrieval")  # how a text prompt's embedding is mapped at sampling (conditioning.py)
-INJECTIONS = ("adagn", "add")
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("no", "fp16", "bf16")
 TEXT_TOWERS = ("minilm", "bpe")  # the own CLOOB's text tower: the frozen sentence encoder + a head, or BPE from scratch
@@ -169,7 +167,7 @@ class TrainConfig(JsonConfig):
         "batch_size": Range(1, 1 << 20), "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
         "lr_disc": POSITIVE, "adam_betas": BELOW_1, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
         "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
-        "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEED, "log_every": AT_LEAST_1,
+        "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
         "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
     }
 
@@ -250,7 +248,7 @@ class CLOOBTrainConfig(JsonConfig):
     KIND: ClassVar[str] = "train-cloob config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
     RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEED, "dim": Range(0, 65536),
+        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEEDS, "dim": Range(0, 65536),
         "widths": Range(1, 8192), "text_hidden": Range(0, 65536), "inv_tau": POSITIVE, "scale_hopfield": POSITIVE,
         "batch_size": Range(2, 1 << 20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE,
         "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
@@ -302,7 +300,7 @@ class AETrainConfig(JsonConfig):
     KIND: ClassVar[str] = "train-ae config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
     RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEED, "widths": Range(1, 8192),
+        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEEDS, "widths": Range(1, 8192),
         "latent_channels": Range(1, 1024), "layers_per_block": Range(1, 64), "norm_groups": Range(1, 1024),
         "crop": Range(0, 8192), "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE,
         "mse_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "adv_weight": NON_NEGATIVE, "adv_start": NON_NEGATIVE,

@@ -199,7 +199,7 @@ class Demo:
 
         pipe = PromptPipeline.from_run(self.out / "gen")
         prompts = prompts or self.prompts
-        n, guidances = 4, (1.0, 2.0, 3.0)
+        n, guidances = 4, self.settings.guidances
         cond = pipe.condition(list(prompts), n=n, seed=0)
         per = [pipe.generate(cond, 1, g, seed=0).cpu().view(len(prompts), n, 3, 64, 64) for g in guidances]
         grid = torch.stack(per, dim=1).flatten(0, 2)  # rows: prompts; columns: n samples per guidance
@@ -279,7 +279,8 @@ class Demo:
                  f"- Own CLOOB on held-out images: {self._cloob_line(zero_shot)}.",
                  f"- Generator: {steps} steps of the latent DDGAN (T=4).", ""]
         lines += self._eval_lines(evals)
-        lines += ["", "Prompts (rows) x guidance 1, 2, 3 (4 samples each):", "", "![prompts](prompts.png)", "",
+        scales = ", ".join(f"{g:g}" for g in self.settings.guidances)
+        lines += ["", f"Prompts (rows) x guidance {scales} (4 samples each):", "", "![prompts](prompts.png)", "",
                   "Prompts: " + "; ".join(self.prompts), ""]
         if (self.out / "paraphrases.png").is_file():
             lines += ["The same requests in words no caption uses:", "", "![paraphrased prompts](paraphrases.png)", "",

@@ -49,7 +49,7 @@ NON_NEGATIVE = Range(0)
 AT_LEAST_1 = Range(1)
 FRACTION = Range(0, 1)  # [0, 1]
 BELOW_1 = Range(0, 1, high_open=True)  # [0, 1)
-SEED = Range(0, 2**32 - 1)  # numpy's seeds are 32-bit
+SEEDS = Range(0, 2**32 - 1)  # numpy's seeds are 32-bit
 THREADS = Range(0, 1024)  # 0: torch's own choice
 
 

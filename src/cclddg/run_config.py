@@ -13,21 +13,21 @@ from typing import Any
 
 from cclddg.config import (
     CONDS,
-    INJECTIONS,
     OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
-    SCHEDULES,
     STEP_KINDS,
     TEXT_PRIORS,
     TrainConfig,
 )
 from cclddg.data.latent_cache import read_cache_meta
 from cclddg.data.sources import parse_data_spec, with_font
+from cclddg.diffusion import SCHEDULE_KINDS
 from cclddg.encoders import absolute_spec, parse_encoder_spec
 from cclddg.errors import UserError
 from cclddg.latents import absolute_autoencoder_spec, parse_autoencoder_spec
+from cclddg.models.blocks import INJECTIONS
 from cclddg.options import check_fields
 from cclddg.storage import read_config_json
 
@@ -137,7 +137,7 @@ def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings before a model is built or a file is written."""
     _choice("objective", cfg.objective, OBJECTIVES)
     _choice("step_kind", cfg.step_kind, STEP_KINDS)
-    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("schedule", cfg.schedule, SCHEDULE_KINDS)
     _choice("cond", cfg.cond, CONDS)
     _choice("injection", cfg.injection, INJECTIONS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)

@@ -241,7 +241,7 @@ def test_image_helpers():
 
 
 def test_request_prompts_use_the_captions_article():
-    from cclddg.evaluation.zero_shot import request_prompt
+    from cclddg.data.shapes import request_prompt
 
     assert request_prompt({"color": "orange", "shape": "circle", "position": "center"}).startswith("an orange circle")
     assert request_prompt({"color": "red", "shape": "square", "position": "top left"}).startswith("a red square")

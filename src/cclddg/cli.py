@@ -323,16 +323,6 @@ def add_text_prior_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior_k", type=parse_number(int, AT_LEAST_1), default=None, help="neighbours the retrieval prior draws from (default: the run's)")
 
 
-def request_condition(attrs: str | None, n: int):
-    """The label conditioning for `--attrs`, repeated n times (None when unconditional)."""
-    from cclddg.conditioning import label_condition
-    from cclddg.data.shapes import parse_attrs
-
-    if attrs is None:
-        return None
-    return label_condition([parse_attrs(attrs)] * n)
-
-
 @dataclass
 class SampleJob:
     """One guidance scale's share of a `cclddg sample` request: `count` images (conditions `cond`, or None) whose
@@ -432,6 +422,7 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Pat
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from cclddg.conditioning import request_condition
     from cclddg.pipeline import load_generator, sample_batches
 
     grid, singles = check_sample_outputs(args)
@@ -450,8 +441,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.cfg and cfg.cond == "none":
         raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
     n = args.n or 16
-    attrs = args.attrs if cfg.cond != "none" else None
-    cond = request_condition(attrs, n)
+    cond = request_condition(cfg.cond, args.attrs, n)
     if len(cfgs) == 1:
         jobs = [SampleJob(cfgs[0], n, cond, lambda j: j)]
         nrow = args.nrow or max(1, int(round(n ** 0.5)))

@@ -21,6 +21,7 @@ run folder (`RUN/embedding_stats.safetensors`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,15 @@ from torch import Tensor
 
 from cclddg.atomic import atomic_path
 from cclddg.config import TEXT_PRIORS
+from cclddg.data.shapes import (
+    COLORS,
+    LABEL_DIM,
+    POSITIONS,
+    SHAPES,
+    attrs_to_label,
+    parse_attrs,
+    request_prompt,
+)
 from cclddg.errors import UserError
 
 STATS_FILE = "embedding_stats.safetensors"
@@ -39,12 +49,46 @@ BANK_SIZE = 20000  # image embeddings kept for the retrieval prior (10 MB at 256
 PRIOR_CHUNK = 1024  # text embeddings the retrieval prior compares with the bank at once (80 MB of similarities)
 
 
+# ---- the kinds of conditioning (cfg.cond): labels, embedding, none -----------------------------------------
+def width(cond: str, embed_dim: int = 0) -> int:
+    """Width of the conditioning vector: the shapes label vector's, the embedder's dim, or 0 (unconditional)."""
+    return {"labels": LABEL_DIM, "embedding": embed_dim, "none": 0}[cond]
+
+
+def scale(cond: str, embed_dim: int) -> float:
+    """Unit embeddings have per-dimension values ~1/sqrt(dim); scaling by sqrt(dim) gives the nets inputs of
+    unit variance, like the label vectors' ones (measured: much faster conditioning)."""
+    return math.sqrt(embed_dim) if cond == "embedding" and embed_dim else 1.0
+
+
 # ---- labels (shapes) -----------------------------------------------------------------------------------------
 def label_condition(requests: Sequence[dict[str, str]]) -> Tensor:
     """The label vectors of shapes requests ({"color": "red", ...}; unnamed attributes stay unnamed)."""
-    from cclddg.data.shapes import attrs_to_label
-
     return torch.from_numpy(np.stack([attrs_to_label(r) for r in requests]))
+
+
+def request_condition(cond: str, attrs: str | None, n: int) -> Tensor | None:
+    """`cclddg sample --attrs "color=red,..."`: the label condition repeated n times; None for no request (or an
+    unconditional run)."""
+    if cond != "labels" or attrs is None:
+        return None
+    return label_condition([parse_attrs(attrs)] * n)
+
+
+def grid_requests(rows: int) -> list[dict[str, str]]:
+    """One request per grid row, the same in every run so a run's grids compare over time."""
+    return [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
+             "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
+
+
+def grid_prompts(rows: int) -> list[str]:
+    """The grid requests as captions (embedding runs ask for their grids with these)."""
+    return [request_prompt(r) for r in grid_requests(rows)]
+
+
+def grid_condition(cond: str, rows: int) -> Tensor | None:
+    """A label run's fixed grid conditions (embedding runs embed `grid_prompts`; unconditional runs: None)."""
+    return label_condition(grid_requests(rows)) if cond == "labels" else None
 
 
 # ---- the null condition ----------------------------------------------------------------------------------

@@ -211,6 +211,11 @@ def position_phrase(position: str, u: float = 0.0) -> str:
     return variants[int(u * len(variants))]
 
 
+
+def request_prompt(request: dict[str, str]) -> str:
+    """The text prompt naming a request's colour, shape and position ("a red circle in the top left")."""
+    return f"{article(request['color'])} {request['color']} {request['shape']} {position_phrase(request['position'])}"
+
 def _background_phrase(background: str, u: float) -> str:
     """'on a blue background', 'against a blue background', ..."""
     lead = ("on", "against", "with")[int(u * 3)]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from cclddg.conditioning import PromptConditioner, label_condition
 from cclddg.config import TrainConfig
-from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset
+from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset, request_prompt
 from cclddg.errors import UserError
 from cclddg.evaluation.shapes_eval import analyze, summarize
 from cclddg.evaluation.zero_shot import (
@@ -23,7 +23,6 @@ from cclddg.evaluation.zero_shot import (
     PARAPHRASE_VARIANTS,
     held_out,
     paraphrase_prompt,
-    request_prompt,
 )
 from cclddg.pipeline import sample
 

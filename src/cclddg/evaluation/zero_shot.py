@@ -18,7 +18,7 @@ from cclddg.data.shapes import (
     SHAPES,
     ShapesDataset,
     article,
-    position_phrase,
+    request_prompt,
 )
 from cclddg.encoders.base import Embedder, reference_text_encoder
 
@@ -51,11 +51,6 @@ EXAMPLE_PARAPHRASES = {
     "a violet ball at the very bottom": {"color": "purple", "shape": "circle", "position": "bottom"},
     "a snow-white square in the middle": {"color": "white", "shape": "square", "position": "center"},
 }
-
-
-def request_prompt(request: dict[str, str]) -> str:
-    """The text prompt naming a request's colour, shape and position ("a red circle in the top left")."""
-    return f"{article(request['color'])} {request['color']} {request['shape']} {position_phrase(request['position'])}"
 
 
 def paraphrase_prompt(request: dict[str, str], variant: int) -> str:

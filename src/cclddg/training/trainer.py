@@ -73,72 +73,34 @@ class BadCheckpointWarning(OneLineWarning):
     """A damaged checkpoint was passed over on --resume (the CLI prints it as one line)."""
 
 
-def label_dim(cfg: TrainConfig, embed_dim: int = 0) -> int:
-    """Width of the conditioning vector: the label vector, the embedder's dim, or 0."""
-    if cfg.cond == "none":
-        return 0
-    if cfg.cond == "embedding":
-        return embed_dim
-    from cclddg.data.shapes import LABEL_DIM
-
-    return LABEL_DIM
-
-
-def cond_scale(cfg: TrainConfig, embed_dim: int) -> float:
-    """Unit embeddings have per-dimension values ~1/sqrt(dim); scaling by sqrt(dim) gives the nets inputs of
-    unit variance, like the label vectors' ones (measured: much faster conditioning)."""
-    return math.sqrt(embed_dim) if cfg.cond == "embedding" and embed_dim else 1.0
-
-
 def latent_size(cfg: TrainConfig) -> int:
     return cfg.img_size // cfg.latent_factor
 
 
 def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
-    cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_unet else 0
+    cond_dim = conditioning.width(cfg.cond, embed_dim) if cfg.use_cloob_unet else 0
     return UNet(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
                 n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                 n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
                 injection=cfg.injection, sample_size=latent_size(cfg), coord_channels=cfg.coord_channels,
-                cond_map_size=cfg.cond_map_size, cond_scale=cond_scale(cfg, embed_dim))
+                cond_map_size=cfg.cond_map_size, cond_scale=conditioning.scale(cfg.cond, embed_dim))
 
 
 def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
-    cond_dim = label_dim(cfg, embed_dim) if cfg.use_cloob_disc else 0
+    cond_dim = conditioning.width(cfg.cond, embed_dim) if cfg.use_cloob_disc else 0
     n_cond = cfg.n_cond_channels_disc if cfg.n_cond_channels_disc > 0 else cfg.n_cond_channels
     return Discriminator(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
                          n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
                          denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=latent_size(cfg),
-                         coord_channels=cfg.coord_channels, cond_scale=cond_scale(cfg, embed_dim))
+                         coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim))
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-
-
-def grid_requests(rows: int) -> list[dict[str, str]]:
-    """One request per grid row, the same in every run so grids compare over time."""
-    from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
-
-    return [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
-             "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
-
-
-def grid_prompts(rows: int) -> list[str]:
-    from cclddg.evaluation.zero_shot import request_prompt
-
-    return [request_prompt(r) for r in grid_requests(rows)]
-
-
-def grid_conditions(cfg: TrainConfig, rows: int) -> Tensor | None:
-    """Fixed label conditioning for the sample grids (embedding runs use the prompts' embeddings)."""
-    if cfg.cond != "labels":
-        return None
-    return conditioning.label_condition(grid_requests(rows))
 
 
 def is_run_folder(out: Path) -> bool:
@@ -353,7 +315,7 @@ class Trainer:
             self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
             self._stats_to_write = True
         prompts = conditioning.PromptConditioner(embedder, self.cfg.text_prior, self.stats, self.cfg.prior_k)
-        self.grid_cond = prompts.texts(grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
+        self.grid_cond = prompts.texts(conditioning.grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
 
     # ---- data -------------------------------------------------------------------------------------
     def _cache_order(self, positions: range) -> list[int]:
@@ -677,7 +639,7 @@ class Trainer:
         """A grid from the EMA generator (fixed noise, fixed conditioning) and a reconstruction grid."""
         if not self.accelerator.is_main_process:
             return
-        cond = grid_conditions(self.cfg, rows) if self.grid_cond is None else self.grid_cond
+        cond = conditioning.grid_condition(self.cfg.cond, rows) if self.grid_cond is None else self.grid_cond
         cond = cond if self.cfg.use_cloob_unet else None
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)

@@ -21,11 +21,18 @@ def sample_steps(batch: int, n_steps: int, device: torch.device) -> Tensor:
     return torch.randint(1, n_steps + 1, (batch,), device=device)
 
 
-def fake_step(schedule: Schedule, step_kind: str, x_t: Tensor, x0_pred: Tensor, t: Tensor) -> Tensor:
-    """The generator's x̂_{t-1}: from the posterior q(x_{t-1} | x_t, x̂_0), or re-noised from x̂_0 (the seed)."""
+def fake_step(schedule: Schedule, step_kind: str, x_t: Tensor, x0_pred: Tensor, t: Tensor,
+              noise: Tensor | None = None) -> Tensor:
+    """The generator's x̂_{t-1}, in training and at sampling alike: from the posterior q(x_{t-1} | x_t, x̂_0), or
+    re-noised from x̂_0 (the seed's `step_kind`)."""
     if step_kind == "renoise":
-        return diffusion.renoise(schedule, x0_pred, t)
-    return diffusion.posterior_sample(schedule, x_t, x0_pred, t)
+        return diffusion.renoise(schedule, x0_pred, t, noise=noise)
+    return diffusion.posterior_sample(schedule, x_t, x0_pred, t, noise=noise)
+
+
+def r1_weight(step: int, gamma: float, lazy_reg: int) -> float:
+    """The weight of R1 at this step: γ/2·k on every k-th step (lazy regularisation, as StyleGAN2), else 0."""
+    return gamma / 2 * lazy_reg if gamma > 0 and step % lazy_reg == 0 else 0.0
 
 
 def discriminator_loss(disc: torch.nn.Module, x_prev: Tensor, fake_prev: Tensor, x_t: Tensor, t: Tensor,

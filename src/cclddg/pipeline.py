@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cclddg import diffusion
+from cclddg import diffusion, objectives
 from cclddg.conditioning import null_like
 from cclddg.config import TrainConfig
 from cclddg.diffusion import Schedule
@@ -64,11 +64,7 @@ def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[in
         z = randn((shape[0], z_dim), rng, device) if z_dim else None
         x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg, uncond=uncond)
         if step > 1:
-            noise = randn(shape, rng, device)
-            if step_kind == "renoise":
-                x = diffusion.renoise(sched, x0, t, noise=noise)
-            else:
-                x = diffusion.posterior_sample(sched, x, x0, t, noise=noise)
+            x = objectives.fake_step(sched, step_kind, x, x0, t, noise=randn(shape, rng, device))
     return x0
 
 

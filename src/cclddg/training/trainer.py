@@ -384,8 +384,7 @@ class Trainer:
         With one micro-batch G's forward pass is made once and serves both updates; with several it is made
         without gradients for D's update and again, on the same inputs, for G's (memory stays that of one)."""
         cfg, k = self.cfg, len(micro)
-        lazy = cfg.r1_gamma > 0 and (self.step % cfg.lazy_reg == 0)
-        r1_weight = cfg.r1_gamma / 2 * cfg.lazy_reg if lazy else 0.0
+        r1_weight = objectives.r1_weight(self.step, cfg.r1_gamma, cfg.lazy_reg)
         logs = MeanLogs()
         kept = []
         self.disc.requires_grad_(True)

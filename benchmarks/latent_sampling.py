@@ -79,14 +79,15 @@ def main() -> None:
     linear = diffusion.make_schedule("linear", 1000)
 
     def ddgan() -> None:
-        space.decode(ddgan_sample(gen, ddgan_sched, shape, cond, 2.0, cfg.step_kind, cfg.z_dim))
+        space.decode(ddgan_sample(gen, ddgan_sched, shape, cond=cond, guidance=2.0, step_kind=cfg.step_kind,
+                                  z_dim=cfg.z_dim))
 
     def ddim() -> None:
-        space.decode(diffusion_sample(gen_eps, linear, shape, cond, 2.0, "ddim", 50))
+        space.decode(diffusion_sample(gen_eps, linear, shape, cond=cond, guidance=2.0, sampler="ddim", n_sample_steps=50))
 
     def ddpm_slice_run() -> None:
         try:
-            diffusion_sample(StopAfter(gen_eps, ddpm_slice), linear, shape, cond, 2.0, "ddpm")
+            diffusion_sample(StopAfter(gen_eps, ddpm_slice), linear, shape, cond=cond, guidance=2.0, sampler="ddpm")
         except StopIteration:
             pass
 

@@ -142,14 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.Generator(device=device).manual_seed(0)
 
     def ddgan(batched: bool):
-        return lambda: ddgan_sample(gen, sched_g, shape, cond, args.guidance, cfg_g.step_kind, cfg_g.z_dim, rng(),
-                                    device, batched_cfg=batched)
+        return lambda: ddgan_sample(gen, sched_g, shape, cond=cond, guidance=args.guidance, step_kind=cfg_g.step_kind,
+                                    z_dim=cfg_g.z_dim, rng=rng(), device=device, batched_cfg=batched)
 
     def ddim(model=eps_net):
-        return diffusion_sample(model, sched_d, shape, cond, args.guidance, "ddim", S, rng(), device)
+        return diffusion_sample(model, sched_d, shape, cond=cond, guidance=args.guidance, sampler="ddim",
+                                n_sample_steps=S, rng=rng(), device=device)
 
     def ddpm(model=eps_net):
-        return diffusion_sample(model, sched_d, shape, cond, args.guidance, "ddpm", None, rng(), device)
+        return diffusion_sample(model, sched_d, shape, cond=cond, guidance=args.guidance, sampler="ddpm", rng=rng(),
+                                device=device)
 
     # name -> (callable timed each round, factor from measured seconds to seconds per full batch,
     #          UNet calls per full batch, images per UNet call)

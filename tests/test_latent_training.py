@@ -58,7 +58,7 @@ def test_cclddg_preset_trains_from_a_cache_and_samples_pixels(models, tmp_path):
     images = pipe(["a red circle in the top left"], n=2, guidance=2.0)
     assert [i.size for i in images] == [(16, 16), (16, 16)]
     # sampling decodes through the run's autoencoder with the cache's scale
-    x = sample(model, run_cfg, 2, pipe.condition(["a blue square"]).repeat(2, 1), 1.0,
+    x = sample(model, run_cfg, 2, cond=pipe.condition(["a blue square"]).repeat(2, 1), guidance=1.0,
                rng=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
 

@@ -451,8 +451,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     def batches(job: SampleJob):
         rng = torch.Generator().manual_seed(args.seed)  # the same noise for every guidance scale
-        return sample_batches(model, cfg, job.count, job.cond, job.guidance, args.sampler, args.steps, rng,
-                              batch_size=args.batch_size)
+        return sample_batches(model, cfg, job.count, cond=job.cond, batch_size=args.batch_size, rng=rng,
+                              guidance=job.guidance, sampler=args.sampler, steps=args.steps)
 
     run_sample_jobs(jobs, batches, nrow, cfg.img_size, grid, singles, not args.no_progress)
     return 0
@@ -484,7 +484,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report.update(zero_shot_report(embedder, args.n, data.size))
     else:
         from cclddg.conditioning import PromptConditioner, load_stats
-        from cclddg.pipeline import load_generator
+        from cclddg.pipeline import SamplingConfig, load_generator
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
         conditioner = None
@@ -498,11 +498,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 conditioner=conditioner, prompts=args.prompts)
         if conditioner is not None:
             report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
-        if cfg.objective == "ddgan":
-            sampler, steps = "ddgan", cfg.n_steps
-        else:
-            sampler = args.sampler or "ddim"
-            steps = cfg.n_steps if sampler == "ddpm" else args.steps or 50
+        sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)
         report.update({"checkpoint": str(args.checkpoint), "cfg": args.cfg, "sampler": sampler, "steps": steps})
     report = {k: v for k, v in report.items() if not isinstance(v, list)}
     text = json.dumps(report, indent=2, default=str)
@@ -637,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
     smp.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     add_text_prior_flags(smp)
-    smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim)")
+    smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim, 50 steps)")
     smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=64)
     smp.add_argument("--no_ema", action="store_true", help="use the raw generator weights, not the EMA")

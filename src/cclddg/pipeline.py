@@ -7,6 +7,7 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,12 +50,52 @@ def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | 
     return pred_u + guidance * (pred_c - pred_u)
 
 
+DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) ...
+DEFAULT_DDIM_STEPS = 50  # ... over 50 evenly spaced steps
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What sampling needs of a run: its objective and schedule, the latent shape and how to decode it.
+
+    `SamplingConfig.of(train_config)` takes it from a run's config; sampling never needs the rest."""
+
+    objective: str = "ddgan"
+    schedule: str = "vp"
+    n_steps: int = 4
+    beta_min: float | None = None
+    beta_max: float | None = None
+    step_kind: str = "posterior"
+    z_dim: int = 0
+    latent_size: int = 32  # the generator's spatial size (img_size / the autoencoder's factor)
+    autoencoder: str = "pixels"
+    latent_scale: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig | SamplingConfig") -> "SamplingConfig":
+        if isinstance(cfg, SamplingConfig):
+            return cfg
+        return cls(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps, beta_min=cfg.beta_min,
+                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
+                   latent_size=cfg.img_size // cfg.latent_factor, autoencoder=cfg.autoencoder,
+                   latent_scale=cfg.latent_scale)
+
+    def sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(sampler, network calls) this config samples with: DDGAN's own T steps, or a diffusion sampler (DDPM
+        over every step, DDIM over `steps`; defaults DEFAULT_SAMPLER, DEFAULT_DDIM_STEPS)."""
+        if self.objective == "ddgan":
+            return "ddgan", self.n_steps
+        sampler = sampler or DEFAULT_SAMPLER
+        return sampler, self.n_steps if sampler == "ddpm" else steps or DEFAULT_DDIM_STEPS
+
+
 @torch.no_grad()
-def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], cond: Tensor | None = None,
-                 guidance: float = 1.0, step_kind: str = "posterior", z_dim: int = 0,
+def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], *,
+                 cond: Tensor | None = None, guidance: float = 1.0, step_kind: str = "posterior", z_dim: int = 0,
                  rng: torch.Generator | None = None, device: torch.device | str = "cpu",
                  batched_cfg: bool = True, uncond: Tensor | None = None) -> Tensor:
-    """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1}; return the last x̂_0."""
+    """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1} (the training's fake step);
+    return the last x̂_0."""
     device = torch.device(device)
     sched = schedule.to(device)
     x = randn(shape, rng, device)
@@ -69,10 +110,11 @@ def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[in
 
 
 @torch.no_grad()
-def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], cond: Tensor | None = None,
-                     guidance: float = 1.0, sampler: str = "ddpm", n_sample_steps: int | None = None,
-                     rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                     clip_x0: float | None = 1.0, batched_cfg: bool = True, uncond: Tensor | None = None) -> Tensor:
+def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], *,
+                     cond: Tensor | None = None, guidance: float = 1.0, sampler: str = "ddpm",
+                     n_sample_steps: int | None = None, rng: torch.Generator | None = None,
+                     device: torch.device | str = "cpu", clip_x0: float | None = 1.0, batched_cfg: bool = True,
+                     uncond: Tensor | None = None) -> Tensor:
     """Ancestral DDPM over every step, or DDIM (eta 0) over `n_sample_steps` evenly spaced steps."""
     device = torch.device(device)
     sched = schedule.to(device)
@@ -86,7 +128,7 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
         return x
     if sampler != "ddim":
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or 50)
+    steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or DEFAULT_DDIM_STEPS)
     for i, step in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else 0
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)
@@ -96,38 +138,42 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
     return x
 
 
-def sample(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None = None, guidance: float = 1.0,
-           sampler: str | None = None, n_sample_steps: int | None = None, rng: torch.Generator | None = None,
-           device: torch.device | str = "cpu", uncond: Tensor | None = None) -> Tensor:
-    """Images in [-1, 1] from a trained generator, using the run's own schedule and objective; a latent run's
-    samples are decoded by its autoencoder."""
-    schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max)
-    size = cfg.img_size // cfg.latent_factor
-    shape = (n, model.config.image_channels, size, size)
-    if cfg.objective == "ddgan":
-        x = ddgan_sample(model, schedule, shape, cond, guidance, cfg.step_kind, cfg.z_dim, rng, device, uncond=uncond)
+def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *, cond: Tensor | None = None,
+           guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
+           rng: torch.Generator | None = None, device: torch.device | str = "cpu",
+           uncond: Tensor | None = None) -> Tensor:
+    """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
+    `SamplingConfig` or a run's config); a latent run's samples are decoded by its autoencoder."""
+    config = SamplingConfig.of(config)
+    schedule = diffusion.make_schedule(config.schedule, config.n_steps, config.beta_min, config.beta_max)
+    shape = (n, model.config.image_channels, config.latent_size, config.latent_size)
+    name, calls = config.sampler(sampler, steps)
+    if name == "ddgan":
+        x = ddgan_sample(model, schedule, shape, cond=cond, guidance=guidance, step_kind=config.step_kind,
+                         z_dim=config.z_dim, rng=rng, device=device, uncond=uncond)
     else:
-        x = diffusion_sample(model, schedule, shape, cond, guidance, sampler or "ddim", n_sample_steps, rng, device,
-                             uncond=uncond)
-    if cfg.autoencoder == "pixels":
+        x = diffusion_sample(model, schedule, shape, cond=cond, guidance=guidance, sampler=name, n_sample_steps=calls,
+                             rng=rng, device=device, uncond=uncond)
+    if config.autoencoder == "pixels":
         return x.clamp(-1, 1)
-    return run_latent_space(cfg.autoencoder, cfg.latent_scale, str(torch.device(device))).decode(x)
+    return run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device))).decode(x)
 
 
-def sample_batches(model: torch.nn.Module, cfg: TrainConfig, n: int, cond: Tensor | None = None,
-                   guidance: float = 1.0, sampler: str | None = None, n_sample_steps: int | None = None,
-                   rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                   uncond: Tensor | None = None, batch_size: int = 64) -> Iterator[Tensor]:
+def sample_batches(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *,
+                   cond: Tensor | None = None, batch_size: int = 64, rng: torch.Generator | None = None,
+                   device: torch.device | str = "cpu", **options) -> Iterator[Tensor]:
     """`sample` of n images (rows of `cond`) in batches of at most `batch_size`, yielded on the CPU as they are
-    made: memory is one batch's, whatever n is. One `rng` runs through the batches in order."""
+    made: memory is one batch's, whatever n is. One `rng` runs through the batches in order; `options` are
+    `sample`'s (guidance, sampler, steps, uncond)."""
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if cond is not None and len(cond) != n:
         raise UserError(f"{len(cond)} conditions for {n} images; give one per image")
+    config = SamplingConfig.of(config)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         chunk = None if cond is None else cond[start:stop].to(device)
-        yield sample(model, cfg, stop - start, chunk, guidance, sampler, n_sample_steps, rng, device, uncond).cpu()
+        yield sample(model, config, stop - start, cond=chunk, rng=rng, device=device, **options).cpu()
 
 
 @functools.lru_cache(maxsize=4)
@@ -232,8 +278,9 @@ class PromptPipeline:
         same noise for the same seed and batch size."""
         rng = torch.Generator().manual_seed(seed)
         c = cond.repeat_interleave(n, dim=0)
-        yield from sample_batches(self.model, self.cfg, c.shape[0], c, guidance, sampler, steps, rng, self.device,
-                                  None if negative is None else negative.to(self.device), batch_size)
+        yield from sample_batches(self.model, self.cfg, c.shape[0], cond=c, batch_size=batch_size, rng=rng,
+                                  device=self.device, guidance=guidance, sampler=sampler, steps=steps,
+                                  uncond=None if negative is None else negative.to(self.device))
 
     def generate(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
                  negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None,

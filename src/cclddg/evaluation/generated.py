@@ -82,7 +82,8 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
             cond = conditioner.images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
         elif cfg.cond == "embedding":
             cond = conditioner.texts(texts[start:start + len(chunk)], prior_rng).to(device)
-        images = sample(model, cfg, len(chunk), cond, guidance, sampler, n_sample_steps, rng, device).cpu()
+        images = sample(model, cfg, len(chunk), cond=cond, guidance=guidance, sampler=sampler, steps=n_sample_steps,
+                        rng=rng, device=device).cpu()
         analyses.extend(analyze(x) for x in images)
         if cfg.cond == "embedding":
             # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind

@@ -49,7 +49,12 @@ from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.models import Discriminator, UNet
-from cclddg.pipeline import ddgan_sample, diffusion_sample
+from cclddg.pipeline import (
+    DEFAULT_DDIM_STEPS,
+    DEFAULT_SAMPLER,
+    ddgan_sample,
+    diffusion_sample,
+)
 from cclddg.run_config import is_cache, validate
 from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
@@ -646,10 +651,11 @@ class Trainer:
         size = latent_size(self.cfg)
         shape = (rows * cols, self.cfg.latent_channels, size, size)
         if self.cfg.objective == "ddgan":
-            images = ddgan_sample(self.ema, self.schedule, shape, cond, 1.0, self.cfg.step_kind, self.cfg.z_dim,
-                                  rng, self.device)
+            images = ddgan_sample(self.ema, self.schedule, shape, cond=cond, step_kind=self.cfg.step_kind,
+                                  z_dim=self.cfg.z_dim, rng=rng, device=self.device)
         else:
-            images = diffusion_sample(self.ema, self.schedule, shape, cond, 1.0, "ddim", 50, rng, self.device)
+            images = diffusion_sample(self.ema, self.schedule, shape, cond=cond, sampler=DEFAULT_SAMPLER,
+                                      n_sample_steps=DEFAULT_DDIM_STEPS, rng=rng, device=self.device)
         grids = {"samples": make_grid(self.to_pixels(images).cpu(), nrow=cols)}
         if self.cfg.objective == "ddgan":
             grids["reconstruction"] = self.reconstruction_grid()

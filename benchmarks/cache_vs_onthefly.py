@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cclddg.config import resolve
+from cclddg.run_config import resolve
 from cclddg.data.latent_cache import encode_batch, encode_dataset
 from cclddg.data.sources import open_dataset
 from cclddg.encoders import load_embedder

@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cclddg.config import resolve
+from cclddg.run_config import resolve
 from cclddg.training.trackers import read_log
 
 WARMUP_FRACTION = 0.2

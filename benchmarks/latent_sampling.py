@@ -28,7 +28,7 @@ import time
 import torch
 
 from cclddg import diffusion
-from cclddg.config import resolve
+from cclddg.run_config import resolve
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.pipeline import ddgan_sample, diffusion_sample

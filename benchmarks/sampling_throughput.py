@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from cclddg.config import resolve
+    from cclddg.run_config import resolve
     from cclddg.data.shapes import attrs_to_label
     from cclddg.diffusion import make_schedule
     from cclddg.models import count_parameters

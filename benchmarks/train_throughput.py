@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     from cclddg.config import PRESETS as KNOWN
-    from cclddg.config import resolve
+    from cclddg.run_config import resolve
 
     base = size_overrides(args)
     ddgan_arch = {k: getattr(resolve("ddgan", base), k) for k in ARCH_KEYS}

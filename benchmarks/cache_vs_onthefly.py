@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from cclddg.run_config import resolve
 from cclddg.data.latent_cache import encode_batch, encode_dataset
 from cclddg.data.sources import open_dataset
 from cclddg.encoders import load_embedder
 from cclddg.latents import load_latent_space
+from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
 
 
@@ -97,7 +97,7 @@ def main() -> None:
             b = cfg.batch_size
             indices = [i % n for i in range(step * b, step * b + b)]
             images, _, captions = data.get_batch(indices)
-            found = encode_batch(images, captions, trainer.space, embedder)
+            found = encode_batch(images, captions, trainer.inputs.space, embedder)
             use_text = torch.rand(b, 1) < cfg.pct_text
             cond = torch.where(use_text, found["text_emb"], found["image_emb"])
             keep = torch.rand(b, 1) >= cfg.pct_zeros

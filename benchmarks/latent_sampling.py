@@ -28,10 +28,10 @@ import time
 import torch
 
 from cclddg import diffusion
-from cclddg.run_config import resolve
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.pipeline import ddgan_sample, diffusion_sample
+from cclddg.run_config import resolve
 from cclddg.training.trainer import build_generator
 
 

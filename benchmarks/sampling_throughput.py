@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from cclddg.run_config import resolve
     from cclddg.data.shapes import attrs_to_label
     from cclddg.diffusion import make_schedule
     from cclddg.models import count_parameters
     from cclddg.pipeline import ddgan_sample, diffusion_sample
+    from cclddg.run_config import resolve
     from cclddg.training.trainer import build_generator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

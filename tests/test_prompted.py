@@ -84,7 +84,7 @@ def test_pct_text_picks_the_embedding_source(tmp_path, encoder, pct_text, source
                      pct_text=pct_text, pct_zeros=0.0, cache_dir=str(tmp_path / "cache"))
     trainer = Trainer(resolve("fast", overrides), tmp_path / "run", progress=False)
     _, cond = trainer.batch(3)  # examples 24..31 wrap to 8..15 of the 16
-    expected = trainer.embeddings[source][8:16]
+    expected = trainer.inputs.embeddings[source][8:16]
     torch.testing.assert_close(cond, expected)
 
 
@@ -230,7 +230,7 @@ def test_pseudo_text_perturbs_the_image_embeddings_the_generator_sees(tmp_path, 
                      pct_text=0.0, pct_zeros=0.0, pseudo_text_xi=1.0, cache_dir=str(tmp_path / "cache"))
     trainer = Trainer(resolve("fast", overrides), tmp_path / "run", progress=False)
     _, cond = trainer.batch(0)
-    image = trainer.embeddings["image"][:16]
+    image = trainer.inputs.embeddings["image"][:16]
     torch.testing.assert_close(cond.norm(dim=-1), torch.ones(16))
     cosine = (cond * image).sum(-1)
     assert cosine.max() < 0.9 and cosine.mean().item() == pytest.approx(2 ** -0.5, abs=0.1)  # 1/sqrt(1 + xi^2)

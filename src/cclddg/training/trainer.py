@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import re
 import time
@@ -37,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -46,7 +44,6 @@ from cclddg import conditioning, diffusion, objectives
 from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.data.images import make_grid, save_image_atomic
-from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import (
@@ -55,10 +52,10 @@ from cclddg.pipeline import (
     ddgan_sample,
     diffusion_sample,
 )
-from cclddg.run_config import is_cache, validate
 from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
+from cclddg.training.data import TrainingData
 from cclddg.training.ema import ema_update, warmup_decay
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
@@ -171,20 +168,10 @@ class Trainer:
         precision.check_precision(cfg.mixed_precision, self.device)
         # Everything that can reject the config runs before the run folder is touched.
         self.schedule = diffusion.make_schedule(cfg.schedule, cfg.n_steps, cfg.beta_min, cfg.beta_max).to(self.device)
-        self.embeddings: dict[str, Tensor] = {}
-        self.grid_cond: Tensor | None = None
-        self.stats: conditioning.EmbeddingStats | None = None  # embedding runs: the text priors' statistics
-        self._stats_to_write = False
-        self.cache = self.data = self.space = None
-        self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
         if acc.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
-        if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
-            embed_dim = self._open_cache()
-        else:
-            length = cfg.data_size if cfg.cond == "embedding" else None
-            self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
-            embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
+        self.inputs = TrainingData(cfg, acc, self.out, progress)  # the data, its caches and the conditions
+        embed_dim = self.inputs.embed_dim
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         gen = build_generator(cfg, embed_dim).to(self.device, memory_format=memory_format)
@@ -197,8 +184,7 @@ class Trainer:
             self.resumed_changes = {k: v for k, v in changed.items() if k in NOTED_CHANGES}
             if resume:
                 ckpt_io.clean_leftovers(self.out)
-            if self._stats_to_write:
-                self.stats.save(conditioning.stats_path(self.out))
+            self.inputs.write_stats()
         acc.wait_for_everyone()
         torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
         self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
@@ -241,100 +227,7 @@ class Trainer:
             self.disc = torch.compile(self.disc)
             self.disc_frozen = torch.compile(self.disc_frozen)
 
-    def _open_cache(self) -> int:
-        """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
-        autoencoder that decodes the grids; fill the run's latent settings from the cache."""
-        from cclddg.data.latent_cache import LatentCache
-        from cclddg.encoders import load_embedder
-        from cclddg.latents import load_latent_space
-
-        cfg, acc = self.cfg, self.accelerator
-        self.space = load_latent_space(cfg.autoencoder, self.device)  # loaded once: encodes a source, decodes grids
-        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
-        if is_cache(cfg.data):
-            path = Path(cfg.data)
-        else:
-            if acc.is_main_process:  # one process encodes, the others then read the finished cache
-                path = self._encode_source(embedder)
-            acc.wait_for_everyone()
-            if not acc.is_main_process:
-                path = self._encode_source(embedder, progress=False)
-        self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
-        cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
-        cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
-        validate(cfg)
-        self.cache.check_fits(cfg.cond, cfg.flip)
-        self.space.scale = cfg.latent_scale
-        if embedder is None:
-            return 0
-        self._text_prior_setup(embedder, *self.cache.embeddings(), source=str(path))
-        return self.cache.embed_dim
-
-    def _encode_source(self, embedder, progress: bool | None = None) -> Path:
-        """A latent run on a data source (or a pixel run on a real one): encode `data_size` examples (0: all)
-        once into a cache in --cache_dir, so training never decodes an image file or runs the autoencoder."""
-        import hashlib
-
-        from cclddg.data.latent_cache import encode_dataset
-        from cclddg.encoders import default_cache_dir
-
-        cfg = self.cfg
-        key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, self.space.fingerprint,
-                          cfg.encoder, getattr(embedder, "fingerprint", None), cfg.flip])
-        path = Path(cfg.cache_dir or default_cache_dir()) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
-        source = open_source(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size or None)
-        out = encode_dataset(source, cfg.data, cfg.seed, cfg.data_size or None, cfg.img_size, self.space, embedder,
-                             path, flip=cfg.flip, progress=self.progress if progress is None else progress,
-                             workers=0 if parse_data_spec(cfg.data).procedural else cfg.workers)
-        skipped = json.loads((out / "cache.json").read_text())["skipped"]
-        if skipped["skipped"] and self.accelerator.is_main_process and progress is None:
-            from cclddg.data.preprocess import SkipLog
-
-            print(f"{cfg.data}: {SkipLog.from_dict(skipped).summary(named=3)} (also in {out / 'cache.json'})")
-        return out
-
-    def _prepare_embeddings(self) -> int:
-        """Image and caption embeddings of the whole (finite) dataset, from the cache or computed once."""
-        from cclddg.data.embedding_cache import cache_key, dataset_embeddings
-        from cclddg.encoders import default_cache_dir, load_embedder
-
-        cfg, acc = self.cfg, self.accelerator
-        embedder = load_embedder(cfg.encoder, self.device)
-        key = cache_key(cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.encoder, embedder.fingerprint)
-        cache_dir = cfg.cache_dir or default_cache_dir()
-        if acc.is_main_process:  # one process builds the cache, the others then read it
-            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, self.progress)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, False)
-        self._text_prior_setup(embedder, self.embeddings["image"], self.embeddings["text"], None,
-                               source=f"{cfg.data} (first {cfg.data_size})")
-        return embedder.dim
-
-    def _text_prior_setup(self, embedder, image_emb: Tensor, text_emb: Tensor, captioned: Tensor | None,
-                          source: str) -> None:
-        """The embedding statistics of the training data (the text priors' modality gap and image bank; written
-        into the run folder once the folder exists) and the grids' prompt conditions, mapped as sampling maps them."""
-        self.stats = conditioning.load_stats(self.out)  # a resumed run keeps what it measured
-        if self.stats is None:
-            self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
-            self._stats_to_write = True
-        prompts = conditioning.PromptConditioner(embedder, self.cfg.text_prior, self.stats, self.cfg.prior_k)
-        self.grid_cond = prompts.texts(conditioning.grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
-
     # ---- data -------------------------------------------------------------------------------------
-    def _cache_order(self, positions: range) -> list[int]:
-        """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
-        n = self.cfg.data_size
-        out = []
-        for p in positions:
-            epoch, k = divmod(p, n)
-            if self._perm_epoch != epoch:
-                self._perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-                self._perm_epoch = epoch
-            out.append(int(self._perm[k]))
-        return out
-
     def position(self, step: int) -> int:
         """Global stream position of the first example of `step` (over all ranks and micro-batches)."""
         return self.base_position + (step - self.base_step) * self.global_batch
@@ -346,41 +239,11 @@ class Trainer:
         within an epoch of a finite dataset no example is read twice, by any rank."""
         b = self.cfg.batch_size
         start = self.position(step) + (micro * self.world + self.rank) * b
-        positions = range(start, start + b)
-        if self.cache is not None:  # a fresh permutation of the cache each epoch
-            return self._cache_order(positions)
-        if self.cfg.cond == "embedding":
-            return [i % self.cfg.data_size for i in positions]
-        return list(positions)
+        return self.inputs.indices(range(start, start + b))
 
     def batch(self, step: int, micro: int = 0, drop: bool = True) -> tuple[Tensor, Tensor | None]:
-        """The examples of this step, micro-batch and rank (`example_indices`).
-
-        Embedding runs condition each example on its image embedding (perturbed into pseudo-text with
-        --pseudo_text_xi), or with probability pct_text on its caption's text embedding; with `drop`, the
-        condition is replaced by the null one with probability pct_zeros (for CFG). See conditioning.py.
-        """
-        cfg = self.cfg
-        b = cfg.batch_size
-        indices = self.example_indices(step, micro)
-        # Grids (drop=False) draw nothing from the RNG, so logging never changes the training stream.
-        if self.cache is not None:
-            flip = torch.rand(b) < 0.5 if drop and cfg.flip else None
-            found = self.cache.get_batch(indices, flip)
-            images, labels = found["latents"], found.get("labels")
-            embeddings = (found["image_emb"], found["text_emb"]) if cfg.cond == "embedding" else None
-        else:
-            images, labels, _ = self.data.get_batch(indices)
-            idx = torch.tensor(indices)
-            embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if cfg.cond == "embedding" else None
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        images = images.to(self.device, memory_format=memory_format)
-        if cfg.cond == "none":
-            return images, None
-        if embeddings is not None:  # the image's embedding (or pseudo-text), or with probability pct_text its caption's
-            labels = conditioning.training_condition(*embeddings, cfg.pct_text, cfg.pseudo_text_xi, random=drop)
-        labels = labels.to(self.device)
-        return images, conditioning.drop(labels, cfg.pct_zeros) if drop else labels
+        """The examples of this step, micro-batch and rank (`example_indices`) and their conditions."""
+        return self.inputs.batch(self.example_indices(step, micro), drop)
 
     # ---- one optimisation step ------------------------------------------------------------------
     def ddgan_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
@@ -643,7 +506,8 @@ class Trainer:
         """A grid from the EMA generator (fixed noise, fixed conditioning) and a reconstruction grid."""
         if not self.accelerator.is_main_process:
             return
-        cond = conditioning.grid_condition(self.cfg.cond, rows) if self.grid_cond is None else self.grid_cond
+        grid_cond = self.inputs.grid_cond
+        cond = conditioning.grid_condition(self.cfg.cond, rows) if grid_cond is None else grid_cond
         cond = cond if self.cfg.use_cloob_unet else None
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
@@ -688,7 +552,7 @@ class Trainer:
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] from model outputs: decoded by the autoencoder in latent runs."""
-        return x.clamp(-1, 1) if self.space is None else self.space.decode(x)
+        return x.clamp(-1, 1) if self.inputs.space is None else self.inputs.space.decode(x)
 
     def save(self) -> None:
         """A checkpoint of everything a bit-identical resume needs, written by the main process with every

@@ -1,0 +1,169 @@
+"""What a run trains on: the examples, from a latent cache or a dataset (with its embeddings), and their conditions.
+
+`TrainingData` opens (or builds, once) the caches a run needs, maps global stream positions to examples (a fresh
+seeded permutation of a cache each epoch) and assembles a batch with its conditions (conditioning.py). The
+trainer asks it for the examples of a step; which positions a step, rank and micro-batch read is the trainer's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cclddg import conditioning
+from cclddg.config import TrainConfig
+from cclddg.data.embedding_cache import cache_key, dataset_embeddings
+from cclddg.data.latent_cache import LatentCache, encode_dataset
+from cclddg.data.preprocess import SkipLog
+from cclddg.data.sources import open_dataset, open_source, parse_data_spec
+from cclddg.encoders import default_cache_dir, load_embedder
+from cclddg.latents import load_latent_space
+from cclddg.run_config import is_cache, validate
+
+
+class TrainingData:
+    """The examples of a run and their conditions; built once per process (the main process builds the caches,
+    the others then read them)."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, out: Path, progress: bool = True):
+        self.cfg, self.accelerator, self.out, self.progress = cfg, accelerator, Path(out), progress
+        self.device = accelerator.device
+        self.embeddings: dict[str, Tensor] = {}
+        self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts' conditions
+        self.stats: conditioning.EmbeddingStats | None = None  # embedding runs: the text priors' statistics
+        self._stats_to_write = False
+        self.cache = self.data = self.space = None
+        self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
+        if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
+            self.embed_dim = self._open_cache()
+        else:
+            length = cfg.data_size if cfg.cond == "embedding" else None
+            self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
+            self.embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
+
+    def write_stats(self) -> None:
+        """Write the embedding statistics measured at the start into the run folder (once it exists)."""
+        if self._stats_to_write:
+            self.stats.save(conditioning.stats_path(self.out))
+            self._stats_to_write = False
+
+    def _open_cache(self) -> int:
+        """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
+        autoencoder that decodes the grids; fill the run's latent settings from the cache."""
+        cfg, acc = self.cfg, self.accelerator
+        self.space = load_latent_space(cfg.autoencoder, self.device)  # loaded once: encodes a source, decodes grids
+        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
+        if is_cache(cfg.data):
+            path = Path(cfg.data)
+        else:
+            if acc.is_main_process:  # one process encodes, the others then read the finished cache
+                path = self._encode_source(embedder)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                path = self._encode_source(embedder, progress=False)
+        self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
+        cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
+        cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
+        validate(cfg)
+        self.cache.check_fits(cfg.cond, cfg.flip)
+        self.space.scale = cfg.latent_scale
+        if embedder is None:
+            return 0
+        self._text_prior_setup(embedder, *self.cache.embeddings(), source=str(path))
+        return self.cache.embed_dim
+
+    def _encode_source(self, embedder, progress: bool | None = None) -> Path:
+        """A latent run on a data source (or a pixel run on a real one): encode `data_size` examples (0: all)
+        once into a cache in --cache_dir, so training never decodes an image file or runs the autoencoder."""
+        cfg = self.cfg
+        key = json.dumps([cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.autoencoder, self.space.fingerprint,
+                          cfg.encoder, getattr(embedder, "fingerprint", None), cfg.flip])
+        path = Path(cfg.cache_dir or default_cache_dir()) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
+        source = open_source(cfg.data, cfg.img_size, seed=cfg.seed, length=cfg.data_size or None)
+        out = encode_dataset(source, cfg.data, cfg.seed, cfg.data_size or None, cfg.img_size, self.space, embedder,
+                             path, flip=cfg.flip, progress=self.progress if progress is None else progress,
+                             workers=0 if parse_data_spec(cfg.data).procedural else cfg.workers)
+        skipped = json.loads((out / "cache.json").read_text())["skipped"]
+        if skipped["skipped"] and self.accelerator.is_main_process and progress is None:
+            print(f"{cfg.data}: {SkipLog.from_dict(skipped).summary(named=3)} (also in {out / 'cache.json'})")
+        return out
+
+    def _prepare_embeddings(self) -> int:
+        """Image and caption embeddings of the whole (finite) dataset, from the cache or computed once."""
+        cfg, acc = self.cfg, self.accelerator
+        embedder = load_embedder(cfg.encoder, self.device)
+        key = cache_key(cfg.data, cfg.img_size, cfg.seed, cfg.data_size, cfg.encoder, embedder.fingerprint)
+        cache_dir = cfg.cache_dir or default_cache_dir()
+        if acc.is_main_process:  # one process builds the cache, the others then read it
+            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, self.progress)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, False)
+        self._text_prior_setup(embedder, self.embeddings["image"], self.embeddings["text"], None,
+                               source=f"{cfg.data} (first {cfg.data_size})")
+        return embedder.dim
+
+    def _text_prior_setup(self, embedder, image_emb: Tensor, text_emb: Tensor, captioned: Tensor | None,
+                          source: str) -> None:
+        """The embedding statistics of the training data (the text priors' modality gap and image bank; written
+        into the run folder once the folder exists) and the grids' prompt conditions, mapped as sampling maps them."""
+        self.stats = conditioning.load_stats(self.out)  # a resumed run keeps what it measured
+        if self.stats is None:
+            self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
+            self._stats_to_write = True
+        prompts = conditioning.PromptConditioner(embedder, self.cfg.text_prior, self.stats, self.cfg.prior_k)
+        self.grid_cond = prompts.texts(conditioning.grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
+
+    def _cache_order(self, positions: range) -> list[int]:
+        """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
+        n = self.cfg.data_size
+        out = []
+        for p in positions:
+            epoch, k = divmod(p, n)
+            if self._perm_epoch != epoch:
+                self._perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+                self._perm_epoch = epoch
+            out.append(int(self._perm[k]))
+        return out
+
+    def indices(self, positions: range) -> list[int]:
+        """The examples at global stream positions: a fresh permutation of a cache each epoch, a finite dataset's
+        examples in a cycle, or the endless shapes stream as it is."""
+        if self.cache is not None:
+            return self._cache_order(positions)
+        if self.cfg.cond == "embedding":
+            return [i % self.cfg.data_size for i in positions]
+        return list(positions)
+
+    def batch(self, indices: list[int], drop: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The examples at `indices` (on the device) and their conditions.
+
+        Embedding runs condition each example on its image embedding (perturbed into pseudo-text with
+        --pseudo_text_xi), or with probability pct_text on its caption's text embedding; with `drop`, the
+        condition is replaced by the null one with probability pct_zeros (for CFG). See conditioning.py.
+        """
+        cfg = self.cfg
+        b = len(indices)
+        # Grids (drop=False) draw nothing from the RNG, so logging never changes the training stream.
+        if self.cache is not None:
+            flip = torch.rand(b) < 0.5 if drop and cfg.flip else None
+            found = self.cache.get_batch(indices, flip)
+            images, labels = found["latents"], found.get("labels")
+            embeddings = (found["image_emb"], found["text_emb"]) if cfg.cond == "embedding" else None
+        else:
+            images, labels, _ = self.data.get_batch(indices)
+            idx = torch.tensor(indices)
+            embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if cfg.cond == "embedding" else None
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        images = images.to(self.device, memory_format=memory_format)
+        if cfg.cond == "none":
+            return images, None
+        if embeddings is not None:  # the image's embedding (or pseudo-text), or with probability pct_text its caption's
+            labels = conditioning.training_condition(*embeddings, cfg.pct_text, cfg.pseudo_text_xi, random=drop)
+        labels = labels.to(self.device)
+        return images, conditioning.drop(labels, cfg.pct_zeros) if drop else labels

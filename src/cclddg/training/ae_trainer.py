@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from cclddg.atomic import write_text_atomic
 from cclddg.config import AETrainConfig
-from cclddg.data.sources import check_source, load_held_out, load_training_set
+from cclddg.data.sources import load_held_out, load_training_set
 from cclddg.errors import UserError
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.storage import load_model
-from cclddg.training import checkpoint as ckpt_io
+from cclddg.training.small_run import SmallTrainer
 
 HELD_OUT_SEED = 1_000_003  # the held-out images of every report (as in evaluation.zero_shot)
-
-
-RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
 
 
 class PatchDiscriminator(nn.Module):
@@ -62,26 +57,21 @@ def psnr(a: Tensor, b: Tensor) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
-class AETrainer:
+class AETrainer(SmallTrainer):
+    COMMAND = "train-ae"
+    POSTFIX = "l1"
+    LOG_DIGITS = 6
+
     def __init__(self, cfg: AETrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
-        cfg.validate()
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.set_flush_denormal(True)
-        check_source(cfg.data, cfg.img_size)
-        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-ae")
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, out, resume, progress)
         self.ae = build_autoencoder(cfg.widths, cfg.latent_channels, cfg.layers_per_block, cfg.norm_groups)
         self.opt = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         self.disc = self.opt_d = None
         if cfg.adv_weight > 0:
             self.disc = PatchDiscriminator()
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-        self.step = 0
-        self.last_checkpoint: Path | None = None
-        if resume and ckpt_io.list_checkpoints(self.out):
-            self._load(ckpt_io.resolve_checkpoint(self.out))
+        if resume:
+            self.resume_from_latest()
         self.images = load_training_set(cfg.data, cfg.img_size, cfg.seed, cfg.train_size, cfg.eval_size,
                                         workers=cfg.workers, progress=progress)[0]
 
@@ -137,31 +127,6 @@ class AETrainer:
         logs["loss"] = loss.item()
         return logs
 
-    def run(self) -> dict:
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        bar = tqdm(total=cfg.n_batches, initial=self.step, desc="train-ae", disable=not self.progress)
-        t0, last = time.monotonic(), self.step
-        try:
-            while self.step < cfg.n_batches and time.monotonic() < deadline:
-                logs = self.train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    logs["samples_per_s"] = (self.step - last) * cfg.batch_size / max(1e-9, time.monotonic() - t0)
-                    t0, last = time.monotonic(), self.step
-                    bar.set_postfix(l1=f"{logs['l1']:.4f}")
-                    with open(self.out / "log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": self.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
-                if self.step % cfg.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            bar.close()
-        self.save()
-        return self.evaluate()
-
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out reconstruction PSNR (posterior mean) and the scale factor of the training latents."""
@@ -181,25 +146,15 @@ class AETrainer:
         return report
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    def save(self) -> None:
-        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.checkpoint_name(self.step):
-            return
-        models: dict[str, nn.Module] = {"autoencoder": self.ae}
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}
-        if self.disc is not None:
-            state["discriminator"] = self.disc.state_dict()
-            state["optimizer_d"] = self.opt_d.state_dict()
-        self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
+    def models(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.ae}
 
-    def _load(self, folder: Path) -> None:
+    def optimizers(self) -> dict:
+        """The patch discriminator is kept in the training state (it is not part of the autoencoder)."""
+        extra = {} if self.disc is None else {"discriminator": self.disc, "optimizer_d": self.opt_d}
+        return {"optimizer": self.opt, **extra}
+
+    def load_models(self, folder: Path) -> None:
         from diffusers import AutoencoderKL
 
         self.ae.load_state_dict(load_model(AutoencoderKL, folder / "autoencoder").state_dict())
-        state = ckpt_io.load_state(folder)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.disc is not None and "discriminator" in state:
-            self.disc.load_state_dict(state["discriminator"])
-            self.opt_d.load_state_dict(state["optimizer_d"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        self.last_checkpoint = folder

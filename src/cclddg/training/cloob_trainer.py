@@ -12,8 +12,6 @@ zero_shot.json (held-out zero-shot accuracy, written at the end).
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,6 @@ from tqdm.auto import tqdm
 from cclddg.atomic import write_text_atomic
 from cclddg.config import CLOOBTrainConfig
 from cclddg.data.sources import (
-    check_source,
     load_held_out,
     load_training_set,
     parse_data_spec,
@@ -32,7 +29,7 @@ from cclddg.encoders.own_cloob import CLOOBModel, OwnCLOOB
 from cclddg.encoders.sentence import SENTENCE_DIM
 from cclddg.errors import UserError
 from cclddg.storage import load_model, save_tensors_atomic
-from cclddg.training import checkpoint as ckpt_io
+from cclddg.training.small_run import SmallTrainer
 
 
 def embedding_dim(cfg: CLOOBTrainConfig) -> int:
@@ -42,29 +39,19 @@ def embedding_dim(cfg: CLOOBTrainConfig) -> int:
     return SENTENCE_DIM if cfg.text_head == "locked" else 256
 
 
-RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
+class CLOOBTrainer(SmallTrainer):
+    COMMAND = "train-cloob"
 
-
-class CLOOBTrainer:
     def __init__(self, cfg: CLOOBTrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
-        cfg.validate()
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.set_flush_denormal(True)
-        check_source(cfg.data, cfg.img_size)
-        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, "train-cloob")
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, out, resume, progress)
         self.model = CLOOBModel(dim=embedding_dim(cfg), image_size=cfg.img_size, widths=cfg.widths,
                                 text_tower=cfg.text_tower, text_head=cfg.text_head, text_hidden=cfg.text_hidden,
                                 inv_tau=cfg.inv_tau, scale_hopfield=cfg.scale_hopfield)
         self.embedder = OwnCLOOB(self.model)  # holds the frozen text encoder / tokenizer
         self.model.train().requires_grad_(True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.last_checkpoint: Path | None = None
-        if resume and ckpt_io.list_checkpoints(self.out):
-            self._load(ckpt_io.resolve_checkpoint(self.out))
+        if resume:
+            self.resume_from_latest()
         self.images, self.text_inputs = self._load_data()
         if cfg.center_text and self.step == 0:  # fixed before the first step; a resumed run loads it
             with torch.no_grad():
@@ -104,7 +91,7 @@ class CLOOBTrainer:
         b = self.cfg.batch_size
         return torch.from_numpy(perm[k * b:(k + 1) * b])
 
-    def train_step(self) -> float:
+    def train_step(self) -> dict[str, float]:
         idx = self.batch_indices(self.step)
         images = self.images[idx].float() / 127.5 - 1
         lr = self.cfg.lr * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
@@ -118,33 +105,7 @@ class CLOOBTrainer:
         loss.backward()
         self.opt.step()
         self.step += 1
-        return loss.item()
-
-    def run(self) -> dict:
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        total = cfg.n_batches
-        bar = tqdm(total=total, initial=self.step, desc="train-cloob", disable=not self.progress)
-        t0, last = time.monotonic(), self.step
-        try:
-            while self.step < total and time.monotonic() < deadline:
-                loss = self.train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    rate = (self.step - last) * cfg.batch_size / max(1e-9, time.monotonic() - t0)
-                    t0, last = time.monotonic(), self.step
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                    with open(self.out / "log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": self.step, "loss": loss, "samples_per_s": rate}) + "\n")
-                if self.step % cfg.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            bar.close()
-        self.save()
-        return self.evaluate()
+        return {"loss": loss.item()}
 
     def evaluate(self) -> dict:
         from cclddg.evaluation.zero_shot import zero_shot_report
@@ -169,18 +130,11 @@ class CLOOBTrainer:
         return report
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    def save(self) -> None:
-        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.checkpoint_name(self.step):
-            return
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}
-        self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, {"cloob": self.model}, state, self.cfg)
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"cloob": self.model}
 
-    def _load(self, folder: Path) -> None:
-        model = load_model(CLOOBModel, folder / "cloob")
-        self.model.load_state_dict(model.state_dict())
-        state = ckpt_io.load_state(folder)
-        self.opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        self.last_checkpoint = folder
+    def optimizers(self) -> dict:
+        return {"optimizer": self.opt}
 
+    def load_models(self, folder: Path) -> None:
+        self.model.load_state_dict(load_model(CLOOBModel, folder / "cloob").state_dict())

@@ -1,0 +1,115 @@
+"""What `train-cloob` and `train-ae` share: the run folder, the loop with its time budget, progress bar, log.jsonl
+and Ctrl-C checkpoint, and checkpoints of the models, the optimizers and the RNG.
+
+A subclass builds its models and data in `__init__` (after `super().__init__`), says which modules and optimizers
+make up its state (`models`, `optimizers`), and gives `train_step() -> logs` and `evaluate() -> report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from cclddg.data.sources import check_source
+from cclddg.training import checkpoint as ckpt_io
+
+# Settings a resumed small run may change; everything else must match its config.json.
+RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
+
+
+class SmallTrainer:
+    COMMAND: ClassVar[str] = ""  # "train-cloob" / "train-ae": named in messages and the progress bar
+    POSTFIX: ClassVar[str] = "loss"  # the log value the progress bar shows
+    LOG_DIGITS: ClassVar[int | None] = None  # round logged values to this many decimals (None: as they are)
+
+    def __init__(self, cfg: Any, out: str | Path, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(True)  # denormals made CPU steps ~10x slower on these machines
+        check_source(cfg.data, cfg.img_size)
+        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, self.COMMAND)
+        torch.manual_seed(cfg.seed)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    # ---- what a subclass gives ---------------------------------------------------------------------
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The modules saved as config.json + safetensors folders (name -> module)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, Any]:
+        """Everything else whose state_dict the checkpoint keeps (name -> object), e.g. optimizers."""
+        raise NotImplementedError
+
+    def load_models(self, folder: Path) -> None:
+        """Load `models()` from a checkpoint folder."""
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train until `n_batches` (or `max_minutes`), logging every `log_every` steps and saving every `save_every`
+        and at the end (and on Ctrl-C); returns `evaluate()`."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        bar = tqdm(total=cfg.n_batches, initial=self.step, desc=self.COMMAND, disable=not self.progress)
+        t0, last = time.monotonic(), self.step
+        try:
+            while self.step < cfg.n_batches and time.monotonic() < deadline:
+                logs = self.train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    logs["samples_per_s"] = (self.step - last) * cfg.batch_size / max(1e-9, time.monotonic() - t0)
+                    t0, last = time.monotonic(), self.step
+                    bar.set_postfix({self.POSTFIX: f"{logs[self.POSTFIX]:.4g}"})
+                    self._log(logs)
+                if self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+        self.save()
+        return self.evaluate()
+
+    def _log(self, logs: dict[str, float]) -> None:
+        values = logs if self.LOG_DIGITS is None else {k: round(v, self.LOG_DIGITS) for k, v in logs.items()}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> None:
+        """A checkpoint of this step (once): the models, the optimizers' states, the step and the RNG."""
+        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.checkpoint_name(self.step):
+            return
+        state = {"step": self.step, "torch_rng": torch.get_rng_state(),
+                 **{name: obj.state_dict() for name, obj in self.optimizers().items()}}
+        self.last_checkpoint = ckpt_io.save_checkpoint(self.out, self.step, self.models(), state, self.cfg)
+
+    def resume_from_latest(self) -> None:
+        """Continue from the run's latest checkpoint, if it has one."""
+        if not ckpt_io.list_checkpoints(self.out):
+            return
+        folder = ckpt_io.resolve_checkpoint(self.out)
+        self.load_models(folder)
+        state = ckpt_io.load_state(folder)
+        for name, obj in self.optimizers().items():
+            if name in state:
+                obj.load_state_dict(state[name])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.last_checkpoint = folder

@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ from cclddg.config import (
     TrainConfig,
 )
 from cclddg.data.sources import with_font
-from cclddg.errors import OneLineWarning, TrainingError, UserError
+from cclddg.errors import OneLineWarning, SamplingInterrupted, TrainingError, UserError
 from cclddg.options import (
     ANY,
     AT_LEAST_1,
@@ -323,17 +323,6 @@ def add_text_prior_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior_k", type=parse_number(int, AT_LEAST_1), default=None, help="neighbours the retrieval prior draws from (default: the run's)")
 
 
-@dataclass
-class SampleJob:
-    """One guidance scale's share of a `cclddg sample` request: `count` images (conditions `cond`, or None) whose
-    i-th lands in grid cell `cell(i)`."""
-
-    guidance: float
-    count: int
-    cond: Any
-    cell: Callable[[int], int]
-
-
 def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """-o and --singles, checked before the model loads (the folders are made when sampling starts)."""
     from cclddg.paths import IMAGE_SUFFIXES, output_file
@@ -345,61 +334,11 @@ def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | 
     return grid, singles
 
 
-def run_sample_jobs(jobs: list[SampleJob], make_batches, nrow: int, size: int, grid_path: Path | None,
-                    singles: Path | None, progress: bool) -> None:
-    """Sample every job in batches; each batch goes into the grid canvas (uint8) and, one file each, into
-    --singles as it is made, so memory does not grow with --n and Ctrl-C keeps every single written."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
-
-    total = sum(job.count for job in jobs)
-    canvas = GridCanvas(total, nrow, size, size) if grid_path else None  # a too-large grid is refused here, first
-    if grid_path is not None:
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-    if singles is not None:
-        singles.mkdir(parents=True, exist_ok=True)
-    width = max(5, len(str(total - 1)))
-    bar = tqdm(total=total, desc="sample", unit="img", delay=2, disable=not progress)
-    done = 0
-    try:
-        for job in jobs:
-            index = 0
-            for batch in make_batches(job):
-                tiles = tensor_to_array(batch)
-                for k, tile in enumerate(tiles):
-                    cell = job.cell(index + k)
-                    if canvas is not None:
-                        canvas.put(cell, tile[None])
-                    if singles is not None:
-                        save_image_atomic(Image.fromarray(tile, "RGB"), singles / f"{cell:0{width}d}.png")
-                index += len(tiles)
-                done += len(tiles)
-                bar.update(len(tiles))
-    except KeyboardInterrupt:
-        bar.close()
-        kept = f"; the {done} singles made are in {singles}" if singles is not None and done else ""
-        grid = f"; the grid {grid_path} was not written" if canvas is not None else ""
-        raise SamplingInterrupted(f"interrupted after {done} of {total} images{kept}{grid}") from None
-    bar.close()
-    written = []
-    if canvas is not None:
-        save_image_atomic(canvas.image(), grid_path)
-        written.append(str(grid_path))
-    if singles is not None:
-        written.append(f"{singles}/ ({total} images)")
-    print("wrote " + ", ".join(written))
-
-
-class SamplingInterrupted(Exception):
-    """Ctrl-C during sampling: the message says what was kept."""
-
-
 def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Path | None,
                     singles: Path | None) -> int:
     """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
     from cclddg.pipeline import PromptPipeline, read_image
+    from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
     pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
@@ -424,6 +363,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from cclddg.conditioning import request_condition
     from cclddg.pipeline import load_generator, sample_batches
+    from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     grid, singles = check_sample_outputs(args)
     cfgs = args.cfg or (1.0,)
@@ -729,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"cclddg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except SamplingInterrupted as exc:
+    except SamplingInterrupted as exc:  # Ctrl-C while sampling: the message says what was kept
         print(f"cclddg {args.command}: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # commands that keep nothing half-made: nothing more to say

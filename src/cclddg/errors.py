@@ -9,6 +9,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
 
 
+class SamplingInterrupted(Exception):
+    """Ctrl-C during sampling: the message says what was kept (the singles written so far)."""
+
+
 class OneLineWarning(UserWarning):
     """Something the user should know that does not stop the command (a skipped file, a damaged checkpoint passed
     over): the CLI prints it as one line, without the library's source line."""

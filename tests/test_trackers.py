@@ -112,6 +112,19 @@ def test_tensorboard_can_be_turned_off(tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
 
 
+def wandb_file(path: Path, last: bytes, timeout: float = 20.0) -> bytes:
+    """The offline run file, once it holds `last`: W&B's service process may still be writing it for a moment
+    after `run.finish()` returns (seen under load), so wait for it a bounded time."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    data = path.read_bytes()
+    while last not in data and time.monotonic() < deadline:
+        time.sleep(0.2)
+        data = path.read_bytes()
+    return data
+
+
 def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -121,7 +134,7 @@ def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
     assert len(run_id) == 8 and run_id.isalnum()
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(folders) == 1 and of_run(folders[0], run_id)
-    data = (folders[0] / f"run-{run_id}.wandb").read_bytes()
+    data = wandb_file(folders[0] / f"run-{run_id}.wandb", b"samples")
     assert b"loss_d" in data and b"lr_g" in data and b"samples" in data
     images = list((folders[0] / "files" / "media" / "images").glob("samples_5_*.png"))
     assert len(images) == 1 and Image.open(images[0]).size == (24, 16)

@@ -61,7 +61,7 @@ def number_list(kind: type, example: str, rng: Range = ANY):
     one = parse_number(kind, rng)
 
     def parse(text: str) -> tuple:
-        parts = [v for v in text.replace(" ", ",").split(",")]
+        parts = text.replace(" ", ",").split(",")
         if not text.strip() or any(not v for v in parts[1:-1]):
             raise argparse.ArgumentTypeError(f"expected {name} separated by commas, e.g. {example}; got {text!r}")
         try:
@@ -130,9 +130,7 @@ def resolve_workers(workers: int | None, spec) -> int:
     """--workers, or the default: none for the rendered shapes, DEFAULT_WORKERS for files."""
     from cclddg.data.sources import DEFAULT_WORKERS
 
-    if workers is not None:
-        if workers < 0:
-            raise UserError(f"--workers must be >= 0, got {workers}")
+    if workers is not None:  # its range is checked as the flag is parsed
         return workers
     return 0 if spec.procedural else DEFAULT_WORKERS
 

@@ -219,6 +219,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- the own CLOOB's and the own autoencoder's runs (`cclddg train-cloob`, `cclddg train-ae`) ----------
+# The ranges of the fields both share: the loop, logging, checkpoints, held-out size, threads and workers.
+SMALL_RUN_RANGES: dict[str, Range] = {
+    "seed": SEEDS, "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1,
+    "save_every": AT_LEAST_1, "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+}
+
 @dataclass
 class CLOOBTrainConfig(JsonConfig):
     data: str = "shapes"
@@ -248,11 +254,10 @@ class CLOOBTrainConfig(JsonConfig):
     KIND: ClassVar[str] = "train-cloob config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
     RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "seed": SEEDS, "dim": Range(0, 65536),
+        "img_size": Range(1, 8192), "train_size": Range(2, 10_000_000), "dim": Range(0, 65536),
         "widths": Range(1, 8192), "text_hidden": Range(0, 65536), "inv_tau": POSITIVE, "scale_hopfield": POSITIVE,
         "batch_size": Range(2, 1 << 20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE,
-        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
-        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+        **SMALL_RUN_RANGES,
     }
 
     def validate(self) -> None:
@@ -300,12 +305,11 @@ class AETrainConfig(JsonConfig):
     KIND: ClassVar[str] = "train-ae config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("widths",)
     RANGES: ClassVar[dict[str, Range]] = {
-        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "seed": SEEDS, "widths": Range(1, 8192),
+        "img_size": Range(1, 8192), "train_size": Range(1, 10_000_000), "widths": Range(1, 8192),
         "latent_channels": Range(1, 1024), "layers_per_block": Range(1, 64), "norm_groups": Range(1, 1024),
         "crop": Range(0, 8192), "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE,
         "mse_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE, "adv_weight": NON_NEGATIVE, "adv_start": NON_NEGATIVE,
-        "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1,
-        "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
+        **SMALL_RUN_RANGES,
     }
 
     @property

@@ -53,16 +53,23 @@ SEEDS = Range(0, 2**32 - 1)  # numpy's seeds are 32-bit
 THREADS = Range(0, 1024)  # 0: torch's own choice
 
 
+def number_problem(value: Any, rng: Range, integer: bool = False) -> str | None:
+    """What is wrong with `value` as a finite number (an integer when `integer`) in `rng`, e.g. "must be >= 1,
+    got 0"; None when nothing is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        return f"must be {'an integer' if integer else 'a number'}, got {value!r}"
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if not rng.contains(value):
+        return f"must be {rng.describe()}, got {value if integer else format(value, 'g')}"
+    return None
+
+
 def check_number(name: str, value: Any, rng: Range, integer: bool = False) -> Any:
     """`value` if it is a finite number (an integer when `integer`) in `rng`; else one line naming --name."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise UserError(f"--{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value):
-        raise UserError(f"--{name} must be a finite number, got {value}")
-    if not rng.contains(value):
-        raise UserError(f"--{name} must be {rng.describe()}, got {value:g}" if not integer else
-                        f"--{name} must be {rng.describe()}, got {value}")
+    problem = number_problem(value, rng, integer)
+    if problem:
+        raise UserError(f"--{name} {problem}")
     return value
 
 
@@ -73,11 +80,10 @@ def parse_number(kind: type, rng: Range = ANY) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        try:
-            return check_number("value", value, rng, integer=kind is int)
-        except UserError:
-            raise argparse.ArgumentTypeError(
-                f"must be {'a finite number' if not math.isfinite(value) else rng.describe()}, got {text}") from None
+        problem = number_problem(value, rng, integer=kind is int)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_resume_after_a_nonfinite_stop_accepts_the_advised_changes(tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(cfg, out, progress=False)
     trainer.run()
-    trainer.cfg.n_batches = 4
+    trainer.cfg = replace(trainer.cfg, n_batches=4)
     with torch.no_grad():
         next(trainer.gen.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match="Lower --lr_gen/--lr_disc or raise --r1_gamma, then --resume") as err:

@@ -92,11 +92,8 @@ def test_cache_holds_what_encode_batch_gives(vae_cache, vae, cloob):
     assert np.load(vae_cache / "shard_00001" / "latents.npy").dtype == np.float16
 
     images, labels, captions = shapes_batch()
-    old, vae.scale = vae.scale, cache.scale
-    try:
-        want = encode_batch(images, captions, vae, cloob, flip=True)
-    finally:
-        vae.scale = old
+    want = encode_batch(images, captions, vae.with_scale(cache.scale), cloob, flip=True)
+    assert vae.scale == 1.0  # with_scale made a new space
     assert set(want) == {"latents", "latents_flip", "image_emb", "image_emb_flip", "text_emb"}
     got = cache.get_batch(range(COUNT))
     assert got["captions"] == captions

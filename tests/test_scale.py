@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,13 +171,13 @@ def test_skip_nonfinite_drops_bad_updates_then_stops_when_they_persist(tmp_path)
     trainer.run()
     disc_before = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.disc).state_dict().items()}
     _nan_generator(trainer)
-    trainer.cfg.n_batches = 5
+    trainer.cfg = replace(trainer.cfg, n_batches=5)
     trainer.run()  # fakes are NaN from now on: D's and G's updates are dropped, D's weights stay good
     assert trainer.skipped == 6
     for k, v in trainer.accelerator.unwrap_model(trainer.disc).state_dict().items():
         assert torch.equal(v, disc_before[k]), k
     assert log_records(tmp_path / "run")[-1]["skipped_updates"] == 6
-    trainer.cfg.n_batches = 100
+    trainer.cfg = replace(trainer.cfg, n_batches=100)
     with pytest.raises(TrainingError, match=r"updates in a row had a non-finite loss or gradient.*diverged"):
         trainer.run()
 
@@ -220,7 +221,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path)
     trainer = Trainer(cfg, run, progress=False)
     trainer.run()
     before = weights(run)
-    trainer.cfg.n_batches = 4
+    trainer.cfg = replace(trainer.cfg, n_batches=4)
     with full_disk(), pytest.raises(TrainingError, match=r"could not write the checkpoint of step 4 .*the last "
                                                          r"good checkpoint .*step_0000002 is intact"):
         trainer.run()
@@ -237,7 +238,7 @@ def test_a_full_disk_while_writing_the_grids_names_the_last_checkpoint(tmp_path)
     cfg = resolve("ddgan", dict(TINY_CFG, n_batches=2, save_models_every=2, log_every=1000))
     trainer = Trainer(cfg, run, progress=False)
     trainer.run()
-    trainer.cfg.n_batches, trainer.cfg.log_images_every = 4, 3
+    trainer.cfg = replace(trainer.cfg, n_batches=4, log_images_every=3)
     with full_disk(), pytest.raises(TrainingError, match=r"could not write the sample grids of step 3 .*the last "
                                                          r"good checkpoint .*step_0000002 is intact"):
         trainer.run()

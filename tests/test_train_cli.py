@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,7 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
                                 batch_size=4, n_batches=2, save_models_every=2, log_images_every=100))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.run()
-    trainer.cfg.n_batches = 4
+    trainer.cfg = replace(trainer.cfg, n_batches=4)
     with torch.no_grad():
         next(trainer.gen.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient of D at step 3; the last good checkpoint is .*step_0000002"):

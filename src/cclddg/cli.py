@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from cclddg.atomic import write_text_atomic
 from cclddg.config import (
+    DERIVED_FIELDS,
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
@@ -177,8 +178,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "cache_dir": "where dataset embeddings are cached (default ~/.cache/cclddg or $CCLDDG_CACHE)",
              "autoencoder": "latent space: pixels, own:RUN (cclddg train-ae), kl-f8:PATH or taesd:PATH",
              "flip": "train on horizontally flipped latents half of the time (cache made with --flip)",
-             "latent_channels": "set from the cache / autoencoder", "latent_factor": "set from the cache / autoencoder",
-             "latent_scale": "set from the cache (measured on the data)",
              "batch_size": "examples per process and micro-batch; the global batch is batch_size x processes x "
                            "grad_accum",
              "grad_accum": "micro-batches per optimizer step (a larger global batch in the same memory)",
@@ -191,7 +190,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "tensorboard": "also log to RUN/tensorboard when tensorboard is installed (default true)",
              "wandb_project": "log to this Weights & Biases project (None: off)"}
     for f in fields(TrainConfig):
-        if f.name in ("preset", "extra"):
+        if f.name in ("preset", "extra", *DERIVED_FIELDS):  # the data decides those (run_config)
             continue
         kwargs = special.get(f.name)
         if kwargs is None:

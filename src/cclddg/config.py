@@ -1,7 +1,8 @@
 """Training configuration: one flat dataclass, its numeric ranges, and the named presets.
 
 A preset fills every field; flags the user gives override it (`run_config.resolve`, the one resolution step,
-which also validates). The resolved config is saved in the run folder, so a run can be resumed or sampled
+which also validates). The configs are frozen: once resolved nothing changes them (a new value is a new config,
+`dataclasses.replace`). The resolved config is saved in the run folder, so a run can be resumed or sampled
 without repeating its flags.
 """
 
@@ -37,6 +38,11 @@ TEXT_TOWERS = ("minilm", "bpe")  # the own CLOOB's text tower: the frozen senten
 TEXT_HEADS = ("mlp", "linear", "locked")
 
 
+# TrainConfig fields the data decides (a latent cache's channels, downsampling and scale), never flags: resolution
+# (`run_config.resolve` for a cache given as --data, `run_config.with_cache` for a source the run encodes) sets them.
+DERIVED_FIELDS = ("latent_channels", "latent_factor", "latent_scale")
+
+
 class JsonConfig:
     """JSON round trip for the flat config dataclasses (saved in run folders, read back on resume)."""
 
@@ -57,14 +63,13 @@ class JsonConfig:
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise UserError(f"unknown {cls.KIND} keys {', '.join(unknown[:5])}{more} (a newer cclddg's, or not a "
                             f"{cls.KIND} at all)")
+        values = {k: tuple(v) if k in cls.TUPLE_FIELDS and isinstance(v, list) else v for k, v in values.items()}
         cfg = cls(**values)
         check_fields(cfg)
-        for name in cls.TUPLE_FIELDS:
-            setattr(cfg, name, tuple(getattr(cfg, name)))
         return cfg
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(JsonConfig):
     """Everything that defines a training run. Field names follow the seed project's flags."""
 
@@ -73,8 +78,8 @@ class TrainConfig(JsonConfig):
     # data and conditioning
     data: str = "shapes"  # a data source (shapes:64, emoji, folder:PATH ...) or a latent cache from `cclddg encode`
     img_size: int = 32
-    # the latent space (`--autoencoder`): filled from the cache or the autoencoder when the run starts
-    autoencoder: str = "pixels"
+    autoencoder: str = "pixels"  # the latent space: pixels, own:RUN, kl-f8:PATH, taesd:PATH
+    # derived from the data, not settings (DERIVED_FIELDS): the latent cache's shape and scale, set by resolution
     latent_channels: int = 3
     latent_factor: int = 1
     latent_scale: float = 1.0
@@ -225,7 +230,7 @@ SMALL_RUN_RANGES: dict[str, Range] = {
     "save_every": AT_LEAST_1, "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
 }
 
-@dataclass
+@dataclass(frozen=True)
 class CLOOBTrainConfig(JsonConfig):
     data: str = "shapes"
     img_size: int = 32
@@ -275,7 +280,7 @@ class CLOOBTrainConfig(JsonConfig):
                             f"needs negatives), got {self.batch_size}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AETrainConfig(JsonConfig):
     data: str = "shapes"
     img_size: int = 64

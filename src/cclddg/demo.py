@@ -185,10 +185,10 @@ class Demo:
                                      "threads": self.threads}
         if self.quick:
             overrides.update(log_images_every=100, save_models_every=100)
-        cfg = resolve("cclddg", overrides)
         if resume and self.settings.gen_minutes:  # a resumed run gets the rest of the time budget, not a new one
             spent = self.times.get("train", 0.0) / 60
-            cfg.max_minutes = max(0.05, self.settings.gen_minutes - spent)
+            overrides["max_minutes"] = max(0.05, self.settings.gen_minutes - spent)
+        cfg = resolve("cclddg", overrides)
         trainer = Trainer(cfg, folder, resume=resume, progress=self.progress)
         trainer.run()
         (folder / "done").write_text(f"{trainer.step}\n")

@@ -1,5 +1,6 @@
 """The one resolution step of a training run's config: flags + preset + a latent cache's metadata + a resumed
-run's config.json -> a validated `TrainConfig`.
+run's config.json -> a validated, frozen `TrainConfig`. (A run that encodes its own source learns the cache's
+facts only once it is encoded: `with_cache` is that last part.)
 
 This is where settings meet the file system (caches, data sources, encoder and autoencoder specs), so it sits
 above data, encoders and latents; `config.py` below it is only the dataclass and the presets.
@@ -7,7 +8,7 @@ above data, encoders and latents; `config.py` below it is only the dataclass and
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from cclddg.diffusion import SCHEDULE_KINDS
 from cclddg.encoders import absolute_spec, parse_encoder_spec
 from cclddg.errors import UserError
 from cclddg.latents import absolute_autoencoder_spec, parse_autoencoder_spec
-from cclddg.models.blocks import INJECTIONS
+from cclddg.models.blocks import INJECTIONS, check_bool_tuple
 from cclddg.options import check_fields
 from cclddg.storage import read_config_json
 
@@ -118,14 +119,30 @@ def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
     the trainer opens it.)"""
     path = Path(values["data"]).expanduser().resolve()
     meta = read_cache_meta(path, autoencoder=given.get("autoencoder"), encoder=given.get("encoder"))
-    img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
+    img_size = int(meta["img_size"])
     if "img_size" in given and given["img_size"] != img_size:
         raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {img_size}px images; drop --img_size")
-    out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, "latent_channels": channels,
-           "latent_factor": img_size // latent, "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
+    out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, **cache_facts(meta)}
     if values.get("cond", "labels") == "embedding":
         out["encoder"] = meta["encoder"]
     return out
+
+
+def cache_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a latent cache decides about a run (config.DERIVED_FIELDS and the number of examples), from its
+    cache.json."""
+    img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
+    return {"latent_channels": int(channels), "latent_factor": img_size // int(latent),
+            "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
+
+
+def with_cache(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
+    """The last part of resolution, for a run that encodes its own source into a latent cache when it starts:
+    the config with what the cache decides (`cache_facts`), validated. The trainer takes this config and
+    nothing changes it afterwards."""
+    settled = replace(cfg, **cache_facts(meta))
+    validate(settled)
+    return settled
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -155,12 +172,8 @@ def validate(cfg: TrainConfig) -> None:
         if parse_data_spec(cfg.data).procedural:
             raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
                             "give --data_size N")
-    if len(cfg.ch_mults) != len(cfg.is_attn):
-        raise UserError(f"--ch_mults has {len(cfg.ch_mults)} levels but --is_attn has {len(cfg.is_attn)}; "
-                        "give one attention flag per level")
-    if len(cfg.ch_mults_disc) != len(cfg.is_attn_disc):
-        raise UserError(f"--ch_mults_disc has {len(cfg.ch_mults_disc)} levels but --is_attn_disc has "
-                        f"{len(cfg.is_attn_disc)}; give one attention flag per level")
+    check_bool_tuple("--is_attn", cfg.is_attn, len(cfg.ch_mults), "--ch_mults")  # the models' own check, run early
+    check_bool_tuple("--is_attn_disc", cfg.is_attn_disc, len(cfg.ch_mults_disc), "--ch_mults_disc")
     parse_autoencoder_spec(cfg.autoencoder)
     for flag, mults in (("ch_mults", cfg.ch_mults), ("ch_mults_disc", cfg.ch_mults_disc)):
         factor = 2 ** (len(mults) - 1) * cfg.latent_factor

@@ -8,6 +8,7 @@ import faulthandler
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ def main() -> None:
     result = {"rank": acc.process_index, "world": acc.num_processes, "data_size": cfg.data_size,
               "global_batch": trainer.global_batch, "steps": steps}
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
-    trainer.cfg.n_batches = trainer.step + 2  # then the loop itself: logging, grids and a checkpoint
+    trainer.cfg = replace(trainer.cfg, n_batches=trainer.step + 2)  # then the loop itself: logging, grids and a checkpoint
     trainer.run()
     trainer.close()
 

@@ -26,8 +26,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cclddg.atomic import write_text_atomic
+from cclddg.data.preprocess import SkipLog
+from cclddg.data.stream import collate, iter_batches, iter_examples
+from cclddg.encoders import absolute_spec
 from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
+from cclddg.latents import absolute_autoencoder_spec
 from cclddg.latents.base import LatentSpace, measure_scale
 
 FORMAT = 2
@@ -46,19 +51,16 @@ def shard_name(i: int) -> str:
 
 
 def _absolute_autoencoder(spec: str) -> str:
-    from cclddg.latents import absolute_autoencoder_spec
 
     return absolute_autoencoder_spec(spec)
 
 
 def _absolute_encoder(spec: str) -> str:
-    from cclddg.encoders import absolute_spec
 
     return absolute_spec(spec)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    from cclddg.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
@@ -168,8 +170,6 @@ def _measure(source, img_size: int, space: LatentSpace, batch_size: int, workers
     """The scale factor, on the first SCALE_IMAGES good examples (pixel space keeps 1: images in [-1, 1])."""
     if space.spec == "pixels":
         return 1.0
-    from cclddg.data.preprocess import SkipLog
-    from cclddg.data.stream import iter_batches
 
     batches = iter_batches(source, img_size, batch_size, workers=workers, limit=SCALE_IMAGES, crop=crop,
                            skips=SkipLog(warn=False))
@@ -284,12 +284,10 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
     if not (done and done[-1].get("end")) and (count is None or encoded < count):
         total = count if count is not None else (len(source) if hasattr(source, "__len__") else None)
         bar = tqdm(total=total, initial=encoded, desc="encoding", unit="img", disable=not progress)
-        old_scale, space.scale = space.scale, cache_scale
         try:
-            _encode_shards(out, source, img_size, space, embedder, flip, shard_size, batch_size, workers, crop,
-                           done, None if count is None else count - encoded, bar)
+            _encode_shards(out, source, img_size, space.with_scale(cache_scale), embedder, flip, shard_size,
+                           batch_size, workers, crop, done, None if count is None else count - encoded, bar)
         finally:
-            space.scale = old_scale
             bar.close()
     return _finish(out, key, cache_scale)
 
@@ -301,8 +299,6 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
 
     A shard's shard.json records where in the source it starts and stops (`stop`: after its last good
     example, so a resumed encode starts there) and the bad examples skipped on the way to its examples."""
-    from cclddg.data.preprocess import SkipLog
-    from cclddg.data.stream import collate, iter_examples
 
     skips = SkipLog()
     start = done[-1]["stop"] if done else 0
@@ -347,7 +343,6 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
 
 def _finish(out: Path, key: dict, scale: float) -> Path:
     """Hash the shards, sum their skipped examples and write cache.json: from now on the cache is complete."""
-    from cclddg.data.preprocess import SkipLog
 
     shards, has_labels, skips = [], [], SkipLog(warn=False)
     for info in _finished_shards(out):

@@ -9,6 +9,8 @@ measured on the data (`measure_scale`), not hard-coded, and stored with the cach
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,7 @@ class LatentSpace(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scale = 1.0  # raw latents * scale have unit variance on the data (see measure_scale)
+        self.scale = 1.0  # raw latents * scale have unit variance on the data; set when made (load_latent_space)
         self.spec = ""
         self.fingerprint = ""
 
@@ -48,14 +50,26 @@ class LatentSpace(nn.Module):
                             f"factor {self.factor}; use a multiple of {self.factor}")
         return self.channels, img_size // self.factor, img_size // self.factor
 
+    def with_scale(self, scale: float) -> LatentSpace:
+        """This autoencoder (its weights shared, not copied) with another scale: a space's scale is fixed when it
+        is made, so the scale a cache measured makes a new space instead of changing this one."""
+        other = copy.copy(self)  # a new module object over the same parameter and submodule dicts
+        other.scale = float(scale)
+        return other
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, channels, H/factor, W/factor), float32."""
+        return self.encode_unscaled(images) * self.scale
+
+    @torch.no_grad()
+    def encode_unscaled(self, images: Tensor) -> Tensor:
+        """The raw latents (before the scale), e.g. to measure the scale."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise UserError(f"encode expects RGB images shaped (B, 3, H, W), got {tuple(images.shape)}")
         self.latent_shape(images.shape[-1])
         out = [self._encode(chunk.to(self.device, torch.float32)).float() for chunk in images.split(self.batch_size)]
-        return torch.cat(out) * self.scale
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -89,11 +103,7 @@ class PixelSpace(LatentSpace):
 @torch.no_grad()
 def measure_scale(space: LatentSpace, images: Tensor) -> float:
     """1 / std of the raw latents of `images`: the factor that gives the data's latents unit variance."""
-    old, space.scale = space.scale, 1.0
-    try:
-        std = float(space.encode(images).std())
-    finally:
-        space.scale = old
+    std = float(space.encode_unscaled(images).std())
     if not std > 0:
         raise UserError("the autoencoder's latents of these images have zero variance; is it trained?")
     return 1.0 / std

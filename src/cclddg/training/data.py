@@ -23,7 +23,7 @@ from cclddg.data.preprocess import SkipLog
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.encoders import default_cache_dir, load_embedder
 from cclddg.latents import load_latent_space
-from cclddg.run_config import is_cache, validate
+from cclddg.run_config import is_cache, with_cache
 
 
 class TrainingData:
@@ -31,8 +31,11 @@ class TrainingData:
     the others then read them)."""
 
     def __init__(self, cfg: TrainConfig, accelerator, out: Path, progress: bool = True):
+        """`self.cfg` is the run's settled config: `cfg`, with what the latent cache decides when the run encodes
+        its own source (`run_config.with_cache`)."""
         self.cfg, self.accelerator, self.out, self.progress = cfg, accelerator, Path(out), progress
         self.device = accelerator.device
+        self.embedded = cfg.cond == "embedding"  # conditioned on an embedder's vectors (else labels or none)
         self.embeddings: dict[str, Tensor] = {}
         self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts' conditions
         self.stats: conditioning.EmbeddingStats | None = None  # embedding runs: the text priors' statistics
@@ -42,9 +45,9 @@ class TrainingData:
         if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
             self.embed_dim = self._open_cache()
         else:
-            length = cfg.data_size if cfg.cond == "embedding" else None
+            length = cfg.data_size if self.embedded else None
             self.data = open_dataset(cfg.data, cfg.img_size, seed=cfg.seed, length=length)
-            self.embed_dim = self._prepare_embeddings() if cfg.cond == "embedding" else 0
+            self.embed_dim = self._prepare_embeddings() if self.embedded else 0
 
     def write_stats(self) -> None:
         """Write the embedding statistics measured at the start into the run folder (once it exists)."""
@@ -54,10 +57,10 @@ class TrainingData:
 
     def _open_cache(self) -> int:
         """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
-        autoencoder that decodes the grids; fill the run's latent settings from the cache."""
+        autoencoder that decodes the grids; the run's config takes the cache's facts."""
         cfg, acc = self.cfg, self.accelerator
         self.space = load_latent_space(cfg.autoencoder, self.device)  # loaded once: encodes a source, decodes grids
-        embedder = load_embedder(cfg.encoder, self.device) if cfg.cond == "embedding" else None
+        embedder = load_embedder(cfg.encoder, self.device) if self.embedded else None
         if is_cache(cfg.data):
             path = Path(cfg.data)
         else:
@@ -67,11 +70,9 @@ class TrainingData:
             if not acc.is_main_process:
                 path = self._encode_source(embedder, progress=False)
         self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
-        cfg.latent_channels, cfg.latent_scale = self.cache.channels, self.cache.scale
-        cfg.latent_factor, cfg.data_size = self.cache.img_size // self.cache.latent_size, len(self.cache)
-        validate(cfg)
+        self.cfg = cfg = with_cache(cfg, self.cache.meta)
         self.cache.check_fits(cfg.cond, cfg.flip)
-        self.space.scale = cfg.latent_scale
+        self.space = self.space.with_scale(cfg.latent_scale)  # grids decode the cache's latents
         if embedder is None:
             return 0
         self._text_prior_setup(embedder, *self.cache.embeddings(), source=str(path))
@@ -136,7 +137,7 @@ class TrainingData:
         examples in a cycle, or the endless shapes stream as it is."""
         if self.cache is not None:
             return self._cache_order(positions)
-        if self.cfg.cond == "embedding":
+        if self.embedded:
             return [i % self.cfg.data_size for i in positions]
         return list(positions)
 
@@ -154,11 +155,11 @@ class TrainingData:
             flip = torch.rand(b) < 0.5 if drop and cfg.flip else None
             found = self.cache.get_batch(indices, flip)
             images, labels = found["latents"], found.get("labels")
-            embeddings = (found["image_emb"], found["text_emb"]) if cfg.cond == "embedding" else None
+            embeddings = (found["image_emb"], found["text_emb"]) if self.embedded else None
         else:
             images, labels, _ = self.data.get_batch(indices)
             idx = torch.tensor(indices)
-            embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if cfg.cond == "embedding" else None
+            embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if self.embedded else None
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         images = images.to(self.device, memory_format=memory_format)
         if cfg.cond == "none":

@@ -173,7 +173,7 @@ def test_skip_nonfinite_drops_bad_updates_then_stops_when_they_persist(tmp_path)
     _nan_generator(trainer)
     trainer.cfg = replace(trainer.cfg, n_batches=5)
     trainer.run()  # fakes are NaN from now on: D's and G's updates are dropped, D's weights stay good
-    assert trainer.skipped == 6
+    assert trainer.nonfinite.skipped == 6
     for k, v in trainer.accelerator.unwrap_model(trainer.disc).state_dict().items():
         assert torch.equal(v, disc_before[k]), k
     assert log_records(tmp_path / "run")[-1]["skipped_updates"] == 6

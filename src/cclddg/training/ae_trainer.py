@@ -26,7 +26,9 @@ from cclddg.atomic import write_text_atomic
 from cclddg.config import AETrainConfig
 from cclddg.data.sources import load_held_out, load_training_set
 from cclddg.errors import UserError
+from cclddg.latents.base import measure_scale
 from cclddg.latents.own_ae import build_autoencoder
+from cclddg.latents.vae import DiffusersVAE
 from cclddg.storage import load_model
 from cclddg.training.small_run import SmallTrainer
 
@@ -58,7 +60,7 @@ def psnr(a: Tensor, b: Tensor) -> float:
 
 
 class AETrainer(SmallTrainer):
-    COMMAND = "train-ae"
+    COMMAND = DESC = "train-ae"
     POSTFIX = "l1"
     LOG_DIGITS = 6
 
@@ -130,8 +132,6 @@ class AETrainer(SmallTrainer):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out reconstruction PSNR (posterior mean) and the scale factor of the training latents."""
-        from cclddg.latents.base import measure_scale
-        from cclddg.latents.vae import DiffusersVAE
 
         space = DiffusersVAE(self.ae)
         held_out = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, HELD_OUT_SEED,

@@ -33,24 +33,49 @@ CONFIG_FILE = "train_config.json"
 KEEP_LAST = 2
 
 
-def prepare_small_run(out: Path, cfg: Any, resume: bool, resumable: set[str], command: str) -> None:
-    """`train-cloob` / `train-ae` run folders: create one (writing its config), or check that the run being
-    resumed has the same config except the `resumable` fields."""
+def prepare_run_folder(out: Path, cfg: Any, resume: bool, resumable: set[str], command: str,
+                       write: bool = True) -> dict[str, tuple[Any, Any]]:
+    """The run folder of every trainer (`train`, `train-cloob`, `train-ae`): create it with its config.json, or
+    check that the run being resumed has the same config except the `resumable` fields. Returns the resumable
+    settings that changed, {name: (old, new)} (written to config.json when `write`).
+
+    `write=False` only checks, so slow setup (an embedding cache) never runs for an --out it would refuse."""
     config_path = out / "config.json"
+    what = "run config" if command == "train" else f"{command} config"
     if resume:
         if not config_path.is_file():
-            raise UserError(f"--resume: {out} holds no {command} run; start it without --resume")
-        old = json.loads(read_config_json(config_path, type(cfg), f"{command} config").to_json())
+            kind = "" if command == "train" else f"{command} "
+            raise UserError(f"--resume: {out} holds no {kind}run (no config.json); start it without --resume")
+        old = json.loads(read_config_json(config_path, type(cfg), what).to_json())
         new = json.loads(cfg.to_json())
         clash = [k for k in new if k not in resumable and new[k] != old.get(k)]
         if clash:
-            raise UserError(f"cannot resume {out} with a different config ({', '.join(clash[:4])} differ); "
+            details = ", ".join(f"{k}: run has {old.get(k)!r}, flags give {new[k]!r}" for k in clash[:4])
+            raise UserError(f"cannot resume {out} with a different config ({details}); "
                             "drop those flags or start a new --out")
-        return
+        changed = {k: (old.get(k), new[k]) for k in new if new[k] != old.get(k)}
+        if changed and write:
+            write_text_atomic(config_path, cfg.to_json())
+        return changed
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; pass --resume to continue a run there or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config_path, cfg.to_json())
+        if _holds_run(out, type(cfg), what):
+            raise UserError(f"{out} holds another run; pass --resume to continue it or choose a new --out")
+        raise UserError(f"{out} is not empty (and holds no cclddg run); choose a new or empty --out folder")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(config_path, cfg.to_json())
+    return {}
+
+
+def _holds_run(out: Path, config_cls: type, what: str) -> bool:
+    """Whether `out` holds a run of this kind (a config.json this cclddg reads as one)."""
+    try:
+        read_config_json(out / "config.json", config_cls, what)
+    except UserError:
+        return False
+    return True
 
 
 def checkpoint_name(step: int) -> str:

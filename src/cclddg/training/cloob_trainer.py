@@ -28,6 +28,9 @@ from cclddg.data.sources import (
 from cclddg.encoders.own_cloob import CLOOBModel, OwnCLOOB
 from cclddg.encoders.sentence import SENTENCE_DIM
 from cclddg.errors import UserError
+from cclddg.evaluation.emoji_paraphrases import EMOJI_PARAPHRASES
+from cclddg.evaluation.retrieval import paraphrase_retrieval, retrieval_report
+from cclddg.evaluation.zero_shot import zero_shot_report
 from cclddg.storage import load_model, save_tensors_atomic
 from cclddg.training.small_run import SmallTrainer
 
@@ -40,7 +43,7 @@ def embedding_dim(cfg: CLOOBTrainConfig) -> int:
 
 
 class CLOOBTrainer(SmallTrainer):
-    COMMAND = "train-cloob"
+    COMMAND = DESC = "train-cloob"
 
     def __init__(self, cfg: CLOOBTrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
         super().__init__(cfg, out, resume, progress)
@@ -108,18 +111,14 @@ class CLOOBTrainer(SmallTrainer):
         return {"loss": loss.item()}
 
     def evaluate(self) -> dict:
-        from cclddg.evaluation.zero_shot import zero_shot_report
 
         self.model.eval()
         if parse_data_spec(self.cfg.data).procedural:
             report = {"step": self.step, **zero_shot_report(self.embedder, self.cfg.eval_size, self.cfg.img_size)}
         else:  # real data: does each held-out image find its own caption?
-            from cclddg.evaluation.retrieval import retrieval_report
 
             images, captions = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, 0,
                                              workers=self.cfg.workers)
-            from cclddg.evaluation.emoji_paraphrases import EMOJI_PARAPHRASES
-            from cclddg.evaluation.retrieval import paraphrase_retrieval
 
             images = images.float() / 127.5 - 1
             report = {"step": self.step, **retrieval_report(self.embedder, images, captions)}

@@ -1,5 +1,5 @@
-"""What `train-cloob` and `train-ae` share: the run folder, the loop with its time budget, progress bar, log.jsonl
-and Ctrl-C checkpoint, and checkpoints of the models, the optimizers and the RNG.
+"""What `train-cloob` and `train-ae` share beyond the loop and the run folder every trainer has (loop.TrainingLoop,
+checkpoint.prepare_run_folder): log.jsonl, and checkpoints of the models, the optimizers and the RNG.
 
 A subclass builds its models and data in `__init__` (after `super().__init__`), says which modules and optimizers
 make up its state (`models`, `optimizers`), and gives `train_step() -> logs` and `evaluate() -> report`.
@@ -8,34 +8,34 @@ make up its state (`models`, `optimizers`), and gives `train_step() -> logs` and
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from cclddg.data.sources import check_source
 from cclddg.training import checkpoint as ckpt_io
+from cclddg.training.loop import TrainingLoop
 
 # Settings a resumed small run may change; everything else must match its config.json.
 RESUMABLE = {"n_batches", "max_minutes", "log_every", "save_every", "eval_size", "threads", "workers"}
 
 
-class SmallTrainer:
-    COMMAND: ClassVar[str] = ""  # "train-cloob" / "train-ae": named in messages and the progress bar
+class SmallTrainer(TrainingLoop):
+    COMMAND: ClassVar[str] = ""  # "train-cloob" / "train-ae": named in messages and the progress bar (DESC)
     POSTFIX: ClassVar[str] = "loss"  # the log value the progress bar shows
     LOG_DIGITS: ClassVar[int | None] = None  # round logged values to this many decimals (None: as they are)
 
     def __init__(self, cfg: Any, out: str | Path, resume: bool = False, progress: bool = True):
         cfg.validate()
         self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.show_progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)  # denormals made CPU steps ~10x slower on these machines
         check_source(cfg.data, cfg.img_size)
-        ckpt_io.prepare_small_run(self.out, cfg, resume, RESUMABLE, self.COMMAND)
+        ckpt_io.prepare_run_folder(self.out, cfg, resume, RESUMABLE, self.COMMAND)
         torch.manual_seed(cfg.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -59,32 +59,26 @@ class SmallTrainer:
     def evaluate(self) -> dict:
         raise NotImplementedError
 
-    # ---- the loop ----------------------------------------------------------------------------------
+    # ---- the loop (loop.TrainingLoop) -------------------------------------------------------------
     def run(self) -> dict:
         """Train until `n_batches` (or `max_minutes`), logging every `log_every` steps and saving every `save_every`
         and at the end (and on Ctrl-C); returns `evaluate()`."""
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        bar = tqdm(total=cfg.n_batches, initial=self.step, desc=self.COMMAND, disable=not self.progress)
-        t0, last = time.monotonic(), self.step
-        try:
-            while self.step < cfg.n_batches and time.monotonic() < deadline:
-                logs = self.train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    logs["samples_per_s"] = (self.step - last) * cfg.batch_size / max(1e-9, time.monotonic() - t0)
-                    t0, last = time.monotonic(), self.step
-                    bar.set_postfix({self.POSTFIX: f"{logs[self.POSTFIX]:.4g}"})
-                    self._log(logs)
-                if self.step % cfg.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            bar.close()
+        self._t0, self._last = time.monotonic(), self.step
+        self.run_loop()
         self.save()
         return self.evaluate()
+
+    def after_step(self, logs: dict[str, float]) -> dict[str, str] | None:
+        postfix = None
+        if self.step % self.cfg.log_every == 0:
+            elapsed = max(1e-9, time.monotonic() - self._t0)
+            logs["samples_per_s"] = (self.step - self._last) * self.cfg.batch_size / elapsed
+            self._t0, self._last = time.monotonic(), self.step
+            postfix = {self.POSTFIX: f"{logs[self.POSTFIX]:.4g}"}
+            self._log(logs)
+        if self.step % self.cfg.save_every == 0:
+            self.save()
+        return postfix
 
     def _log(self, logs: dict[str, float]) -> None:
         values = logs if self.LOG_DIGITS is None else {k: round(v, self.LOG_DIGITS) for k, v in logs.items()}

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import re
 import time
 import warnings
 from dataclasses import asdict
@@ -38,10 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from cclddg import conditioning, diffusion, objectives
-from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.errors import OneLineWarning, TrainingError, UserError
@@ -57,6 +53,9 @@ from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
 from cclddg.training.data import TrainingData
 from cclddg.training.ema import ema_update, warmup_decay
+from cclddg.training.loop import TrainingLoop
+from cclddg.training.optimisation import NetOptimizer, NonFinitePolicy
+from cclddg.training.run_log import MeanLogs, RunLog
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
 # The learning rates, R1 and gradient clipping may change too: a run stopped by a non-finite loss is resumed with
@@ -67,8 +66,6 @@ RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minut
                      "grad_clip"}
 # Changes on resume that alter the optimisation: noted in log.jsonl at the resumed step.
 NOTED_CHANGES = {"lr_gen", "lr_disc", "r1_gamma", "grad_clip", "skip_nonfinite"}
-# --skip_nonfinite gives up after this many skipped updates in a row: the run is diverging, not unlucky.
-MAX_SKIPPED_IN_A_ROW = 20
 
 
 class BadCheckpointWarning(OneLineWarning):
@@ -99,56 +96,15 @@ def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
                          coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim))
 
 
-def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-
-
-def is_run_folder(out: Path) -> bool:
-    """Whether `out` holds a `cclddg train` run (a config.json this cclddg reads)."""
-    try:
-        ckpt_io.read_run_config(out / "config.json")
-    except UserError:
-        return False
-    return True
-
-
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> dict[str, tuple[Any, Any]]:
-    """Create the run folder, or check that the run being resumed matches the flags given; returns the
-    resumable settings that changed, {name: (old, new)} (written to config.json when `write`).
-
-    `write=False` only checks, so slow setup (the embedding cache) never runs for an --out it would refuse.
-    """
-    config_path = out / "config.json"
-    if resume:
-        if not config_path.is_file():
-            raise UserError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        old = ckpt_io.read_run_config(config_path)
-        new, old_d = asdict(cfg), asdict(old)
-        clash = [k for k in new if k not in RESUMABLE_CHANGES and new[k] != old_d[k]]
-        if clash:
-            details = ", ".join(f"{k}: run has {old_d[k]!r}, flags give {new[k]!r}" for k in clash[:4])
-            raise UserError(f"cannot resume {out} with a different config ({details}); "
-                            "drop those flags or start a new --out")
-        changed = {k: (old_d[k], new[k]) for k in new if new[k] != old_d[k]}
-        if changed and write:
-            write_text_atomic(config_path, cfg.to_json())
-        return changed
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the run")
-    if out.exists() and any(out.iterdir()):
-        if is_run_folder(out):
-            raise UserError(f"{out} holds another run; pass --resume to continue it or choose a new --out")
-        raise UserError(f"{out} is not empty (and holds no cclddg run); choose a new or empty --out folder")
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(config_path, cfg.to_json())
-    return {}
+    """The generator run's folder (checkpoint.prepare_run_folder with the settings a resume may change)."""
+    return ckpt_io.prepare_run_folder(out, cfg, resume, RESUMABLE_CHANGES, "train", write)
 
 
-class Trainer:
-    """Owns the models, optimizers, data stream and run folder of one training run."""
+class Trainer(TrainingLoop):
+    """Owns the models and the run folder of one training run, and decides what happens when; its parts do the
+    rest: `inputs` (TrainingData: examples and conditions), `opt_g`/`opt_d` (NetOptimizer: the updates),
+    `nonfinite` (NonFinitePolicy), `log` (RunLog: scalars and grids to the trackers)."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
         from accelerate import Accelerator
@@ -164,6 +120,7 @@ class Trainer:
         # Data parallel when launched by accelerate/torchrun; precision is ours (precision.py: R1 needs the scale).
         self.accelerator = acc = Accelerator(cpu=launched_without_gpus())
         self.device = acc.device
+        self.show_progress = progress and acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
         precision.check_precision(cfg.mixed_precision, self.device)
         # Everything that can reject the config runs before the run folder is touched.
@@ -171,6 +128,7 @@ class Trainer:
         if acc.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
         self.inputs = TrainingData(cfg, acc, self.out, progress)  # the data, its caches and the conditions
+        self.cfg = cfg = self.inputs.cfg  # settled: with what an encoded cache decides; nothing changes it now
         embed_dim = self.inputs.embed_dim
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -178,39 +136,35 @@ class Trainer:
         disc = None
         if cfg.objective == "ddgan":
             disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
-        self.resumed_changes: dict[str, tuple[Any, Any]] = {}  # optimisation settings changed on this --resume
+        resumed_changes: dict[str, tuple[Any, Any]] = {}  # optimisation settings changed on this --resume
         if acc.is_main_process:
             changed = prepare_run_dir(self.out, cfg, resume)
-            self.resumed_changes = {k: v for k, v in changed.items() if k in NOTED_CHANGES}
+            resumed_changes = {k: v for k, v in changed.items() if k in NOTED_CHANGES}
             if resume:
                 ckpt_io.clean_leftovers(self.out)
             self.inputs.write_stats()
         acc.wait_for_everyone()
         torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
         self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
-        self.opt_g = make_optimizer(cfg, gen.parameters(), cfg.lr_gen)
-        self.sched_g = warmup_scheduler(self.opt_g, cfg.lr_warmup)
-        self.scaler_g = precision.grad_scaler(cfg.mixed_precision, self.device)
-        self.disc = self.opt_d = self.sched_d = self.scaler_d = self.disc_frozen = None
+        self.opt_g = NetOptimizer(cfg, gen.parameters(), cfg.lr_gen, self.device)
+        self.disc = self.opt_d = self.disc_frozen = None
         if disc is not None:
-            self.opt_d = make_optimizer(cfg, disc.parameters(), cfg.lr_disc)
-            self.sched_d = warmup_scheduler(self.opt_d, cfg.lr_warmup)
-            self.scaler_d = precision.grad_scaler(cfg.mixed_precision, self.device)
-            self.gen, self.disc, self.opt_g, self.opt_d = acc.prepare(gen, disc, self.opt_g, self.opt_d)
+            self.opt_d = NetOptimizer(cfg, disc.parameters(), cfg.lr_disc, self.device)
+            self.gen, self.disc, self.opt_g.opt, self.opt_d.opt = acc.prepare(gen, disc, self.opt_g.opt, self.opt_d.opt)
             # G's loss looks through D without training it: the plain module, outside data parallel's hooks.
             self.disc_frozen = disc
         else:
-            self.gen, self.opt_g = acc.prepare(gen, self.opt_g)
+            self.gen, self.opt_g.opt = acc.prepare(gen, self.opt_g.opt)
         if cfg.compile:
             self._compile()
         self.step = 0
         self.base_step = self.base_position = 0  # P(s) = base_position + (s - base_step) · global batch
-        self.skipped = self.skipped_in_a_row = 0  # optimizer updates skipped by --skip_nonfinite
+        self.nonfinite = NonFinitePolicy(cfg.skip_nonfinite)
         self.last_checkpoint: Path | None = None
         if resume:
             self._resume()
-        self.trackers = None  # opened by the main process when it first logs (_open_trackers), closed by run()
-        self.logged_until = self.step if resume else None  # what the trackers keep of an earlier log
+        self.log = RunLog(self.out, asdict(cfg), acc.is_main_process, cfg.tensorboard, cfg.wandb_project,
+                          resume_step=self.step if resume else None, resumed_changes=resumed_changes)
 
     @property
     def global_batch(self) -> int:
@@ -266,13 +220,13 @@ class Trainer:
                     x0_pred = self.gen(x_t, t, cond_g, z)
                     fake_prev = objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
                 loss_d, step_logs = objectives.discriminator_loss(self.disc, x_prev, fake_prev, x_t, t, cond_d,
-                                                                  r1_weight, self.scaler_d.get_scale())
-            self.scaler_d.scale(loss_d / k).backward()
+                                                                  r1_weight, self.opt_d.scaler.get_scale())
+            self.opt_d.backward(loss_d, k)
             logs.add(step_logs)
             kept.append((x0, x_t, t, z, cond_g, cond_d, (x0_pred, fake_prev) if k == 1 else None))
         # fp16: an R1 that overflows the loss scale is the scaler's to skip; D's outputs must still be finite.
-        checked = ["d_real", "d_fake"] + ([] if self.scaler_d.is_enabled() else ["loss_d"])
-        norm_d = self._optimizer_step(self.opt_d, self.scaler_d, self.disc, logs.finite(checked), "D")
+        checked = ["d_real", "d_fake"] + ([] if self.opt_d.scaler.is_enabled() else ["loss_d"])
+        norm_d = self._update(self.opt_d, self.disc, logs.finite(checked), "D")
 
         self.disc.requires_grad_(False)  # G's loss needs gradients through D, not for D
         for i, (x0, x_t, t, z, cond_g, cond_d, made) in enumerate(kept):
@@ -283,9 +237,9 @@ class Trainer:
                 x0_pred, fake_prev = made
                 loss_g, step_logs = objectives.generator_loss(self.disc_frozen, fake_prev, x_t, t, cond_d, x0_pred,
                                                               x0, cfg.recon_loss_scale)
-            self.scaler_g.scale(loss_g / k).backward()
+            self.opt_g.backward(loss_g, k)
             logs.add(step_logs)
-        norm_g = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.finite(["loss_g"]), "G")
+        norm_g = self._update(self.opt_g, self.gen, logs.finite(["loss_g"]), "G")
         return {**logs.means(), "grad_norm_d": norm_d, "grad_norm_g": norm_g}
 
     def diffusion_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
@@ -293,9 +247,9 @@ class Trainer:
         for i, (x0, cond) in enumerate(micro):
             with self._sync_on_last(self.gen, i, k), self._autocast():
                 loss, step_logs = objectives.diffusion_loss(self.gen, self.schedule, x0, self._split_cond(cond)[0])
-            self.scaler_g.scale(loss / k).backward()
+            self.opt_g.backward(loss, k)
             logs.add(step_logs)
-        norm = self._optimizer_step(self.opt_g, self.scaler_g, self.gen, logs.finite(["loss"]), "the model")
+        norm = self._update(self.opt_g, self.gen, logs.finite(["loss"]), "the model")
         return {**logs.means(), "grad_norm_g": norm}
 
     def _split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -309,39 +263,17 @@ class Trainer:
         """Gradient accumulation: ranks average gradients on the last micro-batch only."""
         return self.accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext()
 
-    def _optimizer_step(self, opt, scaler: torch.amp.GradScaler, model: torch.nn.Module, losses_finite: bool,
-                        name: str) -> float:
-        """Unscale, clip, and step, unless a loss or the gradient is not finite on any rank: then stop with the
-        step and the last good checkpoint named, or with --skip_nonfinite drop this update. Returns the
-        gradient norm (before clipping)."""
-        scaler.unscale_(opt)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        # fp16: non-finite gradients are the loss scale overflowing; the scaler skips the step and lowers it.
-        finite = losses_finite and (math.isfinite(norm) or scaler.is_enabled())
-        if self._on_any_rank(not finite):
-            opt.zero_grad(set_to_none=True)
-            scaler.update()
-            self._nonfinite(name)
-            return norm
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        self.skipped_in_a_row = 0
+    def _update(self, part: NetOptimizer, model: torch.nn.Module, losses_finite: bool, name: str) -> float:
+        """Clip and step, unless a loss or the gradient is not finite on any rank: then the non-finite policy
+        stops the run or drops this update. Returns the gradient norm (before clipping)."""
+        norm = part.clipped_norm(model, self.cfg.grad_clip)
+        if self._on_any_rank(not part.finite(losses_finite, norm)):
+            part.drop()
+            self.nonfinite.bad(name, self.step + 1, self.last_checkpoint)
+        else:
+            part.step()
+            self.nonfinite.good()
         return norm
-
-    def _nonfinite(self, name: str) -> None:
-        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                 else "no checkpoint was written yet")
-        if not self.cfg.skip_nonfinite:
-            raise TrainingError(f"non-finite loss or gradient of {name} at step {self.step + 1}; {where}. Lower "
-                                "--lr_gen/--lr_disc or raise --r1_gamma, then --resume (or --skip_nonfinite)")
-        self.skipped += 1
-        self.skipped_in_a_row += 1
-        if self.skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
-            raise TrainingError(f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient "
-                                f"(step {self.step + 1}): the run diverged; {where}. Lower --lr_gen/--lr_disc "
-                                "or raise --r1_gamma, then --resume")
 
     def _on_any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on one (ranks must take the same decisions)."""
@@ -364,67 +296,53 @@ class Trainer:
         """One optimisation step on this step's micro-batches, then the schedulers and the EMA update."""
         self.gen.train()
         micro = [self.batch(self.step, m) for m in range(self.cfg.grad_accum)]
-        lrs = {"lr_g": self.opt_g.param_groups[0]["lr"]}
-        if self.opt_d is not None:
-            lrs["lr_d"] = self.opt_d.param_groups[0]["lr"]
+        parts = {"g": self.opt_g} if self.opt_d is None else {"g": self.opt_g, "d": self.opt_d}
+        lrs = {f"lr_{name}": part.lr for name, part in parts.items()}
         logs = (self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step)(micro)
-        with warnings.catch_warnings():  # a step the loss scaler skipped is not a misordered scheduler call
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            for sched in (self.sched_g, self.sched_d):
-                if sched is not None:
-                    sched.step()
+        for part in parts.values():
+            part.schedule_step()
         ema_update(self.ema, self.accelerator.unwrap_model(self.gen), warmup_decay(self.cfg.ema_decay, self.step))
         self.step += 1
         return {**logs, **lrs}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, acc = self.cfg, self.accelerator
-        bar = tqdm(total=cfg.n_batches, initial=self.step, disable=not (self.progress and acc.is_main_process),
-                   desc="train", dynamic_ncols=True)
-        window, since, seen = MeanLogs(), time.perf_counter(), 0  # the steps since the last log record
-        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        try:
-            while self.step < cfg.n_batches:
-                if self._on_any_rank(time.monotonic() > deadline):  # the time budget ends the run like its last step
-                    if seen:
-                        self._log_window(window, seen, since)
-                    self.save()
-                    self.log_images()
-                    break
-                window.add(self._guarded_step())
-                seen += self.global_batch
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.n_batches:
-                    logs = self._log_window(window, seen, since)
-                    window, since, seen = MeanLogs(), time.perf_counter(), 0
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()
-                                     if k in ("loss_d", "loss_g", "d_real", "d_fake", "loss")})
-                # The checkpoint first: on a nearly full disk it matters more than the grid.
-                if self.step % cfg.save_models_every == 0 or self.step == cfg.n_batches:
-                    self.save()
-                if self.step % cfg.log_images_every == 0 or self.step == cfg.n_batches:
-                    self.log_images()
-        except KeyboardInterrupt:
-            bar.close()
-            if self.step > 0:
-                self.save()
-            raise
-        finally:
-            bar.close()
-            if self.trackers is not None:
-                self.trackers.close()
-                self.trackers = None
-            self.logged_until = self.step
+        """Train until n_batches or the time budget (loop.TrainingLoop); returns the run folder."""
+        self.run_loop()
         return self.out
+
+    def time_is_up(self, deadline: float) -> bool:
+        return self._on_any_rank(time.monotonic() > deadline)  # every rank stops at the same step
+
+    def at_deadline(self) -> None:
+        """The time budget ends the run like its last step."""
+        if self.log.pending:
+            self._log_window()
+        self.save()
+        self.log_images()
+
+    def after_step(self, logs: dict[str, float]) -> dict[str, str] | None:
+        cfg, last = self.cfg, self.step == self.cfg.n_batches
+        self.log.add(logs, self.global_batch)
+        postfix = None
+        if self.step % cfg.log_every == 0 or last:
+            logged = self._log_window()
+            postfix = {k: f"{v:.3g}" for k, v in logged.items() if k in ("loss_d", "loss_g", "d_real", "d_fake", "loss")}
+        # The checkpoint first: on a nearly full disk it matters more than the grid.
+        if self.step % cfg.save_models_every == 0 or last:
+            self.save()
+        if self.step % cfg.log_images_every == 0 or last:
+            self.log_images()
+        return postfix
+
+    def end_of_loop(self) -> None:
+        self.log.close(self.step)
 
     def close(self) -> None:
         """Finish the run: close the trackers and, with several processes, free the data-parallel wrappers and
         then the process group (in that order: gloo aborted at exit without it, and hung when a wrapper
         outlived the group). The trainer cannot train after this."""
-        if self.trackers is not None:
-            self.trackers.close()
-            self.trackers = None
+        self.log.close(self.step)
         if self.world > 1 and torch.distributed.is_initialized():
             import gc
 
@@ -435,7 +353,7 @@ class Trainer:
             gc.collect()
             torch.distributed.destroy_process_group()
 
-    def _guarded_step(self) -> dict[str, float]:
+    def take_step(self) -> dict[str, float]:
         """train_step, with running out of memory (and a failing torch.compile) turned into what to change."""
         try:
             return self.train_step()
@@ -466,40 +384,20 @@ class Trainer:
                 f"narrower nets (--n_channels_unet, --n_channels_disc){where}")
 
     # ---- logging, grids, checkpoints ---------------------------------------------------------------
-    def _open_trackers(self):
-        """The run's trackers (main process only); a resumed run first drops what was logged after its checkpoint."""
-        if self.trackers is None and self.accelerator.is_main_process:
-            from cclddg.training.trackers import open_trackers
-
-            self.trackers = open_trackers(self.out, asdict(self.cfg), resume_step=self.logged_until,
-                                          tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project)
-            if self.resumed_changes:  # what this --resume changed, kept beside the losses it explains
-                self.trackers.note({"resumed_with": {k: new for k, (_, new) in self.resumed_changes.items()},
-                                    "was": {k: old for k, (old, _) in self.resumed_changes.items()}},
-                                   self.logged_until or 0)
-                self.resumed_changes = {}
-        return self.trackers
-
-    def _log_window(self, window: MeanLogs, seen: int, since: float) -> dict[str, float]:
+    def _log_window(self) -> dict[str, float]:
         """Log each scalar's mean over the steps since the last record (R1's over the lazy steps among them),
         averaged over ranks, with the global samples/s; returns what was logged."""
-        logs = self._mean_over_ranks(window.means())
-        logs["samples_per_s"] = seen / max(time.perf_counter() - since, 1e-9)
-        self._log(logs)
-        return logs
-
-    def _log(self, logs: dict[str, Any]) -> None:
-        if self._open_trackers() is None:
-            return
+        logs = self._mean_over_ranks(self.log.window_means())
         extra = {"rss_mb": resident_mb()}
-        if self.skipped:
-            extra["skipped_updates"] = self.skipped
+        if self.nonfinite.skipped:
+            extra["skipped_updates"] = self.nonfinite.skipped
         if torch.cuda.is_available() and self.device.type == "cuda":
             extra["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         try:
-            self.trackers.log_scalars({**logs, **extra}, step=self.step)
+            self.log.scalars({**logs, **extra}, step=self.step)
         except OSError as exc:
             raise TrainingError(self._write_failed(f"the log of step {self.step} in {self.out}", exc)) from None
+        return logs
 
     @torch.no_grad()
     def log_images(self, rows: int = 6, cols: int = 6) -> None:
@@ -529,7 +427,7 @@ class Trainer:
             for name, grid in grids.items():
                 prefix = "step" if name == "samples" else "recon"
                 save_image_atomic(grid, folder / f"{prefix}_{self.step:07d}.png")
-            self._open_trackers().log_images(grids, step=self.step)
+            self.log.images(grids, step=self.step)
         except OSError as exc:
             raise TrainingError(self._write_failed(f"the sample grids of step {self.step} in {folder}", exc)) from None
 
@@ -566,13 +464,11 @@ class Trainer:
             models = {"generator": acc.unwrap_model(self.gen), "generator_ema": self.ema}
             state: dict[str, Any] = {
                 "step": self.step, "position": self.position(self.step), "world_size": self.world,
-                "grad_accum": self.cfg.grad_accum, "skipped": self.skipped, "rng": rng,
-                "opt_g": self.opt_g.state_dict(), "sched_g": self.sched_g.state_dict(),
-                "scaler_g": self.scaler_g.state_dict()}
+                "grad_accum": self.cfg.grad_accum, "skipped": self.nonfinite.skipped, "rng": rng,
+                **self.opt_g.state_dict("g")}
             if self.disc is not None:
                 models["discriminator"] = acc.unwrap_model(self.disc)
-                state.update(opt_d=self.opt_d.state_dict(), sched_d=self.sched_d.state_dict(),
-                             scaler_d=self.scaler_d.state_dict())
+                state.update(self.opt_d.state_dict("d"))
             try:
                 result[0] = ckpt_io.save_checkpoint(self.out, self.step, models, state, self.cfg)
             except OSError as exc:
@@ -605,16 +501,10 @@ class Trainer:
         self._set_lrs()
 
     def _set_lrs(self) -> None:
-        """The config's learning rates on the optimizers and their warmup schedules (a resumed optimizer state
-        brings the rates it was saved with)."""
-        pairs = [(self.opt_g, self.sched_g, self.cfg.lr_gen)]
+        """The config's learning rates (they may have changed on this --resume) over the checkpoint's."""
+        self.opt_g.set_lr(self.cfg.lr_gen)
         if self.opt_d is not None:
-            pairs.append((self.opt_d, self.sched_d, self.cfg.lr_disc))
-        for opt, sched, lr in pairs:
-            sched.base_lrs = [lr] * len(opt.param_groups)
-            for group, factor in zip(opt.param_groups, sched.lr_lambdas):
-                group["initial_lr"] = lr
-                group["lr"] = lr * factor(sched.last_epoch)
+            self.opt_d.set_lr(self.cfg.lr_disc)
 
     def _load(self, folder: Path | None) -> None:
         if folder is None:
@@ -623,15 +513,11 @@ class Trainer:
         state = ckpt_io.load_state(folder)
         acc.unwrap_model(self.gen).load_state_dict(load_model(UNet, folder / "generator").state_dict())
         self.ema.load_state_dict(load_model(UNet, folder / "generator_ema").state_dict())
-        self.opt_g.load_state_dict(state["opt_g"])
-        _load_if_saved(self.sched_g, state.get("sched_g"))
-        _load_if_saved(self.scaler_g, state.get("scaler_g"))
+        self.opt_g.load_state_dict(state, "g")
         if self.disc is not None:
             disc = load_model(Discriminator, folder / "discriminator")
             acc.unwrap_model(self.disc).load_state_dict(disc.state_dict())
-            self.opt_d.load_state_dict(state["opt_d"])
-            _load_if_saved(self.sched_d, state.get("sched_d"))
-            _load_if_saved(self.scaler_d, state.get("scaler_d"))
+            self.opt_d.load_state_dict(state, "d")
         self.step = int(state["step"])
         rng = state.get("rng") or [{"torch": state["torch_rng"]}]  # checkpoints before per-rank states
         if self.rank < len(rng):
@@ -640,40 +526,8 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 1000 * self.rank + 1 + self.step)
         self.base_step = self.step
         self.base_position = int(state.get("position", self.step * self.cfg.batch_size * int(state.get("world_size", 1))))
-        self.skipped = int(state.get("skipped", 0))
+        self.nonfinite.skipped = int(state.get("skipped", 0))
         self.last_checkpoint = folder
-
-
-class MeanLogs:
-    """Scalars averaged over micro-batches or over the steps between two log records (running sums: a long
-    interval between records costs no memory)."""
-
-    def __init__(self):
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
-
-    def add(self, logs: dict[str, float]) -> None:
-        for key, value in logs.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
-            self._counts[key] = self._counts.get(key, 0) + 1
-
-    def finite(self, keys: list[str]) -> bool:
-        """Whether every value added under these keys was finite (a NaN or inf makes its sum non-finite)."""
-        return all(math.isfinite(self._sums.get(key, 0.0)) for key in keys)
-
-    def means(self) -> dict[str, float]:
-        return {k: total / self._counts[k] for k, total in self._sums.items()}
-
-
-def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate rises linearly over `warmup` steps, then stays (no warmup: constant)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-
-
-def _load_if_saved(obj: Any, state: dict | None) -> None:
-    """Schedulers' and scalers' states (a disabled scaler saves an empty one, which it cannot load)."""
-    if state and (not isinstance(obj, torch.amp.GradScaler) or obj.is_enabled()):
-        obj.load_state_dict(state)
 
 
 def launched_without_gpus() -> bool:

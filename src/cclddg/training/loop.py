@@ -1,0 +1,72 @@
+"""The loop every trainer runs (`train`, `train-cloob`, `train-ae`): steps until `n_batches` or the time budget
+(`max_minutes`), a progress bar, and a checkpoint when the user presses Ctrl-C.
+
+A trainer gives `train_step() -> logs` (`take_step` may guard it), `after_step(logs) -> progress-bar postfix` (its logging and checkpoints on
+their schedules), `save()`, and may override `time_is_up` (several processes decide together), `at_deadline`
+(what the last step of a time budget writes) and `end_of_loop` (closing its logs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+
+class TrainingLoop:
+    DESC: ClassVar[str] = "train"  # the progress bar's label
+
+    cfg: Any  # has n_batches and max_minutes
+    step: int
+    show_progress: bool
+
+    # ---- what a trainer gives ----------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def take_step(self) -> dict[str, float]:
+        """The loop's step: `train_step`, which a trainer may wrap (e.g. to turn running out of memory into advice)."""
+        return self.train_step()
+
+    def after_step(self, logs: dict[str, float]) -> dict[str, str] | None:
+        """Log and save on the trainer's schedule; returns values for the progress bar (or None)."""
+        raise NotImplementedError
+
+    def save(self) -> None:
+        raise NotImplementedError
+
+    def time_is_up(self, deadline: float) -> bool:
+        return time.monotonic() > deadline
+
+    def at_deadline(self) -> None:
+        """The time budget ended the run before this step (the run's end follows)."""
+
+    def end_of_loop(self) -> None:
+        """After the loop, however it ended."""
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run_loop(self) -> None:
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        bar = tqdm(total=cfg.n_batches, initial=self.step, desc=self.DESC, disable=not self.show_progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.n_batches:
+                if self.time_is_up(deadline):
+                    self.at_deadline()
+                    break
+                logs = self.take_step()
+                bar.update(1)
+                postfix = self.after_step(logs)
+                if postfix:
+                    bar.set_postfix(postfix)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0:
+                self.save()
+            raise
+        finally:
+            bar.close()
+            self.end_of_loop()

@@ -281,19 +281,19 @@ def test_bad_schedule_args(kwargs) -> None:
 def test_bad_steps_and_args() -> None:
     s = d.make_schedule("seed", 4)
     x = torch.zeros(2, 3)
-    with pytest.raises(UserError, match="1..4"):
+    with pytest.raises(ValueError, match="1..4"):
         d.q_step(s, x, torch.tensor([0, 1]))
-    with pytest.raises(UserError, match="0..4"):
+    with pytest.raises(ValueError, match="0..4"):
         d.q_sample(s, x, torch.tensor([5, 1]))
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         d.q_sample(s, x, torch.tensor([1, 2, 3]))
-    with pytest.raises(UserError, match="integer"):
+    with pytest.raises(TypeError, match="integer"):
         d.q_sample(s, x, torch.tensor([1.0, 2.0]))
-    with pytest.raises(UserError, match="t_prev"):
+    with pytest.raises(ValueError, match="t_prev"):
         d.ddim_step(s, x, 2, 3, x)
-    with pytest.raises(UserError, match="eta"):
+    with pytest.raises(ValueError, match="eta"):
         d.ddim_step(s, x, 2, 1, x, eta=-1.0)
-    with pytest.raises(UserError, match="noise"):
+    with pytest.raises(ValueError, match="noise"):
         d.q_sample(s, x, 1, noise=torch.zeros(3))
     with pytest.raises(UserError):
         d.ddim_timesteps(4, 5)

@@ -210,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cclddg.training.trainer import Trainer
 
     out = output_folder(args.out, "--out")
-    names = {f.name for f in fields(TrainConfig)} - {"preset", "extra"}
+    names = {f.name for f in fields(TrainConfig)} - {"preset", "extra", *DERIVED_FIELDS}
     cfg = train_config(args.preset, {k: v for k, v in vars(args).items() if k in names}, out, args.resume, args.font)
     with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
         trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -369,16 +369,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.negative_prompt is not None:
         raise UserError("--negative_prompt needs --prompt or --image")
     model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-    if cfg.cond == "embedding":
-        raise UserError("this model is conditioned on embeddings: give --prompt \"...\" and/or --image PATH")
-    if cfg.cond == "none" and args.attrs:
-        raise UserError("this model is unconditional (trained with --cond none); drop --attrs")
-    if args.cfg and cfg.cond == "labels" and not args.attrs:
-        raise UserError("--cfg guides towards a request: give --attrs (e.g. color=red), or drop --cfg")
-    if args.cfg and cfg.cond == "none":
-        raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
     n = args.n or 16
-    cond = request_condition(cfg.cond, args.attrs, n)
+    cond = request_condition(cfg.cond, args.attrs, n, guided=bool(args.cfg))
     if len(cfgs) == 1:
         jobs = [SampleJob(cfgs[0], n, cond, lambda j: j)]
         nrow = args.nrow or max(1, int(round(n ** 0.5)))

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from cclddg.atomic import atomic_path
 from cclddg.config import TEXT_PRIORS
+from cclddg.data.latent_cache import LatentCache
 from cclddg.data.shapes import (
     COLORS,
     LABEL_DIM,
@@ -42,6 +43,7 @@ from cclddg.data.shapes import (
     parse_attrs,
     request_prompt,
 )
+from cclddg.data.sources import load_uint8, parse_data_spec
 from cclddg.errors import UserError
 
 STATS_FILE = "embedding_stats.safetensors"
@@ -67,9 +69,17 @@ def label_condition(requests: Sequence[dict[str, str]]) -> Tensor:
     return torch.from_numpy(np.stack([attrs_to_label(r) for r in requests]))
 
 
-def request_condition(cond: str, attrs: str | None, n: int) -> Tensor | None:
+def request_condition(cond: str, attrs: str | None, n: int, guided: bool = False) -> Tensor | None:
     """`cclddg sample --attrs "color=red,..."`: the label condition repeated n times; None for no request (or an
-    unconditional run)."""
+    unconditional run). A request a run of this kind cannot take (`guided`: with --cfg) is one line."""
+    if cond == "embedding":
+        raise UserError("this model is conditioned on embeddings: give --prompt \"...\" and/or --image PATH")
+    if cond == "none" and attrs:
+        raise UserError("this model is unconditional (trained with --cond none); drop --attrs")
+    if cond == "none" and guided:
+        raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
+    if guided and not attrs:
+        raise UserError("--cfg guides towards a request: give --attrs (e.g. color=red), or drop --cfg")
     if cond != "labels" or attrs is None:
         return None
     return label_condition([parse_attrs(attrs)] * n)
@@ -187,10 +197,8 @@ def measure_stats(embedder, data: str, img_size: int, n: int = 5000, seed: int =
                   progress: bool = True) -> EmbeddingStats:
     """Embedding statistics of a latent cache (its stored embeddings, which must be this embedder's) or of the
     first n examples of a captioned source, embedded now (`cclddg embedding-stats`)."""
-    from cclddg.data.sources import load_uint8, parse_data_spec
 
     if Path(data).expanduser().is_dir() and (Path(data).expanduser() / "cache.json").is_file():
-        from cclddg.data.latent_cache import LatentCache
 
         cache = LatentCache(Path(data).expanduser())
         if cache.embed_dim != embedder.dim:

@@ -173,26 +173,27 @@ def _f32(v: torch.Tensor) -> torch.Tensor:
 
 
 def _steps(s: Schedule, t: torch.Tensor | int, x: torch.Tensor, lo: int, name: str = "t") -> torch.Tensor:
-    """Validate ``t`` (values in lo..T) and return it as a long tensor (B,) on x's device."""
+    """Validate ``t`` (values in lo..T) and return it as a long tensor (B,) on x's device. A bad ``t`` or tensor is
+    a caller's mistake, not a user's: TypeError/ValueError (with a traceback), not UserError."""
     if x.dim() < 1:
-        raise UserError("x must have a batch dimension, got a 0-d tensor")
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
     batch = x.shape[0]
     if isinstance(t, bool):
-        raise UserError(f"{name} must be an integer step or a LongTensor of shape ({batch},), got a bool")
+        raise TypeError(f"{name} must be an integer step or a LongTensor of shape ({batch},), got a bool")
     if isinstance(t, int):
         t = torch.full((batch,), t, dtype=torch.long)
     if not isinstance(t, torch.Tensor):
-        raise UserError(f"{name} must be an integer step or a LongTensor of shape ({batch},), got {type(t).__name__}")
+        raise TypeError(f"{name} must be an integer step or a LongTensor of shape ({batch},), got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise UserError(f"{name} must hold integer steps, got dtype {t.dtype}")
+        raise TypeError(f"{name} must hold integer steps, got dtype {t.dtype}")
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise UserError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
     if t.device.type == "cpu" and batch > 0:
         t_min, t_max = int(t.min()), int(t.max())
         if t_min < lo or t_max > s.n_steps:
-            raise UserError(f"{name} must lie in {lo}..{s.n_steps}, got values in {t_min}..{t_max}")
+            raise ValueError(f"{name} must lie in {lo}..{s.n_steps}, got values in {t_min}..{t_max}")
     return t.to(device=x.device, dtype=torch.long)
 
 
@@ -206,7 +207,7 @@ def _noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generat
     """Use the given noise (shape-checked) or draw N(0, I) like x from the generator."""
     if noise is not None:
         if noise.shape != x.shape:
-            raise UserError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
         return noise.to(device=x.device, dtype=x.dtype)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
@@ -214,7 +215,7 @@ def _noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generat
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
     if a.shape != b.shape:
-        raise UserError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
+        raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
 def _clip(x0: torch.Tensor, clip_x0: float | None) -> torch.Tensor:
@@ -222,7 +223,7 @@ def _clip(x0: torch.Tensor, clip_x0: float | None) -> torch.Tensor:
     if clip_x0 is None:
         return x0
     if not clip_x0 > 0:
-        raise UserError(f"clip_x0 must be a positive number or None, got {clip_x0!r}")
+        raise ValueError(f"clip_x0 must be a positive number or None, got {clip_x0!r}")
     return x0.clamp(-clip_x0, clip_x0)
 
 
@@ -360,11 +361,11 @@ def ddim_step(
     consistent with it. No noise is drawn when eta = 0.
     """
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise UserError(f"eta must be a finite number >= 0, got {eta!r}")
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     t = _steps(s, t, x_t, lo=1)
     t_prev = _steps(s, t_prev, x_t, lo=0, name="t_prev")
     if t.device.type == "cpu" and bool((t_prev >= t).any()):
-        raise UserError("t_prev must be smaller than t for every sample")
+        raise ValueError("t_prev must be smaller than t for every sample")
     x0 = predict_x0_from_eps(s, x_t, t, eps)
     if clip_x0 is not None:
         x0 = _clip(x0, clip_x0)

@@ -15,10 +15,13 @@ import torch
 from torch import Tensor
 
 from cclddg import diffusion, objectives
-from cclddg.conditioning import null_like
+from cclddg.conditioning import PromptConditioner, load_stats, null_like
 from cclddg.config import TrainConfig
+from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
+from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
+from cclddg.latents import load_latent_space
 from cclddg.models import UNet
 from cclddg.storage import load_model
 from cclddg.training.checkpoint import load_config, resolve_checkpoint
@@ -179,7 +182,6 @@ def sample_batches(model: torch.nn.Module, config: "SamplingConfig | TrainConfig
 @functools.lru_cache(maxsize=4)
 def run_latent_space(spec: str, scale: float, device: str):
     """A run's autoencoder, loaded once per process (sampling in batches would otherwise reload it)."""
-    from cclddg.latents import load_latent_space
 
     return load_latent_space(spec, device, scale=scale)
 
@@ -203,7 +205,6 @@ def read_image(path: str | Path) -> Tensor:
 
     from PIL import Image, UnidentifiedImageError
 
-    from cclddg.data.images import image_to_tensor
 
     try:
         with warnings.catch_warnings():
@@ -235,7 +236,6 @@ class PromptPipeline:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu",
                  stats=None, text_prior: str | None = None, prior_k: int | None = None, run: str | Path = "RUN"):
-        from cclddg.conditioning import PromptConditioner
 
         self.model, self.cfg, self.embedder, self.device = model, cfg, embedder, torch.device(device)
         self.prompts = PromptConditioner(embedder, text_prior or cfg.text_prior, stats, prior_k or cfg.prior_k, run)
@@ -246,8 +246,6 @@ class PromptPipeline:
                  prior_k: int | None = None) -> "PromptPipeline":
         """Load a run's generator, the encoder it was trained with (or `encoder`, a spec of the same space) and
         its embedding statistics; `text_prior`/`prior_k` override the run's."""
-        from cclddg.conditioning import load_stats
-        from cclddg.encoders import load_embedder
 
         model, cfg = load_generator(path, ema=ema, device=device)
         if cfg.cond != "embedding":
@@ -294,7 +292,6 @@ class PromptPipeline:
         """PIL images: n per prompt (or image), prompt-major order, made in batches of `batch_size`."""
         from PIL import Image
 
-        from cclddg.data.images import image_to_tensor, tensor_to_image
 
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cclddg.encoders.base import Embedder
+from cclddg.storage import save_tensors_atomic
 
 FORMAT = 1
 
@@ -46,7 +47,6 @@ def _read(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 def dataset_embeddings(dataset, length: int, embedder: Embedder, key: dict, cache_dir: str | Path,
                        progress: bool = True, chunk: int = 1000) -> dict[str, torch.Tensor]:
     """{"image": (N, dim), "text": (N, dim)} for examples 0..N-1 of `dataset`, from the cache or computed now."""
-    from cclddg.storage import save_tensors_atomic
 
     path = cache_file(cache_dir, key)
     if path.is_file():

@@ -47,6 +47,7 @@ from cclddg.encoders.base import Embedder
 from cclddg.encoders.clip_tokenizer import CLIPTokenizer, default_tokenizer
 from cclddg.encoders.safe_pickle import load_pickle_arrays
 from cclddg.errors import UserError
+from cclddg.storage import save_tensors_atomic
 
 KNOWN_SHA256 = {
     "cloob_laion_400m_vit_b_16_16_epochs": "405a3c31572e0a38f8632fa0db704d0e4521ad663555479f86babd3d178b1892",
@@ -487,7 +488,6 @@ def read_converted(path: Path) -> tuple[dict[str, Tensor], CLOOBConfig | None]:
 def write_converted(path: Path, model: PretrainedCLOOB) -> bool:
     """Write the weights and config to `path` atomically (temp file + rename); False if the folder
     is not writable, which only costs the speed-up."""
-    from cclddg.storage import save_tensors_atomic
 
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     try:

@@ -22,6 +22,7 @@ from cclddg.config import TEXT_HEADS, TEXT_TOWERS
 from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
 from cclddg.models.blocks import append_coords
+from cclddg.storage import load_model
 
 
 def cloob_loss(image: Tensor, text: Tensor, inv_tau: float = 30.0, scale_hopfield: float = 15.0) -> Tensor:
@@ -181,7 +182,6 @@ class OwnCLOOB(Embedder):
 
 def load_own_cloob(path: str | Path, device: str | torch.device = "cpu") -> OwnCLOOB:
     """An OwnCLOOB from a `train-cloob` run folder (its latest checkpoint) or a model folder."""
-    from cclddg.storage import load_model
 
     path = Path(path)
     if not path.exists():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cclddg.encoders import weights_fingerprint
 from cclddg.errors import UserError
 from cclddg.latents.base import LatentSpace, PixelSpace, measure_scale
 
@@ -39,7 +40,6 @@ def absolute_autoencoder_spec(spec: str) -> str:
 
 def load_latent_space(spec: str, device: str | torch.device = "cpu", scale: float | None = None) -> LatentSpace:
     """The latent space behind a spec, frozen, on `device`; `.spec`, `.fingerprint` and `.scale` set."""
-    from cclddg.encoders import weights_fingerprint
 
     kind, path = parse_autoencoder_spec(spec)
     if kind == "pixels":

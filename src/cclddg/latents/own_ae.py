@@ -12,6 +12,7 @@ import torch
 
 from cclddg.errors import UserError
 from cclddg.latents.vae import DiffusersVAE
+from cclddg.storage import load_model
 
 
 def build_autoencoder(widths: tuple[int, ...], latent_channels: int, layers_per_block: int = 1,
@@ -45,7 +46,6 @@ def find_model_folder(path: Path) -> Path:
 def load_own_ae(path: str | Path, device: str | torch.device = "cpu") -> DiffusersVAE:
     from diffusers import AutoencoderKL
 
-    from cclddg.storage import load_model
 
     path = Path(path)
     if not path.exists():

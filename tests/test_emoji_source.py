@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cclddg.data import emoji as emoji_source
 from cclddg.data.emoji import DEFAULT_FONT_PATHS, EmojiSource, emoji_caption, find_font
-from cclddg.data.source import MapSource
+from cclddg.data.records import MapSource
 from cclddg.errors import UserError
 
 FONT = Path(DEFAULT_FONT_PATHS[0])

@@ -28,7 +28,7 @@ from cclddg.data.preprocess import (
     resize_crop,
     to_rgb,
 )
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 

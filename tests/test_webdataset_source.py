@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from cclddg.data.source import StreamSource
+from cclddg.data.records import StreamSource
 from cclddg.data.webdataset import (
     CC12M_PATTERN,
     REST_OF_SHARD,

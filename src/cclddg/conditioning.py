@@ -80,9 +80,14 @@ def request_condition(cond: str, attrs: str | None, n: int, guided: bool = False
         raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
     if guided and not attrs:
         raise UserError("--cfg guides towards a request: give --attrs (e.g. color=red), or drop --cfg")
-    if cond != "labels" or attrs is None:
-        return None
-    return label_condition([parse_attrs(attrs)] * n)
+    return None if attrs is None else request_conditions(cond, [parse_attrs(attrs)] * n)
+
+
+def request_conditions(cond: str, requests: Sequence[dict[str, str]]) -> Tensor | None:
+    """The conditions of shapes requests for a label run (their label vectors) or an unconditional one (None)."""
+    if cond == "embedding":
+        raise ValueError("an embedding run is asked with prompts (PromptConditioner), not label requests")
+    return label_condition(requests) if cond == "labels" else None
 
 
 def grid_requests(rows: int) -> list[dict[str, str]]:
@@ -98,7 +103,7 @@ def grid_prompts(rows: int) -> list[str]:
 
 def grid_condition(cond: str, rows: int) -> Tensor | None:
     """A label run's fixed grid conditions (embedding runs embed `grid_prompts`; unconditional runs: None)."""
-    return label_condition(grid_requests(rows)) if cond == "labels" else None
+    return request_conditions(cond, grid_requests(rows))
 
 
 # ---- the null condition ----------------------------------------------------------------------------------

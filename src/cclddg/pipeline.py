@@ -205,7 +205,6 @@ def read_image(path: str | Path) -> Tensor:
 
     from PIL import Image, UnidentifiedImageError
 
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -291,7 +290,6 @@ class PromptPipeline:
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 64) -> list:
         """PIL images: n per prompt (or image), prompt-major order, made in batches of `batch_size`."""
         from PIL import Image
-
 
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -18,7 +18,7 @@ from pathlib import Path
 import emoji as emoji_data
 from PIL import Image, ImageDraw, ImageFont
 
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 from cclddg.errors import UserError
 
 DEFAULT_FONT_PATHS: tuple[str, ...] = (

@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 from cclddg.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")

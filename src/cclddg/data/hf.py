@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 from cclddg.errors import UserError
 
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "sentence")

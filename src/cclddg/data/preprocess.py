@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 from cclddg.errors import OneLineWarning
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (~0.25 GB of 24-bit pixels)

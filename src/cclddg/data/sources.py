@@ -103,8 +103,8 @@ class ShapesSource:
         return f"shapes ({len(self):,} examples, seed {self.data.seed})"
 
     def record(self, index: int):
+        from cclddg.data.records import Record
         from cclddg.data.shapes import attrs_to_label
-        from cclddg.data.source import Record
 
         sample = self.data.sample(index)
         return Record(f"shapes {index}", sample.image, sample.caption, labels=attrs_to_label(sample.named_attrs))

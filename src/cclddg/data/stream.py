@@ -32,7 +32,7 @@ from cclddg.data.preprocess import (
     SkipLog,
     prepare,
 )
-from cclddg.data.source import MapSource, Record, StreamSource
+from cclddg.data.records import MapSource, Record, StreamSource
 from cclddg.errors import UserError
 
 CHUNK = 16  # examples a worker prepares per message to the main process

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from braceexpand import braceexpand
 
-from cclddg.data.source import Record
+from cclddg.data.records import Record
 from cclddg.errors import UserError
 
 CC12M_PATTERN = ("https://huggingface.co/datasets/laion/conceptual-captions-12m-webdataset/resolve/main/"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cclddg.conditioning import PromptConditioner, label_condition
+from cclddg.conditioning import PromptConditioner, request_conditions
 from cclddg.config import TrainConfig
 from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset, request_prompt
 from cclddg.errors import UserError
@@ -60,36 +60,38 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
     captions' wording (`prompts="text"`), paraphrased (`"paraphrase"`), or with held-out images (`"image"`)."""
     if prompts not in PROMPT_KINDS:
         raise UserError(f"--prompts {prompts!r} is not valid; choose one of {', '.join(PROMPT_KINDS)}")
-    if cfg.cond == "embedding" and conditioner is None:
+    embedded = cfg.cond == "embedding"  # asked through the embedder (else by label vectors, or nothing)
+    if embedded and conditioner is None:
         raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    by_image = embedded and prompts == "image"
     if cfg.cond == "none":
         requests: list[dict[str, str]] = [{} for _ in range(n)]
-    elif cfg.cond == "embedding" and prompts == "image":
+    elif by_image:
         prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1)
         requests = [{a: prompt_images.sample(i).attrs[a] for a in REQUESTED} for i in range(n)]
     else:
         requests = random_requests(n, seed)
-    texts = request_texts(requests, prompts, seed) if cfg.cond == "embedding" and prompts != "image" else []
+    texts = request_texts(requests, prompts, seed) if embedded and not by_image else []
     rng = torch.Generator(device=device).manual_seed(seed)
     prior_rng = torch.Generator().manual_seed(seed)
     analyses, clip_sum = [], 0.0  # per batch: memory does not grow with n
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
         chunk = requests[start:start + batch_size]
-        cond = None
-        if cfg.cond == "labels":
-            cond = label_condition(chunk).to(device)
-        elif cfg.cond == "embedding" and prompts == "image":
+        if by_image:
             cond = conditioner.images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
-        elif cfg.cond == "embedding":
+        elif embedded:
             cond = conditioner.texts(texts[start:start + len(chunk)], prior_rng).to(device)
+        else:
+            cond = request_conditions(cfg.cond, chunk)
+            cond = None if cond is None else cond.to(device)
         images = sample(model, cfg, len(chunk), cond=cond, guidance=guidance, sampler=sampler, steps=n_sample_steps,
                         rng=rng, device=device).cpu()
         analyses.extend(analyze(x) for x in images)
-        if cfg.cond == "embedding":
+        if embedded:
             # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
             clip_sum += clip_score(conditioner.embedder, images, [request_prompt(r) for r in chunk]) * len(chunk)
     report = summarize(analyses, requests)
-    if cfg.cond == "embedding":
+    if embedded:
         report["cloob_score"] = clip_sum / n
         report["prompts"] = prompts
         report["text_prior"] = conditioner.prior

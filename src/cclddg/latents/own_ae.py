@@ -46,7 +46,6 @@ def find_model_folder(path: Path) -> Path:
 def load_own_ae(path: str | Path, device: str | torch.device = "cpu") -> DiffusersVAE:
     from diffusers import AutoencoderKL
 
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"autoencoder {path} does not exist; train one with `cclddg train-ae --out {path}`")

@@ -132,7 +132,6 @@ class AETrainer(SmallTrainer):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out reconstruction PSNR (posterior mean) and the scale factor of the training latents."""
-
         space = DiffusersVAE(self.ae)
         held_out = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, HELD_OUT_SEED,
                                  workers=self.cfg.workers)[0].float() / 127.5 - 1

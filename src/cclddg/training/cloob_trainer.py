@@ -111,7 +111,6 @@ class CLOOBTrainer(SmallTrainer):
         return {"loss": loss.item()}
 
     def evaluate(self) -> dict:
-
         self.model.eval()
         if parse_data_spec(self.cfg.data).procedural:
             report = {"step": self.step, **zero_shot_report(self.embedder, self.cfg.eval_size, self.cfg.img_size)}

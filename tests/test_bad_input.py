@@ -50,6 +50,8 @@ def base_command(command: str, run: Path, new: Path) -> list[str]:
         "demo": ["demo", "--out", str(new), "--no_progress"],
         "embedding-stats": ["embedding-stats", str(run), "--no_progress"],
         "plot": ["plot", str(run), "-o", f"{new}.png"],
+        "export": ["export", str(run), str(new)],
+        "serve": ["serve", str(run), "--port", "0"],
     }[command]
 
 
@@ -113,10 +115,13 @@ def path_value(case: str, metavar: str, tmp: Path) -> str:
 
 @pytest.fixture
 def no_demo_work(monkeypatch):
-    """The demo's settings and folder are checked for real when it is made; its hour of training is not run."""
+    """The demo's settings and folder are checked for real when it is made; its hour of training is not run.
+    `serve` loads its model and opens its port for real, then returns instead of serving until Ctrl-C."""
+    from cclddg import serve
     from cclddg.demo import Demo
 
     monkeypatch.setattr(Demo, "run", lambda self: {})
+    monkeypatch.setattr(serve.ThreadingHTTPServer, "serve_forever", lambda self: None)
 
 
 @pytest.mark.parametrize("command", list(subcommands()))
@@ -148,8 +153,9 @@ def test_every_path_option_takes_bad_paths_in_one_line(command, label_run, tmp_p
             value = path_value(case, metavar, tmp_path)
             if option:
                 argv = [*argv, option, value]
-            else:  # the positional RUN of embedding-stats / plot
-                argv = [value if a == str(label_run) else a for a in argv]
+            else:  # a positional RUN (embedding-stats, plot, export, serve) or OUT_FOLDER (export)
+                given = str(label_run) if metavar == "RUN" else str(tmp_path / f"case{i}-{case}")
+                argv = [value if a == given else a for a in argv]
             result = outcome(argv, capsys)
             if result not in ("ran", "one line"):
                 failures.append(f"{command} {option or metavar} {case}: {result}")

@@ -24,14 +24,14 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_every_stage_and_a_report(demo_dir):
     for path in ("ae/report.json", "cloob/zero_shot.json", "cache/cache.json", "gen/done", "prompts.png",
-                 "eval.json", "report.md", "report.json", "times.json"):
+                 "eval.json", "report.md", "report.json", "times.json", "model/model_index.json"):
         assert (demo_dir / path).is_file(), path
     report = json.loads((demo_dir / "report.json").read_text())
     assert report["generator_steps"] >= 1
     assert set(report["eval"]) == {"2.0", "paraphrase 2.0", "cloob_score_real", "text_prior", "pct_text", "pseudo_text_xi"}
     assert report["eval"]["pct_text"] == 0.0 and report["eval"]["text_prior"] == "retrieval"  # language-free
     assert 0 <= report["eval"]["2.0"]["validity"] <= 1 and report["eval"]["paraphrase 2.0"]["prompts"] == "paraphrase"
-    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "sample_paraphrased", "eval"}
+    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "sample_paraphrased", "eval", "export"}
     text = (demo_dir / "report.md").read_text()
     assert "| captions' wording | 2.0 |" in text and "| paraphrased | 2.0 |" in text and "dB" in text
     assert "![prompts](prompts.png)" in text and "![paraphrased prompts](paraphrases.png)" in text
@@ -42,7 +42,7 @@ def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     times = json.loads((demo_dir / "times.json").read_text())
     Demo(demo_dir, quick=True, settings=TINY, progress=False).run()
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 7
+    assert out.count("done before, skipped") == 8
     assert json.loads((demo_dir / "times.json").read_text()) == times
 
 

@@ -518,6 +518,38 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run as one self-contained model folder (diffusers' layout; model_folder.py)."""
+    from cclddg.model_folder import export_run
+
+    out = output_folder(args.out, "OUT")
+    folder = export_run(Path(args.run), out, ema=not args.no_ema, guidance_scale=args.guidance)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"wrote {folder} ({size / 2**20:.1f} MiB): CCLDDGPipeline.from_pretrained({str(folder)!r}), "
+          f"or cclddg sample --checkpoint {folder}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A local web page to prompt a model (serve.py); Ctrl-C stops it."""
+    from cclddg.serve import load_pipeline, make_server
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    server = make_server(pipe, Path(args.model).name, args.host, args.port)
+    print(f"serving {args.model} on http://{args.host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("cclddg serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from cclddg.paths import output_file
     from cclddg.training.plot import plot_run
@@ -544,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_ae_args(ta)
     ta.set_defaults(func=cmd_train_ae)
 
-    smp = sub.add_parser("sample", help="sample images from a trained run")
-    smp.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or checkpoint folder")
+    smp = sub.add_parser("sample", help="sample images from a trained run or model folder")
+    smp.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder, checkpoint folder, or model folder (cclddg export)")
     smp.add_argument("-o", "--output", metavar="OUT_FILE", help="grid PNG to write")
     smp.add_argument("--singles", metavar="OUT_FOLDER", help="folder for one PNG per image")
     smp.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
@@ -570,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="score samples of a shapes model (or real shapes) with the analyzer")
-    ev.add_argument("--checkpoint", metavar="RUN", help="run folder or checkpoint folder")
+    ev.add_argument("--checkpoint", metavar="RUN", help="run folder, checkpoint folder, or model folder (cclddg export)")
     ev.add_argument("--data", metavar="DATA", help="score real data instead, e.g. shapes:32")
     ev.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=500)
     ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)
@@ -633,6 +665,23 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     es.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     es.set_defaults(func=cmd_embedding_stats)
+
+    ex = sub.add_parser("export", help="write a run as one model folder that samples anywhere (diffusers layout: "
+                        "CCLDDGPipeline.from_pretrained)")
+    ex.add_argument("run", metavar="RUN", help="run folder of cclddg train (its latest checkpoint)")
+    ex.add_argument("out", metavar="OUT_FOLDER", help="the model folder to write (new or empty)")
+    ex.add_argument("--no_ema", action="store_true", help="export the raw generator instead of its EMA")
+    ex.add_argument("--guidance", type=parse_number(float, Range(0, 100)), default=1.0,
+                    help="the model's default guidance scale (default 1)")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="a local web page to prompt a model (a model folder or a run)")
+    sv.add_argument("model", metavar="RUN", help="a model folder from cclddg export, or a run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=parse_number(int, Range(0, 65535)), default=7860,
+                    help="port (default 7860; 0: any free one)")
+    sv.add_argument("--threads", type=parse_number(int, THREADS), default=0, help="CPU threads (0: torch's default)")
+    sv.set_defaults(func=cmd_serve)
 
     plot = sub.add_parser("plot", help="draw a run's log.jsonl (losses, D outputs, R1, grad norms, lr, ...) as a PNG")
     plot.add_argument("run", metavar="RUN", help="run folder of cclddg train (it has a log.jsonl)")

@@ -135,6 +135,7 @@ class Demo:
             self._stage("sample_paraphrased", lambda: (out / "paraphrases.png").is_file(),
                         lambda: self.sample_grid(PARAPHRASED, "paraphrases.png"))
         self._stage("eval", lambda: (out / "eval.json").is_file(), self.evaluate)
+        self._stage("export", lambda: (out / "model" / "model_index.json").is_file(), self.export)
         report = self.write_report()
         print(f"[demo] done in {sum(self.times.values()) / 60:.1f} min: {out / 'report.md'}")
         return report
@@ -260,6 +261,12 @@ class Demo:
                                "seconds": round(time.perf_counter() - start, 1)}
         self._write_json("eval.json", results)
 
+    def export(self) -> None:
+        """The generator as one model folder (model_folder.py): `cclddg serve OUT/model`, or copy it anywhere."""
+        from cclddg.model_folder import export_run
+
+        export_run(self.out / "gen", self.out / "model", guidance_scale=1.0)  # its best in the eval (README)
+
     # ---- the report -------------------------------------------------------------------------------------
     def write_report(self) -> dict[str, Any]:
         ae = json.loads((self.out / "ae" / "report.json").read_text())
@@ -279,6 +286,8 @@ class Demo:
                  f"- Own CLOOB on held-out images: {self._cloob_line(zero_shot)}.",
                  f"- Generator: {steps} steps of the latent DDGAN (T=4).", ""]
         lines += self._eval_lines(evals)
+        lines += ["", f"The model as one folder: `{self.out / 'model'}` (`cclddg serve` it, or "
+                  "`CCLDDGPipeline.from_pretrained` it)."]
         scales = ", ".join(f"{g:g}" for g in self.settings.guidances)
         lines += ["", f"Prompts (rows) x guidance {scales} (4 samples each):", "", "![prompts](prompts.png)", "",
                   "Prompts: " + "; ".join(self.prompts), ""]

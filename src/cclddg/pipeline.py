@@ -7,6 +7,7 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,7 +22,7 @@ from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
 from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
-from cclddg.latents import load_latent_space
+from cclddg.latents import LatentSpace, load_latent_space
 from cclddg.models import UNet
 from cclddg.storage import load_model
 from cclddg.training.checkpoint import load_config, resolve_checkpoint
@@ -39,6 +40,9 @@ def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | 
 
     `uncond` replaces the null embedding as the point guidance pushes away from (a negative prompt).
     """
+    dtype = getattr(model, "dtype", x.dtype)  # a model in half precision (an exported pipeline's torch_dtype)
+    if dtype != x.dtype:
+        model = _in_dtype(model, dtype, x.dtype)
     if cond is None or guidance == 1.0:
         return model(x, t, cond, z)
     null = null_like(cond) if uncond is None else uncond.expand_as(cond).to(cond)
@@ -51,6 +55,14 @@ def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | 
     else:
         pred_c, pred_u = model(x, t, cond, z), model(x, t, null, z)
     return pred_u + guidance * (pred_c - pred_u)
+
+
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype, out_dtype: torch.dtype):
+    """The model called with its inputs cast to `dtype` and its output cast back (sampling steps stay float32)."""
+    def call(x: Tensor, t: Tensor, cond: Tensor | None, z: Tensor | None) -> Tensor:
+        cast = [None if v is None else v.to(dtype) for v in (x, cond, z)]
+        return model(cast[0], t, cast[1], cast[2]).to(out_dtype)
+    return call
 
 
 DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) ...
@@ -73,6 +85,12 @@ class SamplingConfig:
     latent_size: int = 32  # the generator's spatial size (img_size / the autoencoder's factor)
     autoencoder: str = "pixels"
     latent_scale: float = 1.0
+    # what the model is asked with: labels, embeddings (of this encoder, through this text prior) or nothing
+    cond: str = "none"
+    img_size: int = 32
+    encoder: str | None = None
+    text_prior: str = "none"
+    prior_k: int = 8
 
     @classmethod
     def of(cls, cfg: "TrainConfig | SamplingConfig") -> "SamplingConfig":
@@ -81,7 +99,8 @@ class SamplingConfig:
         return cls(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps, beta_min=cfg.beta_min,
                    beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                    latent_size=cfg.img_size // cfg.latent_factor, autoencoder=cfg.autoencoder,
-                   latent_scale=cfg.latent_scale)
+                   latent_scale=cfg.latent_scale, cond=cfg.cond, img_size=cfg.img_size, encoder=cfg.encoder,
+                   text_prior=cfg.text_prior, prior_k=cfg.prior_k)
 
     def sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(sampler, network calls) this config samples with: DDGAN's own T steps, or a diffusion sampler (DDPM
@@ -144,9 +163,10 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
 def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *, cond: Tensor | None = None,
            guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
            rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-           uncond: Tensor | None = None) -> Tensor:
+           uncond: Tensor | None = None, space: LatentSpace | None = None) -> Tensor:
     """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
-    `SamplingConfig` or a run's config); a latent run's samples are decoded by its autoencoder."""
+    `SamplingConfig` or a run's config); a latent run's samples are decoded by its autoencoder (`space`, or the
+    one the config names)."""
     config = SamplingConfig.of(config)
     schedule = diffusion.make_schedule(config.schedule, config.n_steps, config.beta_min, config.beta_max)
     shape = (n, model.config.image_channels, config.latent_size, config.latent_size)
@@ -157,9 +177,11 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
     else:
         x = diffusion_sample(model, schedule, shape, cond=cond, guidance=guidance, sampler=name, n_sample_steps=calls,
                              rng=rng, device=device, uncond=uncond)
-    if config.autoencoder == "pixels":
+    if space is None and config.autoencoder == "pixels":
         return x.clamp(-1, 1)
-    return run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device))).decode(x)
+    if space is None:
+        space = run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device)))
+    return space.decode(x)
 
 
 def sample_batches(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *,
@@ -187,12 +209,67 @@ def run_latent_space(spec: str, scale: float, device: str):
 
 
 def load_generator(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"):
-    """(generator, config) from a run folder (its latest checkpoint) or one checkpoint folder."""
+    """(generator, config) from a run folder (its latest checkpoint), one checkpoint folder, or an exported model
+    folder (`cclddg export`; its config is then a `SamplingConfig`)."""
+    if is_model_folder(path):
+        if not ema:
+            raise UserError(f"{path} is an exported model: it holds one generator (chosen at export); drop --no_ema")
+        return load_model_folder(path, device)
     ckpt = resolve_checkpoint(Path(path))
     cfg = load_config(ckpt)
     name = "generator_ema" if ema and (ckpt / "generator_ema").exists() else "generator"
     model = load_model(UNet, ckpt / name).to(device).eval()
     return model, cfg
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """An exported model folder (diffusers' layout: model_index.json + a folder per component; model_folder.py)."""
+    return (Path(path) / "model_index.json").is_file()
+
+
+def folder_sampling_config(index: dict, scheduler: dict, unet: dict, vae: dict | None, autoencoder: str = "vae",
+                           encoder: str | None = None) -> SamplingConfig:
+    """The SamplingConfig of a model folder from its configs (model_index.json, the scheduler's, the UNet's and the
+    autoencoder's, whose scaling_factor is the latent scale)."""
+    ddgan = scheduler["objective"] == "ddgan"
+    return SamplingConfig(objective=scheduler["objective"], schedule=scheduler["schedule"],
+                          n_steps=scheduler["n_steps"], beta_min=scheduler.get("beta_min"),
+                          beta_max=scheduler.get("beta_max"), step_kind=scheduler.get("step_kind", "posterior"),
+                          z_dim=unet.get("z_dim", 0) if ddgan else 0,
+                          latent_size=unet.get("sample_size") or index["img_size"],
+                          autoencoder="pixels" if vae is None else autoencoder,
+                          latent_scale=1.0 if vae is None else float(vae["scaling_factor"]),
+                          cond=index["cond"], img_size=index["img_size"], encoder=encoder,
+                          text_prior=index.get("text_prior", "none"), prior_k=index.get("prior_k", 8))
+
+
+def load_model_folder(folder: str | Path,
+                      device: torch.device | str = "cpu") -> tuple[UNet, SamplingConfig]:
+    """(generator, SamplingConfig) of a model folder, for sampling and eval as from a run: its autoencoder and
+    embedder are named by specs into the folder (`own|taesd:FOLDER/vae`, `model:FOLDER`), resolved when this runs.
+    (`model_folder.CCLDDGPipeline` is the diffusers-style way to the same folder.)"""
+    folder = Path(folder).resolve()
+    index = read_json(folder / "model_index.json")
+    vae = read_json(folder / "vae" / "config.json") if (index.get("vae") or [None])[0] else None
+    autoencoder = None if vae is None else \
+        f"{'taesd' if vae.get('_class_name') == 'AutoencoderTiny' else 'own'}:{folder / 'vae'}"
+    encoder = f"model:{folder}" if (index.get("embedder") or [None])[0] else None
+    config = folder_sampling_config(index, read_json(folder / "scheduler" / "scheduler_config.json"),
+                                    read_json(folder / "unet" / "config.json"), vae, autoencoder or "pixels", encoder)
+    return load_model(UNet, folder / "unet").to(device).eval(), config
+
+
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file; a missing or malformed one is one line."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the model folder is incomplete; export it again") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({type(exc).__name__}); export the model again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object; export the model again")
+    return value
 
 
 READ_SIDE = 1024  # prompt images are shrunk to at most this side on reading: embedders see 224 px or less
@@ -250,7 +327,7 @@ class PromptPipeline:
         if cfg.cond != "embedding":
             raise UserError(f"{path} was trained with --cond {cfg.cond}, not on embeddings: prompts need a run "
                             "trained with --encoder (use --attrs for label-conditioned shapes runs)")
-        if not cfg.use_cloob_unet:
+        if not model.config.cond_dim:
             raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
         embedder = load_embedder(encoder or cfg.encoder, device)
         if embedder.dim != model.config.cond_dim:

@@ -3,6 +3,7 @@
     cloob-vit-b16:PATH       the pretrained CLOOB ViT-B/16 (cloob-training .pkl, or its converted .safetensors)
     cloob-tiny:RUN_DIR       our own CLOOB from `cclddg train-cloob`
     open_clip:MODEL:PATH     an OpenCLIP model (needs a full open-clip-torch install with torchvision)
+    model:FOLDER             the embedder of an exported model folder (`cclddg export`)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
 
-KINDS = ("cloob-vit-b16", "cloob-tiny", "open_clip")
+KINDS = ("cloob-vit-b16", "cloob-tiny", "open_clip", "model")
 EXAMPLES = "e.g. --encoder cloob-tiny:runs/cloob or --encoder cloob-vit-b16:cloob_laion_400m_vit_b_16_32_epochs.pkl"
 
 
@@ -53,6 +54,12 @@ def load_embedder(spec: str, device: str | torch.device = "cpu") -> Embedder:
         from cclddg.encoders.own_cloob import load_own_cloob
 
         embedder = load_own_cloob(path, device=device)
+    elif kind == "model":
+        from cclddg.encoders.component import EmbedderModel
+
+        if not (Path(path) / "embedder" / "config.json").is_file():
+            raise UserError(f"--encoder {spec!r}: {path} is not an exported model folder with an embedder")
+        embedder = EmbedderModel.from_pretrained(Path(path) / "embedder").embedder.to(device)
     else:
         from cclddg.encoders.open_clip_embedder import load_open_clip
 

@@ -144,7 +144,8 @@ class CLOOBModel(ModelMixin, ConfigMixin):
 class OwnCLOOB(Embedder):
     """Our trained CLOOB as an `Embedder`: the towers plus the frozen sentence encoder or BPE tokenizer."""
 
-    def __init__(self, model: CLOOBModel):
+    def __init__(self, model: CLOOBModel, sentence_folder: str | Path | None = None):
+        """`sentence_folder`: the frozen sentence encoder's files (default: the installed package's)."""
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.dim = model.config.dim
@@ -152,9 +153,10 @@ class OwnCLOOB(Embedder):
         self.sentence = None
         self.tokenizer = None
         if model.config.text_tower == "minilm":
-            from cclddg.encoders.sentence import load_sentence_encoder
+            from cclddg.encoders.sentence import load_sentence_encoder, model_dir
 
-            self.sentence = load_sentence_encoder()
+            self.sentence_folder = Path(sentence_folder) if sentence_folder is not None else model_dir()
+            self.sentence = load_sentence_encoder(self.sentence_folder)
             self.max_text_tokens = self.sentence.max_tokens
         else:
             from cclddg.encoders.clip_tokenizer import CLIPTokenizer
@@ -180,7 +182,8 @@ class OwnCLOOB(Embedder):
         return self.tokenizer.count_tokens(text)
 
 
-def load_own_cloob(path: str | Path, device: str | torch.device = "cpu") -> OwnCLOOB:
+def load_own_cloob(path: str | Path, device: str | torch.device = "cpu",
+                   sentence_folder: str | Path | None = None) -> OwnCLOOB:
     """An OwnCLOOB from a `train-cloob` run folder (its latest checkpoint) or a model folder."""
 
     path = Path(path)
@@ -197,4 +200,4 @@ def load_own_cloob(path: str | Path, device: str | torch.device = "cpu") -> OwnC
         raise UserError(f"{path} holds no CLOOB model (no checkpoints/latest, no model files); "
                         "point at a `cclddg train-cloob` run folder")
     model = load_model(CLOOBModel, folder)
-    return OwnCLOOB(model).to(device)
+    return OwnCLOOB(model, sentence_folder).to(device)

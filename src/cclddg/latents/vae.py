@@ -23,13 +23,13 @@ class DiffusersVAE(LatentSpace):
         self.kl = hasattr(vae, "quant_conv")
 
     def _encode(self, images: Tensor) -> Tensor:
-        out = self.vae.encode(images)
+        out = self.vae.encode(images.to(self.vae.dtype))  # an exported pipeline's VAE may run in half precision
         if self.kl:
             return out.latent_dist.mode()
         return out.latents
 
     def _decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents).sample
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
 
 def _tiny_factor(cfg) -> int:

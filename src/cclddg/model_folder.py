@@ -1,0 +1,255 @@
+"""A trained model as one folder that samples anywhere, and `CCLDDGPipeline`, its diffusers-style pipeline.
+
+`cclddg export RUN OUT` (`export_run`) writes diffusers' folder layout, with no pickles and no paths to elsewhere:
+
+    OUT/model_index.json            the pipeline class, its components, and the sampling defaults (conditioning
+                                    kind, image size, text prior, default guidance)
+    OUT/unet/                       the generator (EMA weights by default): config.json + safetensors
+    OUT/scheduler/                  the objective, noise schedule, steps and DDGAN step kind (scheduler_config.json)
+    OUT/vae/                        the autoencoder (diffusers AutoencoderKL/AutoencoderTiny); its config's
+                                    `scaling_factor` is the run's latent scale (absent for pixel-space models)
+    OUT/embedder/                   the embedder (encoders/component.py; absent for label or unconditional models)
+    OUT/embedding_stats.safetensors the text priors' statistics of the training data (when the run has them)
+
+`CCLDDGPipeline` is a `diffusers.DiffusionPipeline`: `from_pretrained(folder, torch_dtype=...)`, `.to(device)`,
+`save_pretrained` (and `push_to_hub`) come with it. It samples with `pipeline.sample_batches`, the code a run
+samples with, so the same seed gives the run's images bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from cclddg.atomic import write_text_atomic
+from cclddg.conditioning import (
+    PromptConditioner,
+    load_stats,
+    request_conditions,
+    stats_path,
+)
+from cclddg.data.images import image_to_tensor, tensor_to_image
+from cclddg.data.shapes import parse_attrs
+from cclddg.encoders import load_embedder
+from cclddg.encoders.component import EmbedderModel
+from cclddg.errors import UserError
+from cclddg.latents import load_latent_space
+from cclddg.latents.vae import DiffusersVAE
+from cclddg.models import UNet
+from cclddg.pipeline import (
+    SamplingConfig,
+    folder_sampling_config,
+    load_generator,
+    read_image,
+    sample_batches,
+)
+from cclddg.scheduler import CCLDDGScheduler
+
+OUTPUT_TYPES = ("pil", "pt", "np")
+
+
+@dataclass
+class CCLDDGPipelineOutput(BaseOutput):
+    """`images`: a list of PIL images, or an array (B, H, W, 3) ("np") / a tensor (B, 3, H, W) ("pt") in [0, 1]."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+class CCLDDGPipeline(DiffusionPipeline):
+    """Text/image-prompted (or label-conditioned, or unconditional) few-step generation from a cclddg model.
+
+        pipe = CCLDDGPipeline.from_pretrained("models/demo")
+        images = pipe(prompt="a red circle in the top left", num_images_per_prompt=4, guidance_scale=2.0,
+                      generator=torch.Generator().manual_seed(0)).images
+    """
+
+    model_cpu_offload_seq = "embedder->unet->vae"
+    _optional_components = ["vae", "embedder"]
+
+    def __init__(self, unet: UNet, scheduler: CCLDDGScheduler, vae: Any = None, embedder: EmbedderModel | None = None,
+                 cond: str = "embedding", img_size: int = 32, text_prior: str = "none", prior_k: int = 8,
+                 guidance_scale: float = 1.0):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder)
+        self.register_to_config(cond=cond, img_size=img_size, text_prior=text_prior, prior_k=prior_k,
+                                guidance_scale=guidance_scale)
+        self.stats = None  # the text priors' statistics (embedding_stats.safetensors), when the model has them
+
+    # ---- from a run, to a folder, from a folder ----------------------------------------------------------
+    @classmethod
+    def from_run(cls, run: str | Path, ema: bool = True, guidance_scale: float = 1.0) -> CCLDDGPipeline:
+        """The pipeline of a training run (its latest checkpoint): what `cclddg export` writes."""
+        unet, cfg = load_generator(run, ema=ema)
+        if isinstance(cfg, SamplingConfig):
+            raise UserError(f"{run} is already an exported model folder")
+        scheduler = CCLDDGScheduler(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps,
+                                    beta_min=cfg.beta_min, beta_max=cfg.beta_max, step_kind=cfg.step_kind)
+        vae = None
+        if cfg.autoencoder != "pixels":
+            vae = load_latent_space(cfg.autoencoder, scale=cfg.latent_scale).vae
+            vae.register_to_config(scaling_factor=float(cfg.latent_scale))
+        embedder = EmbedderModel.wrap(load_embedder(cfg.encoder)) if cfg.cond == "embedding" else None
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, cond=cfg.cond, img_size=cfg.img_size,
+                   text_prior=cfg.text_prior, prior_k=cfg.prior_k, guidance_scale=guidance_scale)
+        pipe.stats = load_stats(Path(run))
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> CCLDDGPipeline:
+        """A model folder (`cclddg export`, or `save_pretrained`); diffusers' options (torch_dtype ...) apply."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{folder} is not a cclddg model folder (no model_index.json); make one with "
+                            "`cclddg export RUN OUT`")
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        pipe.stats = load_stats(folder)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' save, then the text priors' statistics; no config keeps the path a component came from."""
+        super().save_pretrained(str(save_directory), **kwargs)
+        if self.stats is not None:
+            self.stats.save(stats_path(Path(save_directory)))
+        for path in Path(save_directory).rglob("*.json"):
+            config = json.loads(path.read_text())
+            if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+                write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    # ---- what sampling needs -------------------------------------------------------------------------------
+    @property
+    def sampling_config(self) -> SamplingConfig:
+        vae = None if self.vae is None else dict(self.vae.config)
+        return folder_sampling_config(dict(self.config), dict(self.scheduler.config), dict(self.unet.config), vae)
+
+    @property
+    def latent_space(self) -> DiffusersVAE | None:
+        """The autoencoder as a latent space with its scale (None: a pixel-space model)."""
+        if self.vae is None:
+            return None
+        return DiffusersVAE(self.vae).with_scale(float(self.vae.config.scaling_factor))
+
+    def conditioner(self, text_prior: str | None = None, prior_k: int | None = None) -> PromptConditioner:
+        if self.embedder is None:
+            raise UserError(f"this model is conditioned on {self.config.cond}, not on embeddings: "
+                            + ("give attrs=" if self.config.cond == "labels" else "give no prompt"))
+        return PromptConditioner(self.embedder.embedder, text_prior or self.config.text_prior, self.stats,
+                                 prior_k or self.config.prior_k, "this model")
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
+                 image: Any = None, image_weight: float = 0.5, attrs: str | dict | Sequence | None = None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int = 1,
+                 num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil", batch_size: int = 64, text_prior: str | None = None,
+                 return_dict: bool = True) -> CCLDDGPipelineOutput | tuple:
+        """Images for prompts (text, `image`s to vary, or both mixed by `image_weight`), for label `attrs`
+        (shapes models: "color=red,shape=circle" or a dict, one per row), or unconditional ones.
+
+        `num_images_per_prompt` per prompt/image/request, prompt-major. `num_inference_steps`: a diffusion
+        model's DDIM steps; a DDGAN samples in the T steps it was trained with. `generator` seeds the noise and
+        the retrieval prior (a CPU generator gives the same images on any device)."""
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type {output_type!r} is not valid; choose one of {', '.join(OUTPUT_TYPES)}")
+        if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
+            raise UserError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        config = self.sampling_config
+        guidance = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not (np.isfinite(guidance) and 0 <= guidance <= 100):
+            raise UserError(f"guidance_scale must be in [0, 100], got {guidance_scale!r}")
+        steps = self._steps(config, num_inference_steps)
+        rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
+        seed = rng.initial_seed()
+        n = num_images_per_prompt
+        cond, negative = self._conditions(prompt, negative_prompt, image, image_weight, attrs, n, seed, text_prior)
+        count = n if cond is None else len(cond)
+        device = self._execution_device
+        batches = sample_batches(self.unet, config, count, cond=cond, batch_size=batch_size, rng=rng, device=device,
+                                 guidance=guidance if cond is not None else 1.0, steps=steps,
+                                 uncond=None if negative is None else negative.to(device), space=self.latent_space)
+        images = torch.cat(list(batches))  # (B, 3, H, W) in [-1, 1], on the CPU
+        out: Any = images
+        if output_type == "pil":
+            out = [tensor_to_image(x) for x in images]
+        elif output_type == "pt":
+            out = (images + 1) / 2
+        else:
+            out = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+        return CCLDDGPipelineOutput(images=out) if return_dict else (out,)
+
+    def _steps(self, config: SamplingConfig, num_inference_steps: int | None) -> int | None:
+        if num_inference_steps is None:
+            return None
+        if config.objective == "ddgan" and num_inference_steps != config.n_steps:
+            raise UserError(f"this DDGAN samples in the {config.n_steps} steps it was trained with; "
+                            f"num_inference_steps {num_inference_steps} cannot change that (drop it)")
+        if not (isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= config.n_steps):
+            raise UserError(f"num_inference_steps must be an integer in 1..{config.n_steps}, got {num_inference_steps!r}")
+        return num_inference_steps
+
+    def _conditions(self, prompt, negative_prompt, image, image_weight, attrs, n: int, seed: int,
+                    text_prior: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conditions, one per image; the negative prompt's embedding) of this call."""
+        kind = self.config.cond
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        if kind == "embedding":
+            if attrs is not None:
+                raise UserError("this model is prompted with text or images; attrs= is for label models")
+            if not prompts and not images:
+                raise UserError("give a prompt or an image")
+            prompts_in = self.conditioner(text_prior)
+            tensors = [_image_tensor(i) for i in images]
+            cond = prompts_in(prompts, tensors, image_weight, n=n, seed=seed)
+            return cond, prompts_in.negative(negative_prompt)
+        if prompts or images or negative_prompt:
+            raise UserError(f"this model is conditioned on {kind}, not on prompts: "
+                            + ("give attrs= (e.g. \"color=red,shape=circle\")" if kind == "labels" else "give none"))
+        if kind == "none":
+            if attrs is not None:
+                raise UserError("this model is unconditional; drop attrs=")
+            return None, None
+        requests = [attrs] if isinstance(attrs, (str, dict)) else list(attrs or [{}])
+        parsed = [parse_attrs(a) if isinstance(a, str) else dict(a) for a in requests]
+        return request_conditions(kind, [r for r in parsed for _ in range(n)]), None
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    """A prompt image (PIL, a path, or a (3, H, W) tensor in [-1, 1])."""
+    if isinstance(image, Image.Image):
+        return image_to_tensor(image.convert("RGB"))
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    raise UserError(f"an image prompt is a PIL image, a file path or a (3, H, W) tensor, not {type(image).__name__}")
+
+
+def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scale: float = 1.0) -> Path:
+    """Write a run's model folder (module docstring) to `out`, which must not exist or be empty; written in a
+    temporary folder beside it and renamed when complete."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; choose a new folder for the model")
+    pipe = CCLDDGPipeline.from_run(run, ema=ema, guidance_scale=guidance_scale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

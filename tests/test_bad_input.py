@@ -121,7 +121,7 @@ def no_demo_work(monkeypatch):
     from cclddg.demo import Demo
 
     monkeypatch.setattr(Demo, "run", lambda self: {})
-    monkeypatch.setattr(serve.ThreadingHTTPServer, "serve_forever", lambda self: None)
+    monkeypatch.setattr(serve.Generator, "work", lambda self: None)
 
 
 @pytest.mark.parametrize("command", list(subcommands()))

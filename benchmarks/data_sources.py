@@ -29,6 +29,7 @@ How to run
     OMP_NUM_THREADS=1 python benchmarks/data_sources.py                  # ~40 s on 2 cores
     python benchmarks/data_sources.py --sources folder,wds --workers 0,2 --n 300
     python benchmarks/data_sources.py --size 128 --threads 2
+    python benchmarks/data_sources.py --tiny      # 4 examples of each source at 16 px, workers 0,1: what CI runs
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from cclddg.errors import UserError
 SOURCES = ("folder", "hf", "wds", "emoji", "shapes")
 WORDS = ("a", "photo", "of", "the", "red", "blue", "sunset", "over", "hills", "misty", "lake", "city", "at", "night")
 SHARDS = 4
+DEFAULTS = {"full": dict(n=1000, size=64, workers="0,1,2", repeats=2),
+            "tiny": dict(n=4, size=16, workers="0,1", repeats=1)}
 
 
 def photo_jpeg(rng: np.random.Generator, width: int = 512, height: int = 384) -> bytes:
@@ -164,13 +167,18 @@ def markdown(rates: dict, workers: list[int], counts: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1000, help="examples per source (default 1000)")
-    p.add_argument("--size", type=int, default=64, help="output image size (default 64)")
+    p.add_argument("--tiny", action="store_true", help="4 examples at 16 px, workers 0,1, one round (what CI runs)")
+    p.add_argument("--n", type=int, default=None, help="examples per source (default 1000; tiny 4)")
+    p.add_argument("--size", type=int, default=None, help="output image size (default 64; tiny 16)")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated subset of {','.join(SOURCES)}")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
-    p.add_argument("--repeats", type=int, default=2, help="rounds; the best pass of each is kept (default 2)")
+    p.add_argument("--workers", default=None, help="comma-separated worker counts (default 0,1,2; tiny 0,1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds; the best pass of each is kept (default 2; tiny 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (default 1)")
     args = p.parse_args()
+    for k, v in DEFAULTS["tiny" if args.tiny else "full"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     names = [s.strip() for s in args.sources.split(",") if s.strip()]
     unknown = sorted(set(names) - set(SOURCES))
     if unknown or not names:

@@ -32,6 +32,7 @@ How to run
     python benchmarks/distributed_throughput.py --n_batches 40 --repeats 1   # smoke check, ~1 min
     python benchmarks/distributed_throughput.py --preset ddgan --data shapes:32 --batch_size 64 --keep runs/dp
     python benchmarks/distributed_throughput.py --json distributed_throughput.json
+    python benchmarks/distributed_throughput.py --tiny     # 10 steps of width-8 nets on 16x16, 2 x 1 thread (gloo): CI
 """
 
 from __future__ import annotations
@@ -54,26 +55,36 @@ from cclddg.training.trackers import read_log
 WARMUP_FRACTION = 0.2
 COMMON = ("--no_progress", "--log_every", "10", "--log_images_every", "100000", "--save_models_every", "100000",
           "--tensorboard", "false")
+# --tiny: the smallest run that still logs a record after the warm-up (step 10) and writes a grid and a checkpoint.
+TINY = dict(data="shapes:16", batch_size=4, n_batches=10, threads=2, repeats=1,
+            train_args="--n_channels_unet 8 --ch_mults 1,2 --is_attn 0,0 --n_channels_disc 8 --ch_mults_disc 1,2 "
+                       "--is_attn_disc 0,0 --z_dim 4 --n_z_channels 8 --n_cond_channels 8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="10 steps of width-8 nets on 16x16, one round (what CI runs)")
     p.add_argument("--preset", default="fast", help="training preset (default fast)")
-    p.add_argument("--data", default="shapes:32", help="data source (default shapes:32, which sets 32x32 images)")
+    p.add_argument("--data", default=None, help="data source (default shapes:32, which sets 32x32 images)")
     p.add_argument("--batch_size", type=int, default=None,
                    help="GLOBAL batch G; each of the N processes gets G/N (default: the preset's batch size)")
-    p.add_argument("--n_batches", "--steps", dest="n_batches", type=int, default=300,
+    p.add_argument("--n_batches", "--steps", dest="n_batches", type=int, default=None,
                    help="training steps per run (default 300)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads in all: T for 1 process, T/N each for N (default os.cpu_count() = "
                         f"{os.cpu_count()})")
     p.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel run (default 2)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating rounds (default 2)")
-    p.add_argument("--train_args", default="",
+    p.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 2)")
+    p.add_argument("--train_args", default=None,
                    help="more flags for both runs, one string, e.g. \"--n_channels_unet 16\"")
     p.add_argument("--keep", type=Path, default=None, help="write the run folders here (kept) instead of a temp dir")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    defaults = TINY if args.tiny else dict(data="shapes:32", n_batches=300, threads=os.cpu_count() or 1, repeats=2,
+                                           train_args="")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     for name in ("n_batches", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")

@@ -23,6 +23,7 @@ How to run
 ----------
     python benchmarks/embed_throughput.py                # ViT-B/16 sizes (~1.5 min on 2 idle cores)
     python benchmarks/embed_throughput.py --quick        # tiny sizes, a few seconds: smoke check
+    python benchmarks/embed_throughput.py --tiny         # 1-layer towers, 16 px, batches of 2: what CI runs
     python benchmarks/embed_throughput.py --threads 2 --json embed_throughput.json
 """
 
@@ -51,19 +52,30 @@ PROMPTS = ["a photo of a cat", "a red circle on a blue background", "an oil pain
            "a bowl of fruit", "a city street at night in the rain"]
 QUICK = CLOOBConfig(d_embed=64, image=ImageTowerConfig(image_size=64, patch_size=16, n_layers=2, width=128, n_heads=2),
                     text=TextTowerConfig(n_layers=2, width=128, n_heads=2))
+TINY = CLOOBConfig(d_embed=16, image=ImageTowerConfig(image_size=16, patch_size=8, n_layers=1, width=32, n_heads=2),
+                   text=TextTowerConfig(n_layers=1, width=32, n_heads=2))
+# config -> (towers, their name, image batch, text batch, repeats, matmul side); tiny runs 1 thread.
+CONFIGS = {"vit_b16": (VIT_B16, "ViT-B/16", 16, 64, 3, 2048), "quick": (QUICK, "QUICK", 16, 64, 2, 2048),
+           "tiny": (TINY, "TINY", 2, 4, 1, 256)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny towers and 2 repeats, to check the script works")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    p.add_argument("--image_batch", type=int, default=16, help="images per call (default 16)")
-    p.add_argument("--text_batch", type=int, default=64, help="prompts per call (default 64)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 2)")
+    p.add_argument("--tiny", action="store_true", help="1-layer towers, batches of 2 and 4, 1 repeat, 1 thread (CI)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; tiny 1)")
+    p.add_argument("--image_batch", type=int, default=None, help="images per call (default 16; tiny 2)")
+    p.add_argument("--text_batch", type=int, default=None, help="prompts per call (default 64; tiny 4)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 2; tiny 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+    args.config = "tiny" if args.tiny else "quick" if args.quick else "vit_b16"
+    _, _, image_batch, text_batch, repeats, _ = CONFIGS[args.config]
+    defaults = dict(threads=1 if args.tiny else torch.get_num_threads(), image_batch=image_batch,
+                    text_batch=text_batch, repeats=repeats)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     for name in ("threads", "image_batch", "text_batch", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = QUICK if args.quick else VIT_B16
+    cfg, label, *_, matmul_side = CONFIGS[args.config]
     t0 = time.perf_counter()
     model = PretrainedCLOOB(cfg).eval().requires_grad_(False)
     build_s = time.perf_counter() - t0
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.text_batch)]
     tokenizer = model.tokenizer
     image_batch_flops = args.image_batch * image_flops(cfg)
-    matmul, matmul_flops = matmul_job(image_batch_flops)
+    matmul, matmul_flops = matmul_job(image_batch_flops, matmul_side)
 
     # name -> (call, items per call, FLOPs per call)
     items: dict[str, tuple[Callable[[], object], int, float]] = {
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "gflop_per_call": flops / 1e9, "gflop_per_s": rate / 1e9,
                      "pct_of_matmul": 100 * rate / matmul_rate if flops else None})
 
-    print(f"# CLOOB {'QUICK' if args.quick else 'ViT-B/16'} embedding throughput, {platform.processor() or platform.machine()}, "
+    print(f"# CLOOB {label} embedding throughput, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (median); model built in {build_s:.1f} s")
     print(f"{'item':<11} {'batch':>5} {'median s':>9} {'items/s':>9} {'GFLOP/call':>10} {'GFLOP/s':>8} {'% matmul':>8}")
     for r in rows:
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = rows[1]["items_per_s"] / rows[0]["items_per_s"]
     print(f"texts/s over images/s: {ratio:.1f}x (FLOPs per text / per image: "
           f"{text_flops(cfg) / image_flops(cfg):.2f})")
-    result = {"config": "quick" if args.quick else "vit_b16", "threads": args.threads, "repeats": args.repeats,
+    result = {"config": args.config, "threads": args.threads, "repeats": args.repeats,
               "torch": torch.__version__, "rows": rows, "times": times}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ Rounds interleave the variants (a drift in load hits them alike); medians per va
 
     python benchmarks/latent_sampling.py              # ~1-2 min on 2 cores
     python benchmarks/latent_sampling.py --quick      # seconds: smoke check
+    python benchmarks/latent_sampling.py --tiny       # 16 px through a factor-2 autoencoder, width 8: what CI runs
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from cclddg.latents.vae import DiffusersVAE
 from cclddg.pipeline import ddgan_sample, diffusion_sample
 from cclddg.run_config import resolve
 from cclddg.training.trainer import build_generator
+
+# --tiny: 16x16 pixels through a factor-2 autoencoder (8x8x4 latents) and a UNet of width 8 whose 4x4
+# bottleneck still takes the preset's spatial conditioning map; 16-d embeddings.
+TINY = dict(img_size=16, latent_factor=2, n_channels_unet=8, ch_mults=(1, 2), is_attn=(False, False))
 
 
 class StopAfter(torch.nn.Module):
@@ -52,26 +57,30 @@ class StopAfter(torch.nn.Module):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch", type=int, default=None, help="images per call (default 64; quick 4)")
-    p.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
-    p.add_argument("--ddpm_slice", type=int, default=None, help="DDPM steps run, scaled to 1000 (default 20; quick 3)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (TINY), batch 1, one DDPM step, 1 thread (CI)")
+    p.add_argument("--batch", type=int, default=None, help="images per call (default 64; quick 4; tiny 1)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick and tiny 1)")
+    p.add_argument("--ddpm_slice", type=int, default=None,
+                   help="DDPM steps run, scaled to 1000 (default 20; quick 3; tiny 1)")
     p.add_argument("--n_channels", type=int, default=None, help="UNet base width (default: the cclddg preset's)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; tiny 1)")
     args = p.parse_args()
-    batch = args.batch or (4 if args.quick else 64)
-    repeats = args.repeats or (1 if args.quick else 3)
-    ddpm_slice = args.ddpm_slice or (3 if args.quick else 20)
-    torch.set_num_threads(args.threads)
+    batch = args.batch or (1 if args.tiny else 4 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick or args.tiny else 3)
+    ddpm_slice = args.ddpm_slice or (1 if args.tiny else 3 if args.quick else 20)
+    threads = args.threads or (1 if args.tiny else 2)
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
 
-    overrides = {"autoencoder": "own:unused", "encoder": "cloob-tiny:unused", "latent_channels": 4, "latent_factor": 4}
+    overrides = {"autoencoder": "own:unused", "encoder": "cloob-tiny:unused", "latent_channels": 4, "latent_factor": 4,
+                 **(TINY if args.tiny else {})}
     if args.n_channels:
         overrides["n_channels_unet"] = args.n_channels
     cfg = resolve("cclddg", overrides)
-    dim = 256
+    dim = 16 if args.tiny else 256
     gen = build_generator(cfg, dim).eval()
-    space = DiffusersVAE(build_autoencoder((16, 32, 64), 4))
+    space = DiffusersVAE(build_autoencoder((8, 16) if args.tiny else (16, 32, 64), 4))
     size = cfg.img_size // cfg.latent_factor
     shape = (batch, cfg.latent_channels, size, size)
     cond = torch.nn.functional.normalize(torch.randn(1, dim), dim=-1).expand(batch, dim)
@@ -112,8 +121,9 @@ def main() -> None:
                "ddpm-1000": statistics.median(timings["ddpm-1000"]) * 1000 / ddpm_slice + dec}
     ips = {k: batch / v for k, v in seconds.items()}
     n_params = sum(p.numel() for p in gen.parameters()) / 1e6
-    print(f"latent {shape[1:]} -> 64x64 pixels, batch {batch}, guidance 2, UNet {n_params:.2f}M params "
-          f"(width {cfg.n_channels_unet}), {args.threads} threads, {repeats} rounds; decode {batch / dec:.0f} img/s")
+    print(f"latent {shape[1:]} -> {cfg.img_size}x{cfg.img_size} pixels, batch {batch}, guidance 2, UNet "
+          f"{n_params:.2f}M params (width {cfg.n_channels_unet}), {threads} threads, {repeats} rounds; "
+          f"decode {batch / dec:.0f} img/s")
     for name, v in ips.items():
         print(f"  {name:10s} {v:10.3f} images/s")
     print(f"ratio ddgan-4 / ddim-50:   {ips['ddgan-4'] / ips['ddim-50']:.1f}x")

@@ -18,6 +18,7 @@ How to run
     python benchmarks/memory_growth.py                       # 10,000 steps, ~4 min on 2 cores
     python benchmarks/memory_growth.py --n_batches 2000 --baseline 200 --every 200   # smoke check, ~1 min
     python benchmarks/memory_growth.py --json memory_growth.json
+    python benchmarks/memory_growth.py --tiny     # 20 steps, a record, grid and checkpoint every 10: what CI runs
 """
 
 from __future__ import annotations
@@ -38,20 +39,28 @@ from cclddg.training.trackers import read_log
 TINY = ("--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
         "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
         "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress")
-LOG_EVERY = 100
+# mode -> defaults; tiny logs every 10 steps and runs 1 thread (a second only waits at these sizes).
+DEFAULTS = {"full": dict(n_batches=10_000, baseline=1_000, every=1_000, threads=2, log_every=100),
+            "tiny": dict(n_batches=20, baseline=10, every=10, threads=1, log_every=10)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n_batches", type=int, default=10_000, help="training steps (default 10,000)")
-    p.add_argument("--baseline", type=int, default=1_000, help="the step whose memory is the baseline (default 1,000)")
-    p.add_argument("--every", type=int, default=1_000, help="steps between grids and checkpoints (default 1,000)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--tiny", action="store_true", help="20 steps with everything every 10, 1 thread (what CI runs)")
+    p.add_argument("--n_batches", type=int, default=None, help="training steps (default 10,000; tiny 20)")
+    p.add_argument("--baseline", type=int, default=None,
+                   help="the step whose memory is the baseline (default 1,000; tiny 10)")
+    p.add_argument("--every", type=int, default=None,
+                   help="steps between grids and checkpoints (default 1,000; tiny 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; tiny 1)")
     p.add_argument("--keep", type=Path, default=None, help="write the run folder here (kept) instead of a temp dir")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.baseline % LOG_EVERY or args.n_batches % LOG_EVERY:
-        p.error(f"--baseline and --n_batches must be multiples of {LOG_EVERY} (the log interval)")
+    for k, v in DEFAULTS["tiny" if args.tiny else "full"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.baseline % args.log_every or args.n_batches % args.log_every:
+        p.error(f"--baseline and --n_batches must be multiples of {args.log_every} (the log interval)")
     if not 0 < args.baseline < args.n_batches:
         p.error("--baseline must be between 0 and --n_batches")
     if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cclddg_mem_") as tmp:
         run = (args.keep if args.keep is not None else Path(tmp)) / "run"
         cmd = [sys.executable, "-m", "cclddg.cli", "train", "--out", str(run), *TINY, "--n_batches",
-               str(args.n_batches), "--log_every", str(LOG_EVERY), "--log_images_every", str(args.every),
+               str(args.n_batches), "--log_every", str(args.log_every), "--log_images_every", str(args.every),
                "--save_models_every", str(args.every), "--threads", str(args.threads)]
         print(f"memory_growth: {shlex.join(cmd[1:])}", flush=True)
         tic = time.perf_counter()
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, last = rss[args.baseline], rss[args.n_batches]
     peak = max(v for s, v in rss.items() if s >= args.baseline)
     print(f"\n{'step':>7} {'resident MiB':>13}")
-    marks = sorted({LOG_EVERY, args.baseline, *range(args.every, args.n_batches + 1, args.every), args.n_batches})
+    marks = sorted({args.log_every, args.baseline, *range(args.every, args.n_batches + 1, args.every), args.n_batches})
     for step in marks:
         print(f"{step:>7} {rss[step]:>13.1f}")
     print(f"\nresident memory at step {args.n_batches:,} / at step {args.baseline:,}: {last / base:.3f} "

@@ -36,6 +36,7 @@ How to run
     python benchmarks/sampling_throughput.py                # the real measurement (~2-3 min, 2 cores;
                                                             # --repeats 3 if that is too long)
     python benchmarks/sampling_throughput.py --quick        # tiny sizes, a few seconds: smoke check
+    python benchmarks/sampling_throughput.py --tiny         # batch 1, one round, 1 thread: what CI runs
     python benchmarks/sampling_throughput.py --threads 2 --json sampling_throughput.json --ddpm_full
 """
 
@@ -51,13 +52,27 @@ from pathlib import Path
 import torch
 
 GUIDANCE_ATTRS = {"color": "red", "shape": "circle", "size": "large", "position": "center", "background": "blue"}
+# Tiny runs 1 thread: at these sizes a second thread only waits for the first, and much longer on a busy machine.
+DEFAULTS = {"full": dict(batch=64, img_size=32, n_channels=32, repeats=5, ddpm_slice=20, threads=2),
+            "quick": dict(batch=4, img_size=16, n_channels=8, repeats=2, ddpm_slice=5, threads=2),
+            "tiny": dict(batch=1, img_size=16, n_channels=8, repeats=1, ddpm_slice=1, threads=1)}
+
+
+def mode(args: argparse.Namespace) -> str:
+    return "tiny" if args.tiny else "quick" if args.quick else "full"
+
+
+def mode_note(args: argparse.Namespace) -> str:
+    """' (quick)' or ' (tiny)' after the settings line; nothing for the full run."""
+    return "" if mode(args) == "full" else f" ({mode(args)})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and few repeats (a few seconds), to check the script works")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--tiny", action="store_true", help="quick's sizes at batch 1, one round, 1 thread (what CI runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; tiny 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--batch", type=int, default=None, help="images per sampling call (default 64; quick 4)")
     p.add_argument("--img_size", type=int, default=None, help="image side (default 32; quick 16)")
@@ -70,9 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3; not 0 or 1, "
                    "which skip the unconditional forward)")
     args = p.parse_args(argv)
-    defaults = dict(batch=4, img_size=16, n_channels=8, repeats=2, ddpm_slice=5) if args.quick else \
-        dict(batch=64, img_size=32, n_channels=32, repeats=5, ddpm_slice=20)
-    for k, v in defaults.items():
+    for k, v in DEFAULTS[mode(args)].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     for name in ("batch", "img_size", "n_channels", "repeats", "ddpm_slice", "ddim_steps", "threads"):
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"sampling_throughput: torch {torch.__version__}, {args.threads} thread(s), device {device}, "
           f"{args.img_size}x{args.img_size}, batch {b}, UNet width {args.n_channels} x (1,2,2), n_blocks 1, "
-          f"is_attn all False (mid attention on), guidance {args.guidance:g}{' (quick)' if args.quick else ''}")
+          f"is_attn all False (mid attention on), guidance {args.guidance:g}{mode_note(args)}")
     print(f"UNets: ddgan G {count_parameters(gen) / 1e6:.3f}M params (z_dim {cfg_g.z_dim}), "
           f"diffusion eps-net {count_parameters(eps_net) / 1e6:.3f}M params; schedules: "
           f"{sched_g.kind} T={sched_g.n_steps} / {sched_d.kind} T={T}")
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"benchmark": "sampling_throughput", "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "device": str(device), "threads": args.threads, "quick": args.quick,
+              "tiny": args.tiny,
               "settings": {k: getattr(args, k) for k in ("batch", "img_size", "n_channels", "repeats", "ddpm_slice",
                                                            "ddim_steps", "guidance")},
               "gen_params": count_parameters(gen), "eps_net_params": count_parameters(eps_net),

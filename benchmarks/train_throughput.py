@@ -17,17 +17,18 @@ preset also sets its own ``injection`` (add), ``z_dim`` (8), ``n_z_channels`` (1
 gap ddgan -> seed:ddgan_arch is the recipe (R1 every step, renoise, recon loss, AdamW), the gap
 seed:ddgan_arch -> seed is the architecture knobs. ``--variants`` picks the list.
 
-It runs the real code path: ``cclddg.config.resolve(preset, overrides)`` and
+It runs the real code path: ``cclddg.run_config.resolve(preset, overrides)`` and
 ``cclddg.training.trainer.Trainer(cfg, <tempdir>, progress=False)``; one timed step is
-``trainer.ddgan_step(x0, cond)`` / ``trainer.diffusion_step(x0, cond)`` followed by the EMA
-update and ``trainer.step += 1``, exactly what ``Trainer.run`` does per step minus data loading,
-logging, image grids and checkpoints. Because ``trainer.step`` advances, lazy R1 happens at its
-real rate; a timed block is a multiple of ``lazy_reg`` steps (15) so every block of the ddgan
-preset holds the same number of R1 steps.
+``trainer.train_step()`` (the D and G updates, the learning-rate schedulers, the EMA update and
+``trainer.step += 1``), exactly what ``Trainer.run`` does per step minus data loading, logging,
+image grids and checkpoints. Because ``trainer.step`` advances, lazy R1 happens at its real rate; a
+timed block is a multiple of ``lazy_reg`` steps (15) so every block of the ddgan preset holds the
+same number of R1 steps.
 
-Batches come from ``trainer.batch(step)`` but are made before timing (a pool that is cycled), so
-the step figures are compute only. Making a batch (rendering ``shapes``) is timed on its own as a
-separate interleaved item, and the table's last column adds it back (samples/s incl. data).
+Batches come from ``trainer.batch(step)`` but are made before timing (a pool that is cycled, which
+stands in for ``trainer.batch`` during the steps), so the step figures are compute only. Making a
+batch (rendering ``shapes``) is timed on its own as a separate interleaved item, and the table's
+last column adds it back (samples/s incl. data).
 
 Method: warm-up steps for every variant first; then ``--repeats`` rounds, each timing one block of
 ``--steps`` steps of every variant in turn (ddgan, seed, ..., data, ddgan, seed, ...), so a
@@ -38,6 +39,7 @@ How to run
 ----------
     python benchmarks/train_throughput.py                 # the real measurement (~2-3 min, 2 cores)
     python benchmarks/train_throughput.py --quick         # tiny sizes, a few seconds: smoke check
+    python benchmarks/train_throughput.py --tiny          # 2 steps a block, 1 round: what CI runs
     python benchmarks/train_throughput.py --threads 2 --json train_throughput.json
 """
 
@@ -58,12 +60,28 @@ VARIANTS = ("ddgan", "seed", "seed:ddgan_arch", "diffusion")
 # Architecture knobs the seed preset sets differently from ddgan (not widths); ":ddgan_arch" aligns them.
 ARCH_KEYS = ("injection", "z_dim", "n_z_channels", "n_cond_channels")
 
+# Tiny runs 1 thread: at these sizes a second thread only waits for the first, and much longer on a busy machine.
+DEFAULTS = {"full": dict(img_size=32, batch_size=32, n_channels=32, steps=15, repeats=5, warmup=5, threads=2),
+            "quick": dict(img_size=16, batch_size=4, n_channels=8, steps=15, repeats=2, warmup=2, threads=2),
+            "tiny": dict(img_size=16, batch_size=2, n_channels=8, steps=2, repeats=1, warmup=1, threads=1)}
+
+
+def mode(args: argparse.Namespace) -> str:
+    return "tiny" if args.tiny else "quick" if args.quick else "full"
+
+
+def mode_note(args: argparse.Namespace) -> str:
+    """' (quick)' or ' (tiny)' after the settings line; nothing for the full run."""
+    return "" if mode(args) == "full" else f" ({mode(args)})"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and few repeats (a few seconds), to check the script works")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--tiny", action="store_true",
+                   help="quick's sizes at batch 2, one round of 2-step blocks, 1 thread (what CI runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; tiny 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--img_size", type=int, default=None, help="image side (default 32; quick 16)")
     p.add_argument("--batch_size", type=int, default=None, help="batch size (default 32; quick 4)")
@@ -77,9 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated PRESET or PRESET:ddgan_arch (= that preset with the ddgan preset's "
                         f"{', '.join(ARCH_KEYS)}); ratios are against the first")
     args = p.parse_args(argv)
-    defaults = dict(img_size=16, batch_size=4, n_channels=8, steps=15, repeats=2, warmup=2) if args.quick else \
-        dict(img_size=32, batch_size=32, n_channels=32, steps=15, repeats=5, warmup=5)
-    for k, v in defaults.items():
+    for k, v in DEFAULTS[mode(args)].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.variants = [s.strip() for s in args.variants.split(",") if s.strip()]
@@ -115,19 +131,17 @@ class Variant:
         self.name = name
         self.cfg = cfg
         self.trainer = Trainer(cfg, root / name.replace(":", "_"), progress=False)
-        self.trainer.gen.train()
-        self.step_fn = self.trainer.ddgan_step if self.cfg.objective == "ddgan" else self.trainer.diffusion_step
-        self.batches = [self.trainer.batch(s) for s in range(pool)]
+        self.make_batch = self.trainer.batch
+        self.batches = [self.make_batch(s) for s in range(pool)]
+        self.trainer.batch = self.pooled
         self.times: list[float] = []
 
-    def one_step(self) -> None:
-        from cclddg.training.ema import ema_update
+    def pooled(self, step: int, micro: int = 0, drop: bool = True):
+        """`Trainer.batch`'s stand-in during the timed steps: a batch made before timing."""
+        return self.batches[step % len(self.batches)]
 
-        tr = self.trainer
-        x0, cond = self.batches[tr.step % len(self.batches)]
-        self.step_fn(x0, cond)
-        ema_update(tr.ema, tr.accelerator.unwrap_model(tr.gen), self.cfg.ema_decay)
-        tr.step += 1
+    def one_step(self) -> None:
+        self.trainer.train_step()
 
     def block(self, n: int) -> float:
         device = self.trainer.device
@@ -158,15 +172,15 @@ class DataVariant:
 
     name = "data"
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, make_batch):
+        self.make_batch = make_batch
         self.next_step = 10_000  # fresh indices, not the pooled ones
         self.times: list[float] = []
 
     def block(self, n: int) -> float:
         tic = time.perf_counter()
         for _ in range(n):
-            self.trainer.batch(self.next_step)
+            self.make_batch(self.next_step)
             self.next_step += 1
         return time.perf_counter() - tic
 
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cclddg_bench_") as tmp:
         pool = args.steps
         variants = [Variant(name, cfg, Path(tmp), pool) for name, cfg in cfgs.items()]
-        data = DataVariant(variants[0].trainer)
+        data = DataVariant(variants[0].make_batch)
 
         t_start = time.perf_counter()
         for v in variants:
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"train_throughput: torch {torch.__version__}, {args.threads} thread(s), device "
           f"{variants[0].trainer.device}, {args.img_size}x{args.img_size} shapes, batch {b}, "
           f"UNet/D width {args.n_channels} x (1,2,2), n_blocks 1, is_attn all False (UNet mid attention on)"
-          f"{' (quick)' if args.quick else ''}")
+          f"{mode_note(args)}")
     print(f"median of {args.repeats} interleaved blocks of {args.steps} steps each (after {args.warmup} warm-up "
           f"steps); whole run {elapsed:.1f} s; step times exclude data ({data_ms:.2f} ms/batch, last column adds it)")
     print()
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"G {r['gen_params'] / 1e6:.3f}M params, D {r['disc_params'] / 1e6:.3f}M")
 
     result = {"benchmark": "train_throughput", "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "threads": args.threads, "quick": args.quick,
+              "machine": platform.machine(), "threads": args.threads, "quick": args.quick, "tiny": args.tiny,
               "settings": {k: getattr(args, k) for k in ("img_size", "batch_size", "n_channels", "steps", "repeats",
                                                            "warmup", "variants")},
               "data_ms_per_batch": data_ms, "data_block_seconds": data.times, "elapsed_s": elapsed, "rows": rows}

@@ -8,6 +8,19 @@ import pytest
 
 from cclddg.cli import main
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_AE = ["--img_size", "16", "--widths", "8,16", "--latent_channels", "3", "--norm_groups", "4", "--crop", "0",
            "--train_size", "64", "--batch_size", "8", "--n_batches", "4", "--eval_size", "8", "--no_progress"]
 TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "64", "--batch_size", "16",

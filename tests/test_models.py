@@ -318,3 +318,55 @@ def test_cond_scale_multiplies_the_conditioning_and_keeps_the_null():
     torch.testing.assert_close(scaled(x, t, None, z), plain(x, t, None, z))  # null stays zeros
     with pytest.raises(UserError, match="cond_scale"):
         unet(cond_scale=0.0)
+
+
+@pytest.mark.parametrize("is_attn", [(False, False, True), (True, True, True)])
+def test_r1_goes_through_attention_even_at_a_1x1_feature_map(is_attn):
+    """R1 differentiates D's input gradient; the fused attention kernels cannot be differentiated twice, so the
+    forward pass R1 needs runs attention through the math kernel (the same values)."""
+    from cclddg import objectives
+
+    torch.manual_seed(0)
+    disc = Discriminator(image_channels=4, n_channels=8, ch_mults=(1, 2, 2), is_attn=is_attn, n_blocks=1,
+                         cond_dim=0, sample_size=4)  # 4x4 latents: the last level is 1x1
+    for module in disc.modules():
+        if isinstance(module, SelfAttention):
+            torch.nn.init.normal_(module.out.weight, std=0.5)  # the attention's output is zero at init
+    x, x_t, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    loss, logs = objectives.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=1.0)
+    loss.backward()
+    assert logs["r1"] > 0
+    attention = [m for m in disc.modules() if isinstance(m, SelfAttention)]
+    assert attention and all(m.qkv.weight.grad.abs().sum() > 0 for m in attention)
+    _, fused = objectives.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=0.0)
+    assert abs(logs["d_real"] - fused["d_real"]) < 1e-6  # the math kernel gives the fused one's values
+
+
+# The seed's networks at its README's command (128 px through KL-f8: 4x16x16 latents, 512-d CLOOB embeddings,
+# --z_dim 16 --n_channels_unet 64 --n_steps 8), counted from the seed's own code (johnowhitaker/cclddg, core.py):
+# parameters, and forward FLOPs of one example (torch.utils.flop_counter: 2 per multiply-accumulate).
+SEED_GENERATOR = (171_395_684, 2_001_462_272)
+SEED_DISCRIMINATOR = (22_540_353, 226_583_552)
+
+
+def test_the_seed_preset_builds_the_seeds_networks_within_2_percent():
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cclddg.run_config import resolve
+    from cclddg.training.trainer import build_discriminator, build_generator
+
+    cfg = replace(resolve("seed", {"z_dim": 16, "n_channels_unet": 64, "n_steps": 8, "img_size": 128}),
+                  latent_channels=4, latent_factor=8, cond="embedding")
+
+    def measure(net, *inputs) -> tuple[int, int]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(*inputs)
+        return count_parameters(net), counter.get_total_flops()
+
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 512)
+    generator = measure(build_generator(cfg, 512), x, t, c, torch.randn(1, 16))
+    discriminator = measure(build_discriminator(cfg, 512), x, x, t, c)
+    for ours, seed in ((generator, SEED_GENERATOR), (discriminator, SEED_DISCRIMINATOR)):
+        assert abs(ours[0] / seed[0] - 1) < 0.02 and abs(ours[1] / seed[1] - 1) < 0.02, (ours, seed)

@@ -204,3 +204,19 @@ def test_the_seed_readme_command_parses():
         "--log_images_every 50 --save_models_every 500 --n_steps 8 --dataset celebA --wandb_project cclddg_faces".split())
     assert (args.z_dim, args.n_channels_unet, args.n_steps, args.data, args.wandb_project) == \
         (16, 64, 8, "celebA", "cclddg_faces")
+
+
+def test_a_run_says_how_long_it_will_take_after_its_first_steps(tmp_path, capsys):
+    assert train(tmp_path / "run", "--n_batches", "23", "--log_every", "23", "--log_images_every", "23",
+                 "--save_models_every", "23") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "steps/s" in line]
+    assert len(lines) == 1 and "the remaining 3 steps take about" in lines[0], lines
+
+
+def test_the_estimate_names_a_time_budget_that_ends_the_run_first():
+    from cclddg.training.loop import estimate_line
+
+    assert estimate_line("train", 2.0, 14400) == "train: 2.00 steps/s; the remaining 14400 steps take about 2.0 h"
+    assert estimate_line("train-ae", 10.0, 300).endswith("take about 30 s")
+    assert "budget stops it first" in estimate_line("train", 2.0, 7200, max_minutes=10)
+    assert "budget" not in estimate_line("train", 2.0, 60, max_minutes=10)

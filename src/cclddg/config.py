@@ -121,11 +121,13 @@ class TrainConfig(JsonConfig):
     injection: str = "adagn"
     coord_channels: bool = True
     cond_map_size: int = 0
+    narrow_before_upsample: bool = False  # the seed's up path: a level's last block narrows before the upsample
     # discriminator
     n_channels_disc: int = 48
     ch_mults_disc: tuple[int, ...] = (1, 2, 2)
     is_attn_disc: tuple[bool, ...] = (False, False, False)
     n_blocks_disc: int = 1
+    mid_block_disc: bool = False  # the seed's discriminator: a middle block (res, attention, res) at the bottom
     # optimisation
     batch_size: int = 64
     n_batches: int = 2000
@@ -188,6 +190,7 @@ SEED = dict(
     n_blocks_disc=2, batch_size=128, n_batches=10, lr_gen=1e-4, lr_disc=4e-5, optimizer="adamw",
     adam_betas=(0.9, 0.999), weight_decay=1e-6, ema_decay=0.0, r1_gamma=1.0, lazy_reg=1,
     recon_loss_scale=1.0, log_images_every=50, save_models_every=500, pct_zeros=0.1, coord_channels=False,
+    narrow_before_upsample=True, mid_block_disc=True,
 )
 
 # DDGAN (Xiao et al. 2022): posterior fake step, VP schedule with T=4, Adam (0.5, 0.9), lazy R1, EMA.

@@ -8,12 +8,15 @@ R1 is lazy: computed every k steps and scaled by k. Diffusion: epsilon predictio
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cclddg import diffusion
 from cclddg.diffusion import Schedule
+from cclddg.models.blocks import twice_differentiable_attention
 
 
 def sample_steps(batch: int, n_steps: int, device: torch.device) -> Tensor:
@@ -44,7 +47,8 @@ def discriminator_loss(disc: torch.nn.Module, x_prev: Tensor, fake_prev: Tensor,
     and unscaled before it is squared, so the penalty is the same at any scale.
     """
     x_prev = x_prev.detach().requires_grad_(r1_weight > 0)
-    d_real = disc(x_prev, x_t, t, cond).float()
+    with twice_differentiable_attention() if r1_weight > 0 else contextlib.nullcontext():
+        d_real = disc(x_prev, x_t, t, cond).float()
     d_fake = disc(fake_prev.detach(), x_t, t, cond).float()
     loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
     logs = {"d_real": d_real.detach().mean().item(), "d_fake": d_fake.detach().mean().item()}

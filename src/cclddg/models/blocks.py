@@ -7,6 +7,7 @@ GroupNorm (default) or by the seed's additive bias.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Sequence
 
@@ -266,6 +267,17 @@ class ResBlock(nn.Module):
             h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.shortcut(x) + h
+
+
+def twice_differentiable_attention() -> contextlib.AbstractContextManager:
+    """Attention through a kernel that can be differentiated twice, for R1 (the gradient of D's input gradient):
+    fused kernels (flash attention on CPU and GPU, memory-efficient on GPU) have no double backward; the math
+    one has. Only the forward passes R1 differentiates need it."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class SelfAttention(nn.Module):

@@ -55,6 +55,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         sample_size: int | None = None,
         coord_channels: bool = False,
         cond_scale: float = 1.0,
+        mid_block: bool = False,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -64,6 +65,8 @@ class Discriminator(ModelMixin, ConfigMixin):
             norm_groups=norm_groups, injection=injection, attn_heads=attn_heads, sample_size=sample_size,
         )  # fmt: skip
         check_cond_scale(cond_scale)
+        if not isinstance(mid_block, bool):
+            raise UserError(f"mid_block={mid_block!r} is invalid: use True or False")
         ws = widths(n_channels, mults)
         self.levels = len(mults)
 
@@ -81,6 +84,13 @@ class Discriminator(ModelMixin, ConfigMixin):
                 ch = w
             if i < self.levels - 1:
                 self.downsample.append(Downsample(ch))
+
+        # the seed's middle block (ResBlock, attention, ResBlock) at the lowest resolution
+        self.mid = None
+        if mid_block:
+            self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, injection, norm_groups, dropout),
+                                      SelfAttention(ch, attn_heads, norm_groups),
+                                      ResBlock(ch, ch, emb_dim, injection, norm_groups, dropout)])
 
         self.head = nn.Linear(ch, 1)
         self.proj = nn.Linear(cond_dim, ch, bias=False) if cond_dim else None
@@ -114,6 +124,8 @@ class Discriminator(ModelMixin, ConfigMixin):
                 h = self.attn[j](self.res[j](h, emb))
             if i < self.levels - 1:
                 h = self.downsample[i](h)
+        if self.mid is not None:
+            h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
 
         h = F.silu(h).mean(dim=(2, 3))  # (B, F)
         logit = self.head(h).squeeze(1)

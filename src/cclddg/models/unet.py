@@ -74,6 +74,7 @@ class UNet(ModelMixin, ConfigMixin):
         coord_channels: bool = False,
         cond_map_size: int = 0,
         cond_scale: float = 1.0,
+        narrow_before_upsample: bool = False,
     ):
         super().__init__()
         mults, attn, n_time = check_common(
@@ -88,6 +89,11 @@ class UNet(ModelMixin, ConfigMixin):
             check_positive_int("n_z_channels", n_z_channels)
         if not isinstance(mid_attn, bool):
             raise UserError(f"mid_attn={mid_attn!r} is invalid: use True or False")
+        if not isinstance(narrow_before_upsample, bool):
+            raise UserError(f"narrow_before_upsample={narrow_before_upsample!r} is invalid: use True or False")
+        if narrow_before_upsample and n_channels % norm_groups:
+            raise UserError(f"norm_groups={norm_groups} does not divide n_channels={n_channels}, the width of the"
+                            " last up block with narrow_before_upsample")
         ws = widths(n_channels, mults)
         if mid_attn and ws[-1] % attn_heads:
             raise UserError(
@@ -128,11 +134,14 @@ class UNet(ModelMixin, ConfigMixin):
         self.mid_attention = att(ch, mid_attn)
         self.mid_res2 = res(ch, ch)
 
-        # up path: n_blocks + 1 blocks per level, each eats one skip
+        # up path: n_blocks + 1 blocks per level, each eats one skip. narrow_before_upsample (the seed's
+        # layout): a level's last block already outputs the next level's width, so the upsample runs narrow.
         self.up_res, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(self.levels)):
-            w = ws[i]
-            for _ in range(n_blocks + 1):
+            for j in range(n_blocks + 1):
+                w = ws[i]
+                if narrow_before_upsample and j == n_blocks:
+                    w = ws[i - 1] if i > 0 else n_channels
                 self.up_res.append(res(ch + skip_chs.pop(), w))
                 self.up_attn.append(att(w, attn[i]))
                 ch = w

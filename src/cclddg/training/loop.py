@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
+ESTIMATE_AFTER = 20  # steps of this session after which the loop prints how long the rest will take
+
 
 class TrainingLoop:
     DESC: ClassVar[str] = "train"  # the progress bar's label
@@ -21,6 +23,7 @@ class TrainingLoop:
     cfg: Any  # has n_batches and max_minutes
     step: int
     show_progress: bool
+    is_main: bool = True  # the process that reports (several processes: rank 0)
 
     # ---- what a trainer gives ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -52,6 +55,7 @@ class TrainingLoop:
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         bar = tqdm(total=cfg.n_batches, initial=self.step, desc=self.DESC, disable=not self.show_progress,
                    dynamic_ncols=True)
+        start, first = time.monotonic(), self.step
         try:
             while self.step < cfg.n_batches:
                 if self.time_is_up(deadline):
@@ -59,6 +63,9 @@ class TrainingLoop:
                     break
                 logs = self.take_step()
                 bar.update(1)
+                if self.step - first == ESTIMATE_AFTER and self.step < cfg.n_batches and self.is_main:
+                    rate = ESTIMATE_AFTER / max(time.monotonic() - start, 1e-9)
+                    bar.write(estimate_line(self.DESC, rate, cfg.n_batches - self.step, cfg.max_minutes))
                 postfix = self.after_step(logs)
                 if postfix:
                     bar.set_postfix(postfix)
@@ -70,3 +77,21 @@ class TrainingLoop:
         finally:
             bar.close()
             self.end_of_loop()
+
+
+def estimate_line(desc: str, steps_per_s: float, remaining: int, max_minutes: float = 0.0) -> str:
+    """One line: the measured speed and how long the remaining steps will take (and whether a time budget ends
+    the run first)."""
+    seconds = remaining / steps_per_s
+    line = f"{desc}: {steps_per_s:.2f} steps/s; the remaining {remaining} steps take about {_duration(seconds)}"
+    if max_minutes and seconds > max_minutes * 60:
+        line += f" (the --max_minutes {max_minutes:g} budget stops it first)"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -83,7 +83,8 @@ def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
                 n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
                 injection=cfg.injection, sample_size=latent_size(cfg), coord_channels=cfg.coord_channels,
-                cond_map_size=cfg.cond_map_size, cond_scale=conditioning.scale(cfg.cond, embed_dim))
+                cond_map_size=cfg.cond_map_size, cond_scale=conditioning.scale(cfg.cond, embed_dim),
+                narrow_before_upsample=cfg.narrow_before_upsample)
 
 
 def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
@@ -93,7 +94,8 @@ def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
                          n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
                          denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=latent_size(cfg),
-                         coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim))
+                         coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim),
+                         mid_block=cfg.mid_block_disc)
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> dict[str, tuple[Any, Any]]:
@@ -121,6 +123,7 @@ class Trainer(TrainingLoop):
         self.accelerator = acc = Accelerator(cpu=launched_without_gpus())
         self.device = acc.device
         self.show_progress = progress and acc.is_main_process
+        self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
         precision.check_precision(cfg.mixed_precision, self.device)
         # Everything that can reject the config runs before the run folder is touched.

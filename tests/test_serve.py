@@ -105,7 +105,7 @@ def test_a_guidance_sweep_puts_one_scale_per_column(page):
 
 @pytest.mark.parametrize("field, value, message", [
     ("#prompts", "", "type a prompt"),
-    ("#seed", "-1", "seed must be an integer"),
+    ("#seed", "-1", "seed must be in [0, 4294967295]"),
     ("#n", "100", "images per prompt must be"),
     ("#sweep_values", "1, x", "guidance must be a number"),
 ])

@@ -31,6 +31,7 @@ from cclddg.options import (
     AT_LEAST_1,
     BELOW_1,
     FRACTION,
+    GUIDANCE,
     NON_NEGATIVE,
     SEEDS,
     THREADS,
@@ -39,8 +40,6 @@ from cclddg.options import (
     parse_number,
 )
 from cclddg.paths import output_folder, undone_if_failed
-
-GUIDANCE = Range(0, 100)  # classifier-free guidance scales: 0 unconditional, 1 plain, beyond ~10 saturated
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -669,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="run folder of cclddg train (its latest checkpoint)")
     ex.add_argument("out", metavar="OUT_FOLDER", help="the model folder to write (new or empty)")
     ex.add_argument("--no_ema", action="store_true", help="export the raw generator instead of its EMA")
-    ex.add_argument("--guidance", type=parse_number(float, Range(0, 100)), default=1.0,
+    ex.add_argument("--guidance", type=parse_number(float, GUIDANCE), default=1.0,
                     help="the model's default guidance scale (default 1)")
     ex.set_defaults(func=cmd_export)
 

@@ -38,7 +38,7 @@ from cclddg.conditioning import (
     request_conditions,
     stats_path,
 )
-from cclddg.data.images import image_to_tensor, tensor_to_image
+from cclddg.data.images import tensor_to_image
 from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
 from cclddg.encoders.component import EmbedderModel
@@ -46,11 +46,12 @@ from cclddg.errors import UserError
 from cclddg.latents import load_latent_space
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.models import UNet
+from cclddg.options import GUIDANCE, number_problem
 from cclddg.pipeline import (
     SamplingConfig,
     folder_sampling_config,
     load_generator,
-    read_image,
+    prompt_image,
     sample_batches,
 )
 from cclddg.scheduler import CCLDDGScheduler
@@ -164,9 +165,11 @@ class CCLDDGPipeline(DiffusionPipeline):
         if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
             raise UserError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         config = self.sampling_config
-        guidance = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if not (np.isfinite(guidance) and 0 <= guidance <= 100):
-            raise UserError(f"guidance_scale must be in [0, 100], got {guidance_scale!r}")
+        guidance = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        problem = number_problem(guidance, GUIDANCE)
+        if problem:
+            raise UserError(f"guidance_scale {problem}")
+        guidance = float(guidance)
         steps = self._steps(config, num_inference_steps)
         rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
         seed = rng.initial_seed()
@@ -209,8 +212,7 @@ class CCLDDGPipeline(DiffusionPipeline):
             if not prompts and not images:
                 raise UserError("give a prompt or an image")
             prompts_in = self.conditioner(text_prior)
-            tensors = [_image_tensor(i) for i in images]
-            cond = prompts_in(prompts, tensors, image_weight, n=n, seed=seed)
+            cond = prompts_in(prompts, [prompt_image(i) for i in images], image_weight, n=n, seed=seed)
             return cond, prompts_in.negative(negative_prompt)
         if prompts or images or negative_prompt:
             raise UserError(f"this model is conditioned on {kind}, not on prompts: "
@@ -222,17 +224,6 @@ class CCLDDGPipeline(DiffusionPipeline):
         requests = [attrs] if isinstance(attrs, (str, dict)) else list(attrs or [{}])
         parsed = [parse_attrs(a) if isinstance(a, str) else dict(a) for a in requests]
         return request_conditions(kind, [r for r in parsed for _ in range(n)]), None
-
-
-def _image_tensor(image: Any) -> torch.Tensor:
-    """A prompt image (PIL, a path, or a (3, H, W) tensor in [-1, 1])."""
-    if isinstance(image, Image.Image):
-        return image_to_tensor(image.convert("RGB"))
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
-        return image
-    raise UserError(f"an image prompt is a PIL image, a file path or a (3, H, W) tensor, not {type(image).__name__}")
 
 
 def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scale: float = 1.0) -> Path:

@@ -51,6 +51,7 @@ FRACTION = Range(0, 1)  # [0, 1]
 BELOW_1 = Range(0, 1, high_open=True)  # [0, 1)
 SEEDS = Range(0, 2**32 - 1)  # numpy's seeds are 32-bit
 THREADS = Range(0, 1024)  # 0: torch's own choice
+GUIDANCE = Range(0, 100)  # classifier-free guidance scales: 0 unconditional, 1 plain, beyond ~10 saturated
 
 
 def number_problem(value: Any, rng: Range, integer: bool = False) -> str | None:

@@ -10,7 +10,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -301,6 +301,20 @@ def read_image(path: str | Path) -> Tensor:
         raise UserError(f"cannot read image {path}: {type(exc).__name__}; give a PNG or JPEG file") from None
 
 
+def prompt_image(image: Any) -> Tensor:
+    """A prompt image as the conditioner takes it, (3, H, W) in [-1, 1]: from a PIL image, a file path (read_image)
+    or such a tensor; anything else is one line."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image_to_tensor(image)
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    raise UserError(f"an image prompt is a PIL image, a file path or a (3, H, W) tensor, not {type(image).__name__}")
+
+
 class PromptPipeline:
     """Text- and image-prompted sampling from an embedding-conditioned run; returns PIL images.
 
@@ -366,13 +380,9 @@ class PromptPipeline:
                  image_weight: float = 0.5, negative_prompt: str | None = None, n: int = 1,
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 64) -> list:
         """PIL images: n per prompt (or image), prompt-major order, made in batches of `batch_size`."""
-        from PIL import Image
-
         if isinstance(prompts, str):
             prompts = [prompts]
-        tensors = [image_to_tensor(i) if isinstance(i, Image.Image) else
-                   (read_image(i) if isinstance(i, (str, Path)) else i) for i in images or []]
-        cond = self.condition(prompts, tensors, image_weight, n=n, seed=seed)
+        cond = self.condition(prompts, [prompt_image(i) for i in images or []], image_weight, n=n, seed=seed)
         negative = self.negative(negative_prompt)
         return [tensor_to_image(x) for batch in self.batches(cond, 1, guidance, seed, negative, batch_size=batch_size)
                 for x in batch]

@@ -20,7 +20,6 @@ import base64
 import binascii
 import io
 import json
-import math
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ from cclddg.data.images import make_grid
 from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
 from cclddg.errors import UserError
 from cclddg.model_folder import CCLDDGPipeline
+from cclddg.options import FRACTION, GUIDANCE, SEEDS, Range, number_problem
 from cclddg.pipeline import is_model_folder
 
 MAX_PROMPTS = 16
@@ -130,16 +130,16 @@ class Generator:
             attrs = [_attrs(a) for a in _list(request.get("attrs"), "attrs")] or [{}]
             if len(attrs) > MAX_PROMPTS:
                 raise UserError(f"at most {MAX_PROMPTS} requests at once, got {len(attrs)}")
-        guidance = [_number(g, "guidance", 0, 100) for g in _list(request.get("guidance", [self.pipe.config.guidance_scale]),
-                                                                   "guidance")]
+        scales = _list(request.get("guidance", [self.pipe.config.guidance_scale]), "guidance")
+        guidance = [float(_number(g, "guidance", GUIDANCE)) for g in scales]
         if not guidance or len(guidance) > MAX_GUIDANCES:
             raise UserError(f"give 1 to {MAX_GUIDANCES} guidance scales")
         negative = request.get("negative_prompt")
         negative = negative.strip() if isinstance(negative, str) and negative.strip() else None
         return {"prompts": prompts, "negative_prompt": negative, "image": image, "attrs": attrs,
-                "image_weight": _number(request.get("image_weight", 0.5), "image weight", 0, 1),
-                "guidance": guidance, "seed": int(_number(request.get("seed", 0), "seed", 0, 2**63 - 1, integer=True)),
-                "n": int(_number(request.get("n", 4), "images per prompt", 1, MAX_IMAGES_PER_PROMPT, integer=True))}
+                "image_weight": float(_number(request.get("image_weight", 0.5), "image weight", FRACTION)),
+                "guidance": guidance, "seed": _number(request.get("seed", 0), "seed", SEEDS, integer=True),
+                "n": _number(request.get("n", 4), "images per prompt", Range(1, MAX_IMAGES_PER_PROMPT), integer=True)}
 
 
 def _list(value: Any, name: str) -> list:
@@ -152,15 +152,13 @@ def _list(value: Any, name: str) -> list:
     raise UserError(f"{name} must be a list")
 
 
-def _number(value: Any, name: str, low: float, high: float, integer: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {str(value)[:40]!r}") from None
-    if not math.isfinite(number) or not low <= number <= high or (integer and number != int(number)):
-        kind = "an integer" if integer else "a number"
-        raise UserError(f"{name} must be {kind} in [{low:g}, {high:g}], got {str(value)[:40]}")
-    return number
+def _number(value: Any, name: str, rng: Range, integer: bool = False) -> Any:
+    """`value` if it is a finite number (an integer when `integer`) in `rng`: the command line's check
+    (options.number_problem), named as the page names the field."""
+    problem = number_problem(value, rng, integer)
+    if problem:
+        raise UserError(f"{name} {problem}")
+    return value
 
 
 def _attrs(value: Any) -> dict[str, str]:

@@ -9,7 +9,13 @@ import torch
 
 from cclddg.errors import UserError
 from cclddg.models import Discriminator, UNet, count_parameters, seed_ch_mults
-from cclddg.models.blocks import ResBlock, SelfAttention, StepEmbedding
+from cclddg.models.blocks import (
+    GEMM_MIN_WEIGHTS,
+    Conv2d,
+    ResBlock,
+    SelfAttention,
+    StepEmbedding,
+)
 
 SMALL = dict(n_channels=8, ch_mults=(1, 2), is_attn=(False, True), n_blocks=1, norm_groups=4, attn_heads=2)
 
@@ -370,3 +376,28 @@ def test_the_seed_preset_builds_the_seeds_networks_within_2_percent():
     discriminator = measure(build_discriminator(cfg, 512), x, x, t, c)
     for ours, seed in ((generator, SEED_GENERATOR), (discriminator, SEED_DISCRIMINATOR)):
         assert abs(ours[0] / seed[0] - 1) < 0.02 and abs(ours[1] / seed[1] - 1) < 0.02, (ours, seed)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_wide_convolutions_over_tiny_maps_run_as_one_matrix_product_with_the_same_results(kernel):
+    """blocks.Conv2d: the seed's 2x2 bottleneck convolutions computed as im2col + one matmul give nn.Conv2d's
+    outputs and gradients (also second order, for R1), and anything else takes nn.Conv2d's own path."""
+    torch.manual_seed(0)
+    channels = 400 if kernel == 3 else 1024  # at least GEMM_MIN_WEIGHTS weights
+    conv = Conv2d(channels, channels, kernel, padding=kernel // 2)
+    assert conv.weight.numel() >= GEMM_MIN_WEIGHTS
+    x = torch.randn(3, channels, 2, 2, requires_grad=True)
+    assert conv._as_matrix_product(x)
+    ours = conv(x)
+    reference = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(ours)
+    (gx, gw) = torch.autograd.grad((ours * upstream).sum(), (x, conv.weight), create_graph=True)
+    (rx, rw) = torch.autograd.grad((reference * upstream).sum(), (x, conv.weight), create_graph=True)
+    torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-4)
+    (hw,) = torch.autograd.grad(gx.pow(2).sum(), conv.weight)  # R1's gradient of the input gradient
+    (rhw,) = torch.autograd.grad(rx.pow(2).sum(), conv.weight)
+    torch.testing.assert_close(hw, rhw, atol=1e-3, rtol=1e-4)
+    assert not conv._as_matrix_product(torch.randn(1, channels, 4, 4))  # a larger map: oneDNN's path
+    assert not Conv2d(8, 8, kernel, padding=kernel // 2)._as_matrix_product(torch.randn(1, 8, 2, 2))  # few weights

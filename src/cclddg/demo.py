@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from cclddg.atomic import write_text_atomic
+from cclddg.cpu import tune_cpu
 from cclddg.errors import UserError
 
 PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", "a large yellow triangle in the center",
@@ -124,7 +125,7 @@ class Demo:
     def run(self) -> dict[str, Any]:
         if self.threads:
             torch.set_num_threads(self.threads)
-        torch.set_flush_denormal(True)
+        tune_cpu()  # denormals and freed memory (cpu.py)
         out = self.out
         self._stage("ae", lambda: (out / "ae" / "report.json").is_file(), self.train_ae)
         self._stage("cloob", lambda: (out / "cloob" / "zero_shot.json").is_file(), self.train_cloob)

@@ -220,6 +220,42 @@ class MLPEmbedding(nn.Sequential):
 # ----------------------------------------------------------------------------------------------
 # conv blocks
 
+# On the CPU a convolution over at most this many pixels per image with at least this many weights runs as
+# one matrix product over the batch (benchmarks/conv_paths.py: 2-3x faster forward + backward there).
+GEMM_MAX_PIXELS = 4
+GEMM_MIN_WEIGHTS = 1_000_000
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and results) that computes a wide convolution over a tiny map as a matrix product.
+
+    The seed's networks end in 1024-2048 channels at 2x2 pixels: there the weights are ~300x the activations and
+    oneDNN's kernels, made for the opposite case, spent over half of a CPU training step in their backward.
+    Unfolding the input (im2col) and multiplying once by the weight matrix reads the weights once per batch.
+    Used for stride-1 "same" convolutions on the CPU; everything else is nn.Conv2d's own forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._as_matrix_product(x):
+            return super().forward(x)
+        b, _, h, w = x.shape
+        k = self.kernel_size[0]
+        if k == 1:
+            cols = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+        else:
+            cols = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(b * h * w, -1)  # (B·HW, C·k·k)
+        weight = self.weight.flatten(1).t()
+        out = cols @ weight if self.bias is None else torch.addmm(self.bias, cols, weight)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def _as_matrix_product(self, x: torch.Tensor) -> bool:
+        k = self.kernel_size[0]
+        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= GEMM_MAX_PIXELS
+                and self.weight.numel() >= GEMM_MIN_WEIGHTS and self.kernel_size == (k, k) and k % 2 == 1
+                and self.padding == (k // 2, k // 2) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding_mode == "zeros")
+
+
 
 class ResBlock(nn.Module):
     """GN-SiLU-Conv, inject emb, GN-SiLU-Dropout-Conv, plus a (1x1) shortcut.
@@ -245,17 +281,17 @@ class ResBlock(nn.Module):
             raise UserError(f"injection={injection!r} is invalid: use one of {', '.join(map(repr, INJECTIONS))}")
         self.injection = injection
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if injection == "adagn" else out_ch)
         if injection == "adagn":
             nn.init.zeros_(self.emb_proj.weight)
             nn.init.zeros_(self.emb_proj.bias)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -289,8 +325,8 @@ class SelfAttention(nn.Module):
             raise UserError(f"attn_heads={heads} does not divide the attention width {ch}")
         self.heads = heads
         self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.out = nn.Conv2d(ch, ch, 1)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.out = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -319,7 +355,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

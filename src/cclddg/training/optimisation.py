@@ -24,9 +24,16 @@ MAX_SKIPPED_IN_A_ROW = 20
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    """Adam or AdamW with the fused kernel (one pass over each tensor instead of ~10: the update of the seed
+    preset's 190 M parameters took a third of a CPU step with torch's default per-tensor loop), or the
+    multi-tensor one where this torch or device has no fused kernel."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    params = list(params)
+    kwargs = dict(lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    try:
+        return kind(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # torch < 2.4 on CPU, or a device without the fused kernel
+        return kind(params, foreach=True, **kwargs)
 
 
 def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from cclddg.cpu import tune_cpu
 from cclddg.data.sources import check_source
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training.loop import TrainingLoop
@@ -33,7 +34,7 @@ class SmallTrainer(TrainingLoop):
         self.show_progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.set_flush_denormal(True)  # denormals made CPU steps ~10x slower on these machines
+        tune_cpu()  # denormals and freed memory (cpu.py)
         check_source(cfg.data, cfg.img_size)
         ckpt_io.prepare_run_folder(self.out, cfg, resume, RESUMABLE, self.COMMAND)
         torch.manual_seed(cfg.seed)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cclddg import conditioning, diffusion, objectives
 from cclddg.config import TrainConfig
+from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.models import Discriminator, UNet
@@ -116,7 +117,7 @@ class Trainer(TrainingLoop):
         self.progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.set_flush_denormal(True)  # denormals made CPU steps ~10x slower on these machines
+        tune_cpu()  # denormals and freed memory (cpu.py)
         if cfg.deterministic:
             use_deterministic_algorithms()
         # Data parallel when launched by accelerate/torchrun; precision is ours (precision.py: R1 needs the scale).

@@ -1,8 +1,9 @@
 """Two CPU speed traps, avoided once per process: denormal floats and freed memory handed back to the system.
 
-Denormals made a training step ~10x slower on our machines. glibc returns freed blocks of over 128 KiB-32 MiB to
-the system at once, so every step maps its activations afresh and pays a page fault per touched page; keeping
-them in the process made the seed preset's CPU step ~15% faster at batch 8 (issue 17's profile).
+Denormals made a training step ~10x slower on our machines. By default glibc hands freed blocks (from 128 KiB on)
+back to the system, so every step maps its activations afresh and pays a page fault per page it touches; keeping
+them in the process made the cclddg preset's CPU step 1.74x and the seed preset's 1.26x faster at batch 8
+(benchmarks/cpu_step.py).
 """
 
 from __future__ import annotations

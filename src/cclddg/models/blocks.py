@@ -221,7 +221,7 @@ class MLPEmbedding(nn.Sequential):
 # conv blocks
 
 # On the CPU a convolution over at most this many pixels per image with at least this many weights runs as
-# one matrix product over the batch (benchmarks/conv_paths.py: 2-3x faster forward + backward there).
+# one matrix product over the batch (2.5-3x faster forward + backward there; benchmarks/cpu_step.py).
 GEMM_MAX_PIXELS = 4
 GEMM_MIN_WEIGHTS = 1_000_000
 
@@ -254,7 +254,6 @@ class Conv2d(nn.Conv2d):
                 and self.weight.numel() >= GEMM_MIN_WEIGHTS and self.kernel_size == (k, k) and k % 2 == 1
                 and self.padding == (k // 2, k // 2) and self.stride == (1, 1) and self.dilation == (1, 1)
                 and self.groups == 1 and self.padding_mode == "zeros")
-
 
 
 class ResBlock(nn.Module):

@@ -80,8 +80,6 @@ FULL_SIZES = dict(img_size=128, n_images=32, batches=(8, 32), repeats=3, n_sampl
 # ---------------------------------------------------------------------------------------------- the seed's code
 
 def _import_file(path: Path, name: str) -> ModuleType:
-    if not path.is_file():
-        raise SystemExit(f"--seed: {path} not found; give a checkout of github.com/johnowhitaker/cclddg")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -327,8 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         for part in ("cclddg/core.py", "cclddg/ddg_context.py", "train_cclddg.py"):
             if not (args.seed / part).is_file():
                 p.error(f"--seed: {args.seed / part} not found; give a checkout of github.com/johnowhitaker/cclddg")
-    torch.set_num_threads(sizes["threads"])
-    tune_cpu()  # for both sides (the Trainer does it too)
+    tune_cpu(sizes["threads"])  # for both sides (the Trainer does it too)
 
     from cclddg.data.latent_cache import encode_dataset
     from cclddg.data.sources import open_dataset, open_source

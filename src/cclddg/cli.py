@@ -531,14 +531,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """A local web page to prompt a model (serve.py); Ctrl-C stops it."""
-    import torch
 
     from cclddg import cpu
     from cclddg.serve import load_pipeline, serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cpu.tune_cpu()  # denormals and freed memory
+    cpu.tune_cpu(args.threads)  # threads, denormals and freed memory
     pipe = load_pipeline(args.model)
     try:
         serve(pipe, Path(args.model).name, args.host, args.port,

@@ -21,8 +21,11 @@ KEEP = {M_MMAP_THRESHOLD: 32 * 2**20,  # the largest glibc accepts: blocks below
 GLIBC_DEFAULTS = {M_MMAP_THRESHOLD: 128 * 2**10, M_TRIM_THRESHOLD: 128 * 2**10, M_TOP_PAD: 128 * 2**10}
 
 
-def tune_cpu() -> None:
-    """Flush denormals to zero (in this thread: call it in every thread that runs models) and keep freed memory."""
+def tune_cpu(threads: int = 0) -> None:
+    """Set torch's thread count (0: torch's default), flush denormals to zero (in this thread: call it in every
+    thread that runs models) and keep freed memory."""
+    if threads:
+        torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     keep_freed_memory()
 

@@ -123,9 +123,7 @@ class Demo:
 
     # ---- the stages -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        tune_cpu()  # denormals and freed memory (cpu.py)
+        tune_cpu(self.threads)  # threads, denormals and freed memory (cpu.py)
         out = self.out
         self._stage("ae", lambda: (out / "ae" / "report.json").is_file(), self.train_ae)
         self._stage("cloob", lambda: (out / "cloob" / "zero_shot.json").is_file(), self.train_cloob)

@@ -32,9 +32,7 @@ class SmallTrainer(TrainingLoop):
         cfg.validate()
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.show_progress = progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        tune_cpu()  # denormals and freed memory (cpu.py)
+        tune_cpu(cfg.threads)  # threads, denormals and freed memory (cpu.py)
         check_source(cfg.data, cfg.img_size)
         ckpt_io.prepare_run_folder(self.out, cfg, resume, RESUMABLE, self.COMMAND)
         torch.manual_seed(cfg.seed)

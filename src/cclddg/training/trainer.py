@@ -115,9 +115,7 @@ class Trainer(TrainingLoop):
         self.cfg = cfg
         self.out = Path(out)
         self.progress = progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        tune_cpu()  # denormals and freed memory (cpu.py)
+        tune_cpu(cfg.threads)  # threads, denormals and freed memory (cpu.py)
         if cfg.deterministic:
             use_deterministic_algorithms()
         # Data parallel when launched by accelerate/torchrun; precision is ours (precision.py: R1 needs the scale).

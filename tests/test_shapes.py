@@ -245,3 +245,40 @@ def test_request_prompts_use_the_captions_article():
 
     assert request_prompt({"color": "orange", "shape": "circle", "position": "center"}).startswith("an orange circle")
     assert request_prompt({"color": "red", "shape": "square", "position": "top left"}).startswith("a red square")
+
+
+def test_a_holdout_leaves_its_pairs_out_of_every_image_and_keeps_the_rest():
+    from collections import Counter
+
+    from cclddg.data.shapes import check_holdout, format_holdout, parse_holdout
+    from cclddg.data.sources import open_source, parse_data_spec
+
+    spec = parse_data_spec("shapes:32:holdout=red-triangle,blue-circle")
+    assert spec.size == 32 and spec.holdout == {("red", "triangle"), ("blue", "circle")}
+    assert parse_data_spec("shapes:holdout=red-triangle").size is None
+    data = open_source(spec, 32, length=3000).data
+    pairs = Counter((data.sample(i).attrs["color"], data.sample(i).attrs["shape"]) for i in range(3000))
+    assert pairs[("red", "triangle")] == 0 and pairs[("blue", "circle")] == 0
+    assert len(pairs) == 8 * 3 - 2  # every other pair is still drawn
+    assert pairs[("red", "circle")] > 80 and pairs[("green", "triangle")] > 80
+    assert format_holdout(parse_holdout(" Blue-Circle,red-triangle ")) == "red-triangle,blue-circle"
+    plain, held = ShapesDataset(32, seed=0), ShapesDataset(32, seed=0, holdout=[("red", "triangle")])
+    same = [i for i in range(300) if plain.sample(i).attrs["color"] != "red"]
+    assert all(torch.equal(plain[i]["image"], held[i]["image"]) for i in same)  # other colours: the same images
+    with pytest.raises(UserError, match="every shape in red"):
+        check_holdout([("red", s) for s in ("circle", "square", "triangle")])
+    with pytest.raises(UserError, match="every colour of the circle"):
+        check_holdout([(c, "circle") for c in COLORS])
+    for bad, message in [("shapes:32:holdout=red", "COLOR-SHAPE"), ("shapes:32:holdout=pink-circle", "unknown color"),
+                         ("shapes:32:big", "image size")]:
+        with pytest.raises(UserError, match=message):
+            parse_data_spec(bad)
+
+
+def test_request_prompts_name_exactly_the_requested_attributes():
+    from cclddg.data.shapes import parse_caption, request_prompt
+
+    assert request_prompt({"color": "red", "shape": "circle", "position": "top left"}) == "a red circle in the top left"
+    for request in [{"color": "orange"}, {"shape": "triangle", "position": "bottom"}, {"size": "small"},
+                    {"color": "white", "background": "black"}, {}]:
+        assert parse_caption(request_prompt(request)) == request

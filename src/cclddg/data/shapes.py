@@ -7,7 +7,7 @@ judges generated images against the same rules.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,7 @@ LABEL_DIM: int = sum(LABEL_BLOCKS.values())
 _ALIASES = {"colour": "color", "bg": "background", "pos": "position"}
 _VALUE_ALIASES = {"centre": "center", "middle": "center"}
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+Holdout = frozenset[tuple[str, str]]  # (colour, shape) pairs no image shows (check_holdout)
 _PALETTE_ARRAY = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
 
 
@@ -127,6 +128,44 @@ def _check_size(size: int) -> int:
     if int(size) != size or size < MIN_SIZE:
         raise UserError(f"shapes image size must be an integer >= {MIN_SIZE}, got {size!r}")
     return int(size)
+
+
+# ---------------------------------------------------------------- holdout
+
+
+def check_holdout(pairs: Iterable[tuple[str, str]]) -> Holdout:
+    """The (colour, shape) pairs no image of the data shows, checked: known values, and every colour and every
+    shape still drawn with some other partner (so a held-out pair is a new combination of seen parts)."""
+    holdout = frozenset((_check_value("color", c), _check_value("shape", s)) for c, s in pairs)
+    for color in COLORS:
+        if all((color, s) in holdout for s in SHAPES):
+            raise UserError(f"the holdout leaves out every shape in {color}; keep at least one")
+    for shape in SHAPES:
+        if all((c, shape) in holdout for c in COLORS):
+            raise UserError(f"the holdout leaves out every colour of the {shape}; keep at least one")
+    return holdout
+
+
+def parse_holdout(text: str) -> Holdout:
+    """'red-triangle,blue-circle' -> {(red, triangle), (blue, circle)} (checked by check_holdout)."""
+    pairs = []
+    for item in (p.strip() for p in text.split(",")):
+        color, sep, shape = item.partition("-")
+        if not sep or not color or not shape:
+            raise UserError(f"bad holdout pair {item!r}: write COLOR-SHAPE pairs separated by commas, "
+                            f"e.g. holdout=red-triangle,blue-circle")
+        pairs.append((color.strip().lower(), shape.strip().lower()))
+    return check_holdout(pairs)
+
+
+def format_holdout(holdout: Holdout) -> str:
+    """The inverse of parse_holdout, in a fixed order (COLORS, then SHAPES)."""
+    return ",".join(f"{c}-{s}" for c in COLORS for s in SHAPES if (c, s) in holdout)
+
+
+def is_held_out(attrs: Mapping[str, str], holdout: Holdout) -> bool:
+    """Whether a request or an image combines a held-out colour and shape."""
+    return (attrs.get("color"), attrs.get("shape")) in holdout
 
 
 # ---------------------------------------------------------------- rendering
@@ -212,9 +251,6 @@ def position_phrase(position: str, u: float = 0.0) -> str:
 
 
 
-def request_prompt(request: dict[str, str]) -> str:
-    """The text prompt naming a request's colour, shape and position ("a red circle in the top left")."""
-    return f"{article(request['color'])} {request['color']} {request['shape']} {position_phrase(request['position'])}"
 
 def _background_phrase(background: str, u: float) -> str:
     """'on a blue background', 'against a blue background', ..."""
@@ -249,6 +285,14 @@ def _caption(attrs: Mapping[str, str], named: Sequence[str], u: np.ndarray) -> s
     return templates[int(u[0] * len(templates))]()
 
 
+def request_prompt(request: Mapping[str, str]) -> str:
+    """The text prompt naming exactly a request's attributes in the captions' first wording: "a red circle in the
+    top left", "a red shape", "a small triangle on a blue background" (an empty request: "a shape")."""
+    named = tuple(a for a in ATTRIBUTES if a in request)
+    attrs = {a: request.get(a, ATTRIBUTE_VALUES[a][0]) for a in ATTRIBUTES}  # unnamed ones are not said
+    return _caption(attrs, named, np.zeros(3))
+
+
 def parse_caption(caption: str) -> dict[str, str]:
     """The attributes a caption names (the inverse of the caption templates, also for prompts)."""
     text = " " + caption.lower().replace(",", " ").replace(".", " ") + " "
@@ -277,12 +321,14 @@ def _pick(values: Sequence[str], u: float) -> str:
     return values[min(int(u * len(values)), len(values) - 1)]
 
 
-def _draw_attrs(u: np.ndarray) -> dict[str, str]:
-    """Uniform attributes from 5 uniforms; the background is uniform over the other 7 colours."""
+def _draw_attrs(u: np.ndarray, holdout: Holdout = frozenset()) -> dict[str, str]:
+    """Uniform attributes from 5 uniforms; the background is uniform over the other 7 colours, the shape over
+    those the colour is not held out with (all three without a holdout)."""
     color = _pick(COLORS, u[0])
+    shapes = [s for s in SHAPES if (color, s) not in holdout] if holdout else SHAPES
     return {
         "color": color,
-        "shape": _pick(SHAPES, u[1]),
+        "shape": _pick(shapes, u[1]),
         "size": _pick(SIZES, u[2]),
         "position": _pick(POSITIONS, u[3]),
         "background": _pick([c for c in COLORS if c != color], u[4]),
@@ -301,21 +347,22 @@ def _draw_named(probs: Mapping[str, float], u: np.ndarray) -> tuple[str, ...]:
     return (ATTRIBUTES[min(int(np.searchsorted(cumulative, u[5], side="right")), len(ATTRIBUTES) - 1)],)
 
 
-def _sample(index: int, seed: int, size: int, probs: Mapping[str, float]) -> tuple:
+def _sample(index: int, seed: int, size: int, probs: Mapping[str, float], holdout: Holdout = frozenset()) -> tuple:
     """(uint8 image, caption, attrs, named, box), deterministic from (seed, index)."""
     if index < 0 or seed < 0:
         raise UserError(f"shapes samples need index >= 0 and seed >= 0, got index={index}, seed={seed}")
     u = np.random.default_rng([seed, index]).random(17)
-    attrs = _draw_attrs(u[0:5])
+    attrs = _draw_attrs(u[0:5], holdout)
     image, box = _render_array(size, attrs, u[5:8])
     named = _draw_named(probs, u[8:14])
     return image, _caption(attrs, named, u[14:17]), attrs, named, box
 
 
-def make_sample(index: int, seed: int = 0, size: int = 64,
-                name_probs: Mapping[str, float] | None = None) -> ShapeSample:
+def make_sample(index: int, seed: int = 0, size: int = 64, name_probs: Mapping[str, float] | None = None,
+                holdout: Holdout = frozenset()) -> ShapeSample:
     """Sample `index` of the stream `seed`: the same pair always gives the same sample."""
-    image, caption, attrs, named, box = _sample(int(index), int(seed), _check_size(size), _check_name_probs(name_probs))
+    image, caption, attrs, named, box = _sample(int(index), int(seed), _check_size(size), _check_name_probs(name_probs),
+                                                check_holdout(holdout))
     return ShapeSample(Image.fromarray(image, "RGB"), caption, attrs, named, box)
 
 
@@ -377,7 +424,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     INFINITE = 2 ** 62
 
     def __init__(self, size: int = 64, length: int | None = None, seed: int = 0,
-                 name_probs: Mapping[str, float] | None = None) -> None:
+                 name_probs: Mapping[str, float] | None = None, holdout: Iterable[tuple[str, str]] = ()) -> None:
         if length is not None and (int(length) != length or length < 1):
             raise UserError(f"ShapesDataset length must be a positive integer or None (endless), got {length!r}")
         if int(seed) != seed or seed < 0:
@@ -386,6 +433,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.length = None if length is None else int(length)
         self.seed = int(seed)
         self.name_probs = _check_name_probs(name_probs)
+        self.holdout = check_holdout(holdout)  # (colour, shape) pairs no example shows
 
     def __len__(self) -> int:
         return self.INFINITE if self.length is None else self.length
@@ -400,7 +448,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         i = self._index(i)
-        image, caption, attrs, named, _ = _sample(i, self.seed, self.size, self.name_probs)
+        image, caption, attrs, named, _ = _sample(i, self.seed, self.size, self.name_probs, self.holdout)
         label = attrs_to_label({a: attrs[a] for a in named})
         return {"image": array_to_tensor(image), "label": torch.from_numpy(label), "caption": caption, "index": i}
 
@@ -408,7 +456,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Fast path: (images (B,3,S,S) in [-1,1], labels (B,LABEL_DIM), captions)."""
         images, labels, captions = [], [], []
         for i in indices:
-            image, caption, attrs, named, _ = _sample(self._index(i), self.seed, self.size, self.name_probs)
+            image, caption, attrs, named, _ = _sample(self._index(i), self.seed, self.size, self.name_probs, self.holdout)
             images.append(image)
             labels.append(attrs_to_label({a: attrs[a] for a in named}))
             captions.append(caption)
@@ -418,12 +466,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def sample(self, i: int) -> ShapeSample:
         """The full sample (true attributes and named ones) behind item `i`."""
-        return make_sample(self._index(i), self.seed, self.size, self.name_probs)
+        return make_sample(self._index(i), self.seed, self.size, self.name_probs, self.holdout)
 
     def iter_source(self) -> Iterator[tuple[Image.Image, str]]:
         """The data-source interface: (PIL image, caption) pairs, endless when length is None."""
         i = 0
         while self.length is None or i < self.length:
-            image, caption, *_ = _sample(i, self.seed, self.size, self.name_probs)
+            image, caption, *_ = _sample(i, self.seed, self.size, self.name_probs, self.holdout)
             yield Image.fromarray(image, "RGB"), caption
             i += 1

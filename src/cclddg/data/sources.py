@@ -1,6 +1,8 @@
 """Data specs on the command line (`--data` / the seed's `--dataset`) to sources.
 
-    shapes[:SIZE]            the built-in procedural shapes (DESIGN.md); SIZE sets the image size
+    shapes[:SIZE][:holdout=COLOR-SHAPE,...]
+                             the built-in procedural shapes (data/shapes.py); SIZE sets the image size; a holdout
+                             leaves (colour, shape) pairs out of every image (composition tests)
     emoji[:FONT]             every emoji a colour font draws (Noto Color Emoji by default), named
     folder:PATH              image files under PATH, captions from .txt files or metadata.jsonl/.csv
     hf:NAME_OR_PATH[:SPLIT]  a Hugging Face dataset (a local folder, a save_to_disk copy, or a hub name)
@@ -20,7 +22,7 @@ from cclddg.errors import UserError
 
 KINDS = ("shapes", "emoji", "folder", "hf", "wds")
 ALIASES = ("celeba", "imagewoof", "cc12m")
-SPEC_HELP = ("shapes[:SIZE], emoji[:FONT], folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
+SPEC_HELP = ("shapes[:SIZE][:holdout=COLOR-SHAPE,...], emoji[:FONT], folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
              "imagewoof[:PATH], cc12m, or a latent cache folder")
 SPLIT_SEED = 0  # the fixed shuffle that splits a real source into held-out and training examples
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
@@ -33,6 +35,7 @@ class DataSpec:
     split: str | None = None
     size: int | None = None  # shapes:SIZE
     alias: str | None = None  # celeba / imagewoof: their captions
+    holdout: frozenset = frozenset()  # shapes:holdout=red-triangle,...: (colour, shape) pairs no image shows
 
     @property
     def procedural(self) -> bool:
@@ -45,15 +48,7 @@ def parse_data_spec(spec: str) -> DataSpec:
     head, sep, arg = spec.partition(":")
     name = head.lower()
     if name == "shapes":
-        if not sep:
-            return DataSpec("shapes")
-        try:
-            size = int(arg)
-        except ValueError:
-            raise UserError(f"--data {spec!r}: the size after ':' must be an integer, e.g. shapes:64") from None
-        if size < 8:
-            raise UserError(f"image size {size} is too small for shapes; use 8 or more")
-        return DataSpec("shapes", size=size)
+        return _shapes_spec(spec, arg if sep else "")
     if name == "emoji":
         return DataSpec("emoji", arg)
     if name in ("folder", "wds") or name == "hf":
@@ -79,6 +74,25 @@ def parse_data_spec(spec: str) -> DataSpec:
     raise UserError(f"unknown data source {spec!r}{hint} (sources: {SPEC_HELP})")
 
 
+def _shapes_spec(spec: str, options: str) -> DataSpec:
+    """`shapes`, `shapes:64`, `shapes:64:holdout=red-triangle,blue-circle` or `shapes:holdout=...`."""
+    from cclddg.data.shapes import parse_holdout
+
+    size, holdout = None, frozenset()
+    for part in options.split(":") if options else []:
+        if part.startswith("holdout="):
+            holdout = parse_holdout(part[len("holdout="):])
+            continue
+        try:
+            size = int(part)
+        except ValueError:
+            raise UserError(f"--data {spec!r}: after 'shapes:' give the image size (an integer) and/or "
+                            "holdout=COLOR-SHAPE,..., e.g. shapes:64 or shapes:64:holdout=red-triangle") from None
+        if size < 8:
+            raise UserError(f"image size {size} is too small for shapes; use 8 or more")
+    return DataSpec("shapes", size=size, holdout=holdout)
+
+
 def with_font(spec: str, font: str | None) -> str:
     """Apply a --font flag to an emoji spec (`emoji` -> `emoji:FONT`); a font for another source is an error."""
     if not font:
@@ -91,16 +105,19 @@ def with_font(spec: str, font: str | None) -> str:
 class ShapesSource:
     """The procedural shapes as a map source of `length` examples (their labels included)."""
 
-    def __init__(self, size: int, length: int, seed: int = 0) -> None:
+    def __init__(self, size: int, length: int, seed: int = 0, holdout: frozenset = frozenset()) -> None:
         from cclddg.data.shapes import ShapesDataset
 
-        self.data = ShapesDataset(size=size, length=length, seed=seed)
+        self.data = ShapesDataset(size=size, length=length, seed=seed, holdout=holdout)
 
     def __len__(self) -> int:
         return int(self.data.length)
 
     def describe(self) -> str:
-        return f"shapes ({len(self):,} examples, seed {self.data.seed})"
+        from cclddg.data.shapes import format_holdout
+
+        held = f", holding out {format_holdout(self.data.holdout)}" if self.data.holdout else ""
+        return f"shapes ({len(self):,} examples, seed {self.data.seed}{held})"
 
     def record(self, index: int):
         from cclddg.data.records import Record
@@ -116,7 +133,7 @@ def open_source(spec: str | DataSpec, img_size: int = 64, *, seed: int = 0, leng
     `length` and `seed` only matter for the procedural shapes (default length 20,000)."""
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "shapes":
-        return ShapesSource(spec.size or img_size, length or 20000, seed)
+        return ShapesSource(spec.size or img_size, length or 20000, seed, spec.holdout)
     if spec.kind == "emoji":
         from cclddg.data.emoji import EmojiSource
 
@@ -141,7 +158,7 @@ def open_dataset(spec: str, img_size: int, seed: int = 0, length: int | None = N
     parsed = parse_data_spec(spec)
     if not parsed.procedural:
         raise UserError(f"this needs the shapes data (its true attributes), not --data {spec}")
-    return ShapesDataset(size=parsed.size or img_size, length=length, seed=seed)
+    return ShapesDataset(size=parsed.size or img_size, length=length, seed=seed, holdout=parsed.holdout)
 
 
 def load_uint8(spec: str, img_size: int, seed: int, n: int, *, offset: int = 0, workers: int = DEFAULT_WORKERS,
@@ -160,7 +177,7 @@ def load_uint8(spec: str, img_size: int, seed: int, n: int, *, offset: int = 0, 
 
     parsed = parse_data_spec(spec)
     if parsed.procedural:
-        source = ShapesSource(parsed.size or img_size, offset + n, seed)
+        source = ShapesSource(parsed.size or img_size, offset + n, seed, parsed.holdout)
         options = dict(start=offset)
     else:
         source = open_source(parsed, img_size)

@@ -33,12 +33,13 @@ TINY_GEN = ["--preset", "fast", "--img_size", "16", "--n_channels_unet", "8", "-
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
-    """A latent embedding run (own autoencoder + own CLOOB, with the text prior's statistics) and a label run."""
+    """A latent embedding run (own autoencoder + own CLOOB, with the text priors' statistics and a learned prior
+    trained for 20 steps) and a label run."""
     root = tmp_path_factory.mktemp("runs")
     assert main(["train-ae", "--out", str(root / "ae"), *TINY_AE]) == 0
     assert main(["train-cloob", "--out", str(root / "cloob"), *TINY_CLOOB]) == 0
     assert main(["train", "--out", str(root / "text"), *TINY_GEN, "--autoencoder", f"own:{root / 'ae'}",
-                 "--data", "shapes:16", "--encoder", f"cloob-tiny:{root / 'cloob'}", "--text_prior", "retrieval",
+                 "--data", "shapes:16", "--encoder", f"cloob-tiny:{root / 'cloob'}", "--text_prior", "flow", "--prior_steps", "20",
                  "--cache_dir", str(root / "cache")]) == 0
     assert main(["train", "--out", str(root / "labels"), *TINY_GEN]) == 0
     return root

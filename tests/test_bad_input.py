@@ -10,6 +10,7 @@ user's file replaced.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,17 @@ def label_run(tmp_path_factory) -> Path:
     return out
 
 
-def base_command(command: str, run: Path, new: Path) -> list[str]:
+def fresh_text_run(text_run: Path, new: Path) -> Path:
+    """A copy of the tiny embedding run without its learned prior, for `train-prior` to train one into."""
+    shutil.copytree(text_run, new, ignore=shutil.ignore_patterns("prior"))
+    return new
+
+
+def base_command(command: str, run: Path, new: Path, text_run: Path) -> list[str]:
     """A small command line of `command` that works; `new` is a path nothing exists at."""
+    if command == "train-prior":
+        return ["train-prior", str(fresh_text_run(text_run, new)), "--n_batches", "2", "--batch_size", "8",
+                "--eval_size", "2", "--width", "16", "--no_progress"]
     return {
         "train": ["train", "--out", str(new), *TINY_TRAIN, "--n_batches", "1"],
         "train-cloob": ["train-cloob", "--out", str(new), *TINY_CLOOB],
@@ -125,13 +135,14 @@ def no_demo_work(monkeypatch):
 
 
 @pytest.mark.parametrize("command", list(subcommands()))
-def test_every_numeric_option_takes_bad_values_in_one_line(command, label_run, tmp_path, capsys, no_demo_work):
+def test_every_numeric_option_takes_bad_values_in_one_line(command, label_run, tiny_runs, tmp_path, capsys,
+                                                           no_demo_work):
     parser = subcommands()[command]
     failures, tried = [], 0
     for option in numeric_options(parser):
         for value in NUMBERS:
             new = tmp_path / f"case{tried}"
-            result = outcome([*base_command(command, label_run, new), option, value], capsys)
+            result = outcome([*base_command(command, label_run, new, tiny_runs / "text"), option, value], capsys)
             tried += 1
             if result not in ("ran", "one line"):
                 failures.append(f"{command} {option} {value}: {result}")
@@ -140,7 +151,7 @@ def test_every_numeric_option_takes_bad_values_in_one_line(command, label_run, t
 
 
 @pytest.mark.parametrize("command", list(subcommands()))
-def test_every_path_option_takes_bad_paths_in_one_line(command, label_run, tmp_path, capsys, no_demo_work):
+def test_every_path_option_takes_bad_paths_in_one_line(command, label_run, tiny_runs, tmp_path, capsys, no_demo_work):
     parser = subcommands()[command]
     user_file, user_folder = tmp_path / "a_file.txt", tmp_path / "a_folder"
     user_file.write_text("the user's notes\n")
@@ -149,12 +160,12 @@ def test_every_path_option_takes_bad_paths_in_one_line(command, label_run, tmp_p
     failures = []
     for i, (option, metavar) in enumerate(path_options(parser)):
         for case in PATH_CASES:
-            argv = base_command(command, label_run, tmp_path / f"case{i}-{case}")
+            argv = base_command(command, label_run, tmp_path / f"case{i}-{case}", tiny_runs / "text")
             value = path_value(case, metavar, tmp_path)
             if option:
                 argv = [*argv, option, value]
-            else:  # a positional RUN (embedding-stats, plot, export, serve) or OUT_FOLDER (export)
-                given = str(label_run) if metavar == "RUN" else str(tmp_path / f"case{i}-{case}")
+            else:  # a positional RUN (the first argument) or OUT_FOLDER (export's second)
+                given = argv[1] if metavar == "RUN" else str(tmp_path / f"case{i}-{case}")
                 argv = [value if a == given else a for a in argv]
             result = outcome(argv, capsys)
             if result not in ("ran", "one line"):

@@ -11,7 +11,7 @@ from cclddg.cli import main
 from cclddg.demo import Demo, DemoSettings
 from cclddg.errors import UserError
 
-TINY = DemoSettings(ae_steps=3, cloob_steps=3, cloob_size=64, data_size=64, gen_minutes=0.02, eval_n=4,
+TINY = DemoSettings(ae_steps=3, cloob_steps=3, cloob_size=64, data_size=64, gen_minutes=0.02, prior_steps=5, eval_n=4,
                     guidances=(2.0,))
 
 
@@ -24,25 +24,30 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_every_stage_and_a_report(demo_dir):
     for path in ("ae/report.json", "cloob/zero_shot.json", "cache/cache.json", "gen/done", "prompts.png",
-                 "eval.json", "report.md", "report.json", "times.json", "model/model_index.json"):
+                 "variety.png", "eval.json", "report.md", "report.json", "times.json", "model/model_index.json"):
         assert (demo_dir / path).is_file(), path
     report = json.loads((demo_dir / "report.json").read_text())
     assert report["generator_steps"] >= 1
-    assert set(report["eval"]) == {"2.0", "paraphrase 2.0", "cloob_score_real", "text_prior", "pct_text", "pseudo_text_xi"}
-    assert report["eval"]["pct_text"] == 0.0 and report["eval"]["text_prior"] == "retrieval"  # language-free
+    assert set(report["eval"]) == {"2.0", "paraphrase 2.0", "cloob_score_real", "text_prior", "pct_text", "pseudo_text_xi",
+                                   "variety"}
+    assert report["eval"]["pct_text"] == 0.0 and report["eval"]["text_prior"] == "flow"  # language-free
     assert 0 <= report["eval"]["2.0"]["validity"] <= 1 and report["eval"]["paraphrase 2.0"]["prompts"] == "paraphrase"
-    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "sample_paraphrased", "eval", "export"}
+    assert set(report["minutes"]) == {"ae", "cloob", "encode", "train", "sample", "sample_paraphrased",
+                                      "sample_variety", "eval", "export"}
+    variety = report["eval"]["variety"]
+    assert set(variety["groups"]) == {"1", "2", "3"} and variety["z"]["n"] >= 2
     text = (demo_dir / "report.md").read_text()
     assert "| captions' wording | 2.0 |" in text and "| paraphrased | 2.0 |" in text and "dB" in text
     assert "![prompts](prompts.png)" in text and "![paraphrased prompts](paraphrases.png)" in text
     assert "text-only reference" in text
+    assert "![variety](variety.png)" in text and "| attributes named |" in text
 
 
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     times = json.loads((demo_dir / "times.json").read_text())
     Demo(demo_dir, quick=True, settings=TINY, progress=False).run()
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 8
+    assert out.count("done before, skipped") == 9
     assert json.loads((demo_dir / "times.json").read_text()) == times
 
 

@@ -23,7 +23,7 @@ TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_si
 TINY_GEN = ["--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0", "--n_channels_disc", "8",
             "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4", "--z_dim", "4",
             "--n_z_channels", "8", "--n_cond_channels", "8", "--cond_map_size", "4", "--log_images_every", "3",
-            "--save_models_every", "3", "--n_batches", "3", "--no_progress"]
+            "--save_models_every", "3", "--n_batches", "3", "--prior_steps", "5", "--no_progress"]
 
 
 @pytest.fixture(scope="module")

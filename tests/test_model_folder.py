@@ -26,7 +26,8 @@ def test_the_folder_has_diffusers_layout_no_pickles_and_no_paths(tiny_runs, tiny
     assert index["unet"] == ["cclddg.models.unet", "UNet"] and index["scheduler"] == ["cclddg.scheduler", "CCLDDGScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["embedder"] == ["cclddg.encoders.component",
                                                                                     "EmbedderModel"]
-    assert index["cond"] == "embedding" and index["text_prior"] == "retrieval" and index["guidance_scale"] == 2.0
+    assert index["prior"] == ["cclddg.priors.flow", "FlowPrior"] and (folder / "prior" / "config.json").is_file()
+    assert index["cond"] == "embedding" and index["text_prior"] == "flow" and index["guidance_scale"] == 2.0
     run_config = json.loads((tiny_runs / "text" / "config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == run_config["latent_scale"]  # the latent scale travels with the autoencoder
@@ -40,6 +41,7 @@ def test_the_folder_has_diffusers_layout_no_pickles_and_no_paths(tiny_runs, tiny
             assert str(tiny_runs) not in text and "/tmp" not in text, path
     labels = json.loads((tiny_models["labels"] / "model_index.json").read_text())
     assert labels["cond"] == "labels" and labels["vae"] == [None, None] and labels["embedder"] == [None, None]
+    assert labels["prior"] == [None, None]
 
 
 def test_a_moved_folder_samples_the_runs_images_bit_for_bit(tiny_runs, tiny_models):

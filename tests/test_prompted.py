@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cclddg.cli import main
@@ -211,7 +212,7 @@ def test_embedding_run_resumes_exactly(tmp_path, encoder):
 def test_embedding_run_stores_the_text_priors_statistics(gen_run):
     from safetensors.torch import load_file
 
-    from cclddg.conditioning import load_stats
+    from cclddg.priors.stats import load_stats
 
     stats = load_stats(gen_run)
     (cache,) = (gen_run.parent / "cache").glob("embeddings-*.safetensors")
@@ -219,7 +220,8 @@ def test_embedding_run_stores_the_text_priors_statistics(gen_run):
     torch.testing.assert_close(stats.image_mean, embeddings["image"].mean(0))
     torch.testing.assert_close(stats.text_mean, embeddings["text"].mean(0))
     assert stats.bank.shape == (64, 16)  # every training example's image embedding (data_size 64)
-    torch.testing.assert_close(stats.bank.float(), embeddings["image"].half().float())
+    torch.testing.assert_close(stats.bank.float(), F.normalize(embeddings["image"], dim=-1).half().float())
+    assert stats.inv_temperature > 0  # the posterior prior's, calibrated on the data's captions
     assert load_stats(gen_run / "checkpoints" / "step_0000006").source == stats.source
 
 
@@ -238,7 +240,7 @@ def test_pseudo_text_perturbs_the_image_embeddings_the_generator_sees(tmp_path, 
     torch.testing.assert_close(grid, image)
 
 
-@pytest.mark.parametrize("prior", ["gap", "retrieval"])
+@pytest.mark.parametrize("prior", ["gap", "retrieval", "posterior"])
 def test_text_priors_sample_and_evaluate(gen_run, tmp_path, capsys, prior):
     out = tmp_path / f"{prior}.png"
     argv = ["sample", "--checkpoint", str(gen_run), "--prompt", "a red circle", "--prompt", "a crimson disc",
@@ -248,7 +250,7 @@ def test_text_priors_sample_and_evaluate(gen_run, tmp_path, capsys, prior):
     assert main(["eval", "--checkpoint", str(gen_run), "--n", "8", "--batch_size", "4", "--prompts", "paraphrase",
                  "--text_prior", prior, "--prior_k", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["prompts"] == "paraphrase" and report["text_prior"] == prior and report["n"] == 8
+    assert report["prompts"] == "paraphrase" and report["text_prior"].startswith(prior) and report["n"] == 8
 
 
 def test_a_run_without_statistics_samples_as_before_and_gets_them_by_command(gen_run, tmp_path, capsys):
@@ -293,3 +295,55 @@ def test_language_free_flags_bad_input_is_one_line(tmp_path, encoder, capsys, ex
     err = capsys.readouterr().err.strip()
     assert code == 2 and expected in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_train_prior_then_sample_and_measure_variety_with_it(gen_run, tmp_path, capsys):
+    """`cclddg train-prior RUN` trains the learned prior into RUN/prior; sampling and eval take --text_prior flow;
+    a run without one, or asked to train a second, says in one line what to do."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(gen_run, run)
+    common = ["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "2", "--text_prior", "flow"]
+    assert main([*common, "-o", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cclddg train-prior {run}" in err
+    assert main(["train-prior", str(run), "--n_batches", "12", "--width", "32", "--depth", "1", "--batch_size", "16",
+                 "--no_progress"]) == 0
+    report = json.loads((run / "prior" / "report.json").read_text())
+    assert report["step"] == 12 and report["source"] == "captions" and report["pairs"] + report["held_out"] == 64
+    assert (run / "prior" / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["train-prior", str(run), "--no_progress"]) == 2
+    assert "already has a learned prior" in capsys.readouterr().err
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert main([*common, "-o", str(first)]) == 0 and main([*common, "-o", str(second)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))  # seeded: the same draws
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--n", "4", "--text_prior", "flow", "--prior_guidance", "2",
+                 "--variety", "--variety_n", "3", "--variety_requests", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["text_prior"] == "flow (captions, guidance 2)"
+    variety = report["variety"]
+    assert set(variety["groups"]) == {"1", "2", "3"} and variety["n"] == 3
+    assert set(variety["groups"]["3"]["open"]) == {"size", "background"}  # colour, shape, position were named
+    assert variety["z"]["real"] > 0 and "z_only" in variety["z"]
+
+
+def test_an_interrupted_prior_is_finished_by_resume(gen_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(gen_run, run)
+    args = ["train-prior", str(run), "--width", "16", "--depth", "1", "--batch_size", "8", "--save_every", "5",
+            "--no_progress"]
+    assert main([*args, "--n_batches", "5"]) == 0
+    shutil.rmtree(run / "prior" / "model")  # as if stopped after its checkpoint, before the end
+    (run / "prior" / "report.json").unlink()
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "a box", "--text_prior", "flow",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    assert f"cclddg train-prior {run} --resume" in capsys.readouterr().err
+    assert main([*args, "--n_batches", "5"]) == 2  # without --resume: one line
+    assert main([*args, "--n_batches", "8", "--resume"]) == 0
+    assert json.loads((run / "prior" / "report.json").read_text())["step"] == 8

@@ -12,6 +12,7 @@ _LAZY = {
     "export_run": "cclddg.model_folder",
     "CCLDDGScheduler": "cclddg.scheduler",
     "EmbedderModel": "cclddg.encoders.component",
+    "FlowPrior": "cclddg.priors.flow",
     "UNet": "cclddg.models",
     "Discriminator": "cclddg.models",
 }

@@ -1,4 +1,5 @@
-"""`cclddg train | train-cloob | train-ae | encode | sample | eval | demo | embedding-stats | plot`: the command line.
+"""`cclddg train | train-cloob | train-ae | train-prior | encode | sample | eval | demo | embedding-stats | plot |
+export | serve`: the command line.
 
 Flags keep the seed project's names (`--z_dim --n_channels_unet --batch_size --n_batches ...`), so its
 README command is valid. Every bad input ends in one line on stderr and a non-zero exit code.
@@ -21,6 +22,7 @@ from cclddg.config import (
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
+    PRIOR_SOURCES,
     TEXT_PRIORS,
     TrainConfig,
 )
@@ -168,9 +170,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "pct_text": "fraction of examples conditioned on their caption's text embedding (else the image's)",
              "pseudo_text_xi": "LAFITE pseudo-text: noise of this relative size added to the image embeddings the "
                                "generator is trained on (0: off)",
-             "text_prior": "how text prompts are mapped at sampling: none, gap (shift by the modality gap) or "
-                           "retrieval (one of the nearest image embeddings of the training data)",
+             "text_prior": TEXT_PRIOR_HELP,
              "prior_k": "neighbours the retrieval prior draws from",
+             "prior_guidance": "the learned prior's guidance (--text_prior flow): > 1 follows the text more closely",
+             "prior_guidance_start": "the flow time in [0, 1) from which the learned prior is guided (default 0)",
+             "prior_steps": "--text_prior flow: steps of the learned prior, trained before the generator (default 3000)",
              "use_cloob_unet": "the generator sees the conditioning (true/false)",
              "use_cloob_disc": "the discriminator sees the conditioning (true/false)",
              "data_size": "examples in the dataset whose embeddings are cached (embedding runs)",
@@ -261,6 +265,42 @@ def cmd_train_cloob(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_prior(args: argparse.Namespace) -> int:
+    """The learned text prior of an embedding run, in RUN/prior (training/prior_trainer.py)."""
+    from cclddg.config import PriorTrainConfig
+    from cclddg.priors import flow_prior_path
+    from cclddg.run_config import small_run_config
+    from cclddg.training.checkpoint import load_config, resolve_checkpoint
+    from cclddg.training.data import run_embedding_pairs
+    from cclddg.training.prior_trainer import PriorTrainer, prior_finished
+
+    run = Path(args.run)
+    cfg = load_config(resolve_checkpoint(run))
+    if cfg.cond != "embedding":
+        raise UserError(f"{run} is conditioned on {cfg.cond}, not on embeddings: it takes no text prompts, so it "
+                        "needs no text prior")
+    out = flow_prior_path(run)
+    if prior_finished(run):
+        raise UserError(f"{run} already has a learned prior ({out}); delete that folder to train another")
+    if out.exists() and not args.resume:
+        raise UserError(f"{out} holds an unfinished prior; continue it with: cclddg train-prior {run} --resume")
+    flags = {**vars(args), "data": cfg.data}
+    prior_cfg = small_run_config(PriorTrainConfig, flags, out, args.resume, None, "train-prior")
+    pairs = run_embedding_pairs(cfg, run, progress=not args.no_progress)
+    trainer = PriorTrainer(prior_cfg, out, pairs, resume=args.resume, progress=not args.no_progress)
+    try:
+        report = trainer.run()
+    except KeyboardInterrupt:
+        if trainer.last_checkpoint is None:
+            raise
+        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
+              f"continue with: cclddg train-prior {run} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(report, indent=2))
+    print(f"done; sample with it: cclddg sample --checkpoint {run} --text_prior flow --prompt \"...\"")
+    return 0
+
+
 def cmd_train_ae(args: argparse.Namespace) -> int:
     from cclddg.config import AETrainConfig
     from cclddg.training.ae_trainer import AETrainer
@@ -312,11 +352,47 @@ def add_train_ae_args(p: argparse.ArgumentParser) -> None:
     add_small_trainer_args(p, AETrainConfig, "runs/ae", helps)
 
 
+TEXT_PRIOR_HELP = ("how text prompts are mapped for a generator trained on image embeddings: none, gap (the "
+                   "modality-gap shift), retrieval (one of the prior_k nearest training image embeddings), posterior "
+                   "(a training image embedding drawn from the calibrated softmax over all of them) or flow (a sample "
+                   "of the learned prior, cclddg train-prior)")
+
+
+def add_train_prior_args(p: argparse.ArgumentParser) -> None:
+    from cclddg.config import PriorTrainConfig
+
+    p.add_argument("run", metavar="RUN", help="run folder of an embedding-conditioned `cclddg train`")
+    p.add_argument("--resume", action="store_true", help="continue the prior in RUN/prior from its last checkpoint")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    helps = {"source": "captions (each image embedding given its caption's text embedding) or pseudo-text (LAFITE "
+                       "noise on the image embedding itself: no captions needed); default captions",
+             "pseudo_text_xi": "pseudo-text's relative noise (default 1.3)",
+             "text_noise": "--source captions: relative noise on the captions' embeddings, so that captions that "
+                           "mean the same share their images (default 0.3)",
+             "width": "hidden width (default 0: twice the embedding width, at least 64)",
+             "cond_drop": "conditions dropped in training, for the prior's own guidance (default 0.1)",
+             "eval_size": "examples held out for the report's loss (default 1000)"}
+    for f in fields(PriorTrainConfig):
+        if f.name in ("data", "workers"):
+            continue
+        kwargs: dict[str, Any] = {"choices": PRIOR_SOURCES} if f.name == "source" else \
+            {"type": config_flag_type(PriorTrainConfig, f)}
+        p.add_argument(f"--{f.name}", default=None, help=helps.get(f.name, f"default {f.default}"), **kwargs)
+
+
 def add_text_prior_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text_prior", choices=TEXT_PRIORS, default=None,
-                   help="how text prompts are mapped for the generator: none, gap (the modality-gap shift) or "
-                        "retrieval (a nearest image embedding of the training data); default: the run's")
+    p.add_argument("--text_prior", choices=TEXT_PRIORS, default=None, help=TEXT_PRIOR_HELP + "; default: the run's")
     p.add_argument("--prior_k", type=parse_number(int, AT_LEAST_1), default=None, help="neighbours the retrieval prior draws from (default: the run's)")
+    p.add_argument("--prior_guidance", type=parse_number(float, GUIDANCE), default=None,
+                   help="the learned prior's guidance: > 1 follows the text more closely, with less variety "
+                        "(default: the run's)")
+    p.add_argument("--prior_guidance_start", type=parse_number(float, BELOW_1), default=None,
+                   help="the flow time in [0, 1) the learned prior's guidance starts at (default: the run's)")
+
+
+def prior_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The text prior flags of sample/eval, by their config names (None: not given)."""
+    return {name: getattr(args, name) for name in ("text_prior", "prior_k", "prior_guidance", "prior_guidance_start")}
 
 
 def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -337,8 +413,7 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Pat
     from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
-    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
-                                   text_prior=args.text_prior, prior_k=args.prior_k)
+    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder, **prior_flags(args))
     n = args.n or 4
     cond = pipe.condition(args.prompt, images, args.image_weight, n=n, seed=args.seed)
     negative = pipe.negative(args.negative_prompt)
@@ -411,19 +486,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report["cloob_score_real"] = real_clip_score(embedder, args.n, data.size)
             report.update(zero_shot_report(embedder, args.n, data.size))
     else:
-        from cclddg.conditioning import PromptConditioner, load_stats
-        from cclddg.pipeline import SamplingConfig, load_generator
+        from cclddg.conditioning import PromptConditioner
+        from cclddg.pipeline import SamplingConfig, load_generator, run_text_prior
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
         conditioner = None
         if cfg.cond == "embedding":
-            conditioner = PromptConditioner(load_embedder(args.encoder or cfg.encoder), args.text_prior or cfg.text_prior,
-                                            load_stats(Path(args.checkpoint)), args.prior_k or cfg.prior_k,
-                                            args.checkpoint)
+            embedder = load_embedder(args.encoder or cfg.encoder)
+            conditioner = PromptConditioner(embedder, run_text_prior(args.checkpoint, cfg, embedder.dim,
+                                                                     **prior_flags(args)))
         elif args.prompts != "text":
             raise UserError(f"--prompts {args.prompts} needs a run trained on embeddings (--encoder)")
         report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size,
                                 conditioner=conditioner, prompts=args.prompts)
+        if args.variety:
+            from cclddg.evaluation.generated import evaluate_variety
+
+            report["variety"] = evaluate_variety(model, cfg, args.variety_n, args.variety_requests, args.cfg,
+                                                 args.seed, args.batch_size, conditioner=conditioner)
         if conditioner is not None:
             report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
         sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)
@@ -502,8 +582,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_embedding_stats(args: argparse.Namespace) -> int:
     """Measure the text priors' statistics (modality gap, image bank) into a run trained without them."""
-    from cclddg.conditioning import describe, measure_stats, stats_path
     from cclddg.encoders import load_embedder
+    from cclddg.priors.stats import measure_stats, stats_path
     from cclddg.training.checkpoint import load_config, resolve_checkpoint
 
     cfg = load_config(resolve_checkpoint(Path(args.run)))
@@ -513,7 +593,7 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     stats = measure_stats(embedder, args.data or cfg.data, cfg.img_size, args.n, cfg.seed, not args.no_progress)
     path = stats_path(Path(args.run))
     stats.save(path)
-    print(f"wrote {path}: {describe(stats)}")
+    print(f"wrote {path}: {stats.describe()}")
     return 0
 
 
@@ -567,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_cloob_args(tc)
     tc.set_defaults(func=cmd_train_cloob)
 
+    tp = sub.add_parser("train-prior", help="train the learned text prior of an embedding run (RUN/prior): text "
+                        "embedding -> a sample of the image embeddings that fit it")
+    add_train_prior_args(tp)
+    tp.set_defaults(func=cmd_train_prior)
+
     ta = sub.add_parser("train-ae", help="train a small KL autoencoder (a latent space: --autoencoder own:RUN)")
     add_train_ae_args(ta)
     ta.set_defaults(func=cmd_train_ae)
@@ -610,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", choices=("text", "paraphrase", "image"), default="text",
                     help="embedding runs: ask with text prompts in the captions' wording, paraphrased (words no "
                          "caption uses), or with held-out images (default text)")
+    ev.add_argument("--variety", action="store_true",
+                    help="also measure variety: what requests naming 1-3 attributes leave open (entropy, total "
+                         "variation and distinct combinations against the data's) and what z adds")
+    ev.add_argument("--variety_n", type=parse_number(int, Range(2, 100_000)), default=32,
+                    help="samples per variety request (default 32)")
+    ev.add_argument("--variety_requests", type=parse_number(int, AT_LEAST_1), default=8,
+                    help="variety requests per number of named attributes (default 8)")
     ev.add_argument("--encoder", metavar="ENCODER", help="embedder for the CLOOB score (default: the run's own)")
     add_text_prior_flags(ev)
     ev.add_argument("-o", "--output", metavar="OUT_FILE", help="also write the report as JSON here")

@@ -7,23 +7,14 @@
 - Pseudo-text (LAFITE, Zhou et al. 2022): an image embedding perturbed by scaled Gaussian noise and
   renormalised, `c' = normalize(c + xi·|c|·e/|e|)`, so a generator trained on images alone also learns the
   neighbourhood where text embeddings fall.
-- Text priors at sampling: a text embedding sits off the image embeddings (the modality gap: matched
-  cosine ~0.6 for our CLOOB), which a generator trained on image embeddings has never seen. `gap` moves it
-  by the difference of the mean image and mean text embedding (Liang et al. 2022, "Mind the Gap");
-  `retrieval` replaces it by one of its k nearest image embeddings of the training data (as kNN-Diffusion,
-  Sheynin et al. 2023): a point the generator was trained on. Image prompts are never moved.
+- Text prompts reach a generator trained on image embeddings through a text prior (`priors/`: the modality-gap
+  shift, retrieval from the data's image embeddings, or the learned prior). Image prompts are never moved.
 - Label runs (shapes) are conditioned on the label vector of a request.
-
-The statistics the priors need (`EmbeddingStats`) are measured once on the run's data and stored in the
-run folder (`RUN/embedding_stats.safetensors`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cclddg.atomic import atomic_path
-from cclddg.config import TEXT_PRIORS
-from cclddg.data.latent_cache import LatentCache
 from cclddg.data.shapes import (
     COLORS,
     LABEL_DIM,
@@ -43,12 +31,10 @@ from cclddg.data.shapes import (
     parse_attrs,
     request_prompt,
 )
-from cclddg.data.sources import load_uint8, parse_data_spec
 from cclddg.errors import UserError
+from cclddg.priors import TextPrior
 
-STATS_FILE = "embedding_stats.safetensors"
-BANK_SIZE = 20000  # image embeddings kept for the retrieval prior (10 MB at 256-d in fp16)
-PRIOR_CHUNK = 1024  # text embeddings the retrieval prior compares with the bank at once (80 MB of similarities)
+PRIOR_CHUNK = 1024  # text embeddings a text prior maps at once
 
 
 # ---- the kinds of conditioning (cfg.cond): labels, embedding, none -----------------------------------------
@@ -121,11 +107,14 @@ def drop(cond: Tensor, p: float) -> Tensor:
     return torch.where(keep, cond, null_like(cond))
 
 
-def pseudo_text(image_emb: Tensor, xi: float) -> Tensor:
+def pseudo_text(image_emb: Tensor, xi: float, generator: torch.Generator | None = None) -> Tensor:
     """LAFITE's fixed perturbation: normalize(c + xi·|c|·e/|e|), e ~ N(0, I); xi = 0 returns c unchanged."""
     if xi <= 0:
         return image_emb
-    noise = torch.randn_like(image_emb)
+    if generator is None:
+        noise = torch.randn_like(image_emb)
+    else:
+        noise = torch.randn(image_emb.shape, generator=generator, device=generator.device).to(image_emb)
     noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return F.normalize(image_emb + xi * image_emb.norm(dim=-1, keepdim=True) * noise, dim=-1)
 
@@ -142,154 +131,28 @@ def training_condition(image_emb: Tensor, text_emb: Tensor, pct_text: float, xi:
     return torch.where(use_text.to(image_emb.device), text_emb, pseudo_text(image_emb, xi))
 
 
-# ---- the statistics the text priors need ------------------------------------------------------------------
-@dataclass
-class EmbeddingStats:
-    """Mean image and mean text embedding of a dataset (the modality gap) and a bank of its image embeddings."""
-
-    image_mean: Tensor  # (dim,)
-    text_mean: Tensor | None  # (dim,); None when the data had no captions (then no gap, the bank still serves)
-    bank: Tensor  # (N, dim) unit image embeddings, float16
-    source: str = ""  # what they were measured on
-
-    @classmethod
-    def measure(cls, image_emb: Tensor, text_emb: Tensor, source: str, captioned: Tensor | None = None,
-                bank_size: int = BANK_SIZE, seed: int = 0) -> "EmbeddingStats":
-        """From aligned (N, dim) image and text embeddings; `captioned` marks the examples with a caption."""
-        image_emb, text_emb = image_emb.float(), text_emb.float()
-        if captioned is not None:
-            text_emb = text_emb[captioned]
-        n = len(image_emb)
-        keep = np.sort(np.random.default_rng(seed).permutation(n)[:bank_size]) if n > bank_size else np.arange(n)
-        bank = F.normalize(image_emb[torch.from_numpy(keep)], dim=-1).half()
-        return cls(image_emb.mean(0), text_emb.mean(0) if len(text_emb) else None, bank.contiguous(), source)
-
-    @property
-    def gap(self) -> Tensor:
-        """The vector from the mean text embedding to the mean image embedding."""
-        if self.text_mean is None:
-            raise UserError(f"the embedding statistics ({self.source}) were measured on data without captions, so "
-                            "they hold no modality gap: measure them on a captioned source, "
-                            "cclddg embedding-stats RUN --data SOURCE (or use --text_prior retrieval)")
-        return self.image_mean - self.text_mean
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {"image_mean": self.image_mean.contiguous(), "bank": self.bank.contiguous()}
-        if self.text_mean is not None:
-            tensors["text_mean"] = self.text_mean.contiguous()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"source": self.source, "format": "1"})
-
-    @classmethod
-    def load(cls, path: Path) -> "EmbeddingStats":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            text_mean = tensors["text_mean"].float() if "text_mean" in tensors else None
-            return cls(tensors["image_mean"].float(), text_mean, tensors["bank"], meta.get("source", ""))
-        except Exception as exc:
-            raise UserError(f"{path} is damaged ({type(exc).__name__}); measure it again with "
-                            f"`cclddg embedding-stats {path.parent}`") from None
-
-
-@torch.no_grad()
-def measure_stats(embedder, data: str, img_size: int, n: int = 5000, seed: int = 0,
-                  progress: bool = True) -> EmbeddingStats:
-    """Embedding statistics of a latent cache (its stored embeddings, which must be this embedder's) or of the
-    first n examples of a captioned source, embedded now (`cclddg embedding-stats`)."""
-
-    if Path(data).expanduser().is_dir() and (Path(data).expanduser() / "cache.json").is_file():
-
-        cache = LatentCache(Path(data).expanduser())
-        if cache.embed_dim != embedder.dim:
-            raise UserError(f"the cache {data} holds {cache.embed_dim}-d embeddings, the run's encoder gives "
-                            f"{embedder.dim}-d: give a cache encoded with the run's --encoder, or a data source")
-        return EmbeddingStats.measure(*cache.embeddings(), source=str(data), seed=seed)
-    parsed = parse_data_spec(data)
-    images, captions = load_uint8(data, parsed.size or img_size, seed, n, workers=0 if parsed.procedural else 2,
-                                  progress=progress)
-    image_emb = torch.cat([embedder.embed_images(images[i:i + 256].float() / 127.5 - 1).cpu()
-                           for i in range(0, len(images), 256)])
-    text_emb = embedder.embed_texts([c if c.strip() else "." for c in captions]).cpu()
-    captioned = torch.tensor([bool(c.strip()) for c in captions])
-    return EmbeddingStats.measure(image_emb, text_emb, f"{data} (first {len(images)})", captioned, seed=seed)
-
-
-def stats_path(run: Path) -> Path:
-    """Where a run keeps its embedding statistics (a checkpoint folder finds its run's)."""
-    run = Path(run)
-    if run.parent.name == "checkpoints":
-        run = run.parent.parent
-    return run / STATS_FILE
-
-
-def load_stats(run: Path) -> EmbeddingStats | None:
-    path = stats_path(run)
-    return EmbeddingStats.load(path) if path.is_file() else None
-
-
-# ---- sampling ------------------------------------------------------------------------------------------
-def apply_text_prior(text_emb: Tensor, prior: str, stats: EmbeddingStats | None, k: int = 8,
-                     generator: torch.Generator | None = None, pick: str = "sample") -> Tensor:
-    """Map text embeddings (B, dim) to conditions a generator trained on image embeddings knows.
-
-    `gap`: normalize(t + mean_image - mean_text). `retrieval`: the k image embeddings of the bank nearest to t;
-    `pick="sample"` draws one of them per row (with `generator`), `pick="mean"` takes their normalised mean.
-    """
-    if prior not in TEXT_PRIORS:
-        raise UserError(f"--text_prior {prior!r} is not valid; choose one of {', '.join(TEXT_PRIORS)}")
-    if prior == "none":
-        return text_emb
-    if stats is None:
-        raise UserError(f"--text_prior {prior} needs the run's embedding statistics, which it lacks (a run from "
-                        "before they existed); measure them into the run: cclddg embedding-stats RUN")
-    device = text_emb.device
-    if prior == "gap":
-        return F.normalize(text_emb + stats.gap.to(device), dim=-1)
-    bank = stats.bank.to(device=device, dtype=text_emb.dtype)
-    k = max(1, min(int(k), len(bank)))
-    top = (text_emb @ bank.T).topk(k, dim=-1).indices  # (B, k)
-    if pick == "mean":
-        return F.normalize(bank[top].mean(1), dim=-1)
-    choice = torch.randint(0, k, (len(text_emb),), generator=generator, device=generator.device if generator else "cpu")
-    return bank[top[torch.arange(len(top), device=device), choice.to(device)]]
-
-
+# ---- prompts -> conditions ----------------------------------------------------------------------------
 class PromptConditioner:
     """Text and image prompts -> the conditions of an embedding-conditioned generator.
 
-    Text goes through the run's text prior; images are embedded as they are; both given, their embeddings
-    are mixed (image_weight) after the prior.
+    Text goes through the run's text prior (`priors.TextPrior`); images are embedded as they are; both given,
+    their embeddings are mixed (image_weight) after the prior.
     """
 
-    def __init__(self, embedder, prior: str = "none", stats: EmbeddingStats | None = None, k: int = 8,
-                 run: str | Path = "RUN"):
-        if prior not in TEXT_PRIORS:
-            raise UserError(f"--text_prior {prior!r} is not valid; choose one of {', '.join(TEXT_PRIORS)}")
-        if k < 1:
-            raise UserError(f"--prior_k must be >= 1, got {k}")
-        if prior != "none" and stats is None:
-            raise UserError(f"--text_prior {prior} needs the run's embedding statistics, which {run} lacks (made before "
-                            f"they existed); measure them into it: cclddg embedding-stats {run}")
-        if stats is not None and stats.bank.shape[1] != embedder.dim:
-            raise UserError(f"the embedding statistics are {stats.bank.shape[1]}-d but the encoder gives "
-                            f"{embedder.dim}-d embeddings: measure them again with `cclddg embedding-stats RUN`")
-        self.embedder, self.prior, self.stats, self.k = embedder, prior, stats, k
+    def __init__(self, embedder, prior: TextPrior | None = None):
+        self.embedder, self.prior = embedder, prior or TextPrior()
 
     def texts(self, prompts: Sequence[str], generator: torch.Generator | None = None, pick: str = "sample") -> Tensor:
         """(len(prompts), dim): each distinct prompt is embedded once, however often it repeats (n samples of
-        one prompt), and the prior maps the rows in chunks, so memory does not grow with the repeats."""
+        one prompt), and the prior maps the rows in chunks, so memory does not grow with the repeats. `pick`:
+        "sample" draws one condition per row (seeded by `generator`), "mean" takes the prior's representative."""
         checked = [self.embedder.check_prompt(p) for p in prompts]
         unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
         embedded = self.embedder.embed_texts(list(unique))
         rows = embedded[torch.tensor([unique[p] for p in checked], dtype=torch.long)]
-        return torch.cat([apply_text_prior(chunk, self.prior, self.stats, self.k, generator, pick)
-                          for chunk in rows.split(PRIOR_CHUNK)])
+        if pick == "mean":
+            return torch.cat([self.prior.mean(chunk) for chunk in rows.split(PRIOR_CHUNK)])
+        return torch.cat([self.prior(chunk, generator) for chunk in rows.split(PRIOR_CHUNK)])
 
     def images(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         if isinstance(images, Tensor) and images.ndim == 4:
@@ -335,6 +198,4 @@ def _square(image: Tensor) -> Tensor:
     return image[..., top:top + s, left:left + s]
 
 
-def describe(stats: EmbeddingStats) -> str:
-    gap = None if stats.text_mean is None else round(float(stats.gap.norm()), 4)
-    return json.dumps({"source": stats.source, "bank": len(stats.bank), "gap_norm": gap})
+

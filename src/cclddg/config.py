@@ -18,6 +18,7 @@ from cclddg.options import (
     AT_LEAST_1,
     BELOW_1,
     FRACTION,
+    GUIDANCE,
     NON_NEGATIVE,
     POSITIVE,
     SEEDS,
@@ -29,7 +30,9 @@ from cclddg.options import (
 OBJECTIVES = ("ddgan", "diffusion")
 STEP_KINDS = ("posterior", "renoise")
 CONDS = ("labels", "embedding", "none")
-TEXT_PRIORS = ("none", "gap", "retrieval")  # how a text prompt's embedding is mapped at sampling (conditioning.py)
+# How a text prompt's embedding becomes a condition at sampling (priors/__init__.py).
+TEXT_PRIORS = ("none", "gap", "retrieval", "posterior", "flow")
+PRIOR_SOURCES = ("captions", "pseudo-text")  # what the learned prior is trained on (priors/flow.py)
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("no", "fp16", "bf16")
 TEXT_TOWERS = ("minilm", "bpe")  # the own CLOOB's text tower: the frozen sentence encoder + a head, or BPE from scratch
@@ -38,9 +41,10 @@ TEXT_TOWERS = ("minilm", "bpe")  # the own CLOOB's text tower: the frozen senten
 TEXT_HEADS = ("mlp", "linear", "locked")
 
 
-# TrainConfig fields the data decides (a latent cache's channels, downsampling and scale), never flags: resolution
+# TrainConfig fields the data decides (a latent cache's channels, downsampling and scale; the shapes pairs it holds
+# out), never flags: resolution
 # (`run_config.resolve` for a cache given as --data, `run_config.with_cache` for a source the run encodes) sets them.
-DERIVED_FIELDS = ("latent_channels", "latent_factor", "latent_scale")
+DERIVED_FIELDS = ("latent_channels", "latent_factor", "latent_scale", "holdout")
 
 
 class JsonConfig:
@@ -83,6 +87,7 @@ class TrainConfig(JsonConfig):
     latent_channels: int = 3
     latent_factor: int = 1
     latent_scale: float = 1.0
+    holdout: str = ""  # shapes:...:holdout=...: the (colour, shape) pairs no training image shows (data/shapes.py)
     flip: bool = False  # train on the cache's flipped latents half of the time (not for shapes: left/right)
     cond: str = "labels"
     pct_zeros: float = 0.1
@@ -95,6 +100,9 @@ class TrainConfig(JsonConfig):
     pseudo_text_xi: float = 0.0
     text_prior: str = "none"
     prior_k: int = 8
+    prior_guidance: float = 1.0  # the learned prior's classifier-free guidance (text_prior flow) ...
+    prior_guidance_start: float = 0.0  # ... from this flow time on (priors/flow.py)
+    prior_steps: int = 3000  # text_prior flow: the learned prior's training steps, before the generator's
     use_cloob_unet: bool = True
     use_cloob_disc: bool = True
     data_size: int = 20000  # examples used (a real source's default: 0 = all it has)
@@ -165,7 +173,8 @@ class TrainConfig(JsonConfig):
     RANGES: ClassVar[dict[str, Range]] = {
         "img_size": Range(1, 8192), "latent_channels": Range(1, 4096), "latent_factor": Range(1, 1024),
         "latent_scale": POSITIVE, "pct_zeros": BELOW_1, "pct_text": FRACTION, "pseudo_text_xi": NON_NEGATIVE,
-        "prior_k": AT_LEAST_1, "data_size": NON_NEGATIVE, "workers": Range(0, 256), "n_steps": Range(1, 100_000),
+        "prior_k": AT_LEAST_1, "prior_guidance": GUIDANCE, "prior_guidance_start": BELOW_1,
+        "prior_steps": AT_LEAST_1, "data_size": NON_NEGATIVE, "workers": Range(0, 256), "n_steps": Range(1, 100_000),
         "beta_min": POSITIVE, "beta_max": POSITIVE, "n_channels_unet": Range(1, 8192), "ch_mults": Range(1, 64),
         "n_blocks": Range(1, 64), "z_dim": Range(0, 65536), "n_z_channels": Range(1, 65536),
         "n_cond_channels": Range(1, 65536), "n_cond_channels_disc": Range(-1, 65536), "n_time_channels": Range(-1, 65536),
@@ -217,8 +226,10 @@ FAST = dict(DDGAN, beta_max=12.0, img_size=32, n_channels_unet=32, ch_mults=(1, 
 # conditioning map sits at the 4x4 bottleneck.
 STANDARD_DIFFUSION = DIFFUSION
 LATENT_DIFFUSION = dict(DIFFUSION, img_size=64, needs_latents=True)
-CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.0, pseudo_text_xi=0.5, text_prior="retrieval",
-              needs_latents=True, cond_map_size=4, batch_size=64)
+# Text reaches it through the learned prior (priors/flow.py), guided 5x from flow time 0.3: of the priors measured
+# on the demo (README, "Variety and composition") the one with the data's variety at retrieval's 99.6%.
+CCLDDG = dict(FAST, img_size=64, cond="embedding", pct_text=0.0, pseudo_text_xi=0.5, text_prior="flow",
+              prior_guidance=5.0, prior_guidance_start=0.3, needs_latents=True, cond_map_size=4, batch_size=64)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "standard-diffusion": STANDARD_DIFFUSION, "latent-diffusion": LATENT_DIFFUSION, "ddgan": DDGAN,
@@ -337,3 +348,41 @@ class AETrainConfig(JsonConfig):
         if self.crop and (self.crop % self.factor or self.crop > self.img_size):
             raise UserError(f"--crop {self.crop} must be a multiple of the factor {self.factor} and at most "
                             f"--img_size {self.img_size} (0: whole images)")
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig(JsonConfig):
+    """`cclddg train-prior`: the learned prior (priors/flow.py) of an embedding run, trained on the run's data."""
+
+    source: str = "captions"  # captions: (caption, image) pairs; pseudo-text: LAFITE noise on the image (no captions)
+    text_noise: float = 0.3  # captions: relative noise on the caption's embedding, so captions that mean the same
+    #                          share their images (without it the prior learns each wording's few images)
+    pseudo_text_xi: float = 1.3  # pseudo-text's relative noise (1.3: cosine ~0.6 to the image, as captions are)
+    width: int = 0  # 0: twice the embedding's width, at least 64 (512 for the own CLOOB's 256-d)
+    depth: int = 4
+    cond_drop: float = 0.1  # conditions dropped to the null one, for the prior's own guidance
+    batch_size: int = 512
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    n_batches: int = 3000
+    max_minutes: float = 0.0
+    eval_size: int = 1000  # examples held out for the report's loss (at most a tenth of them)
+    seed: int = 0
+    log_every: int = 100
+    save_every: int = 1000
+    threads: int = 0
+    workers: int = 0  # (unused: the prior reads the run's embeddings, not images)
+    data: str = ""  # what the embeddings are (recorded; the run's data)
+
+    KIND: ClassVar[str] = "train-prior config"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "text_noise": NON_NEGATIVE, "pseudo_text_xi": POSITIVE, "width": Range(0, 65536), "depth": Range(1, 64), "cond_drop": BELOW_1,
+        "batch_size": Range(1, 1 << 20), "lr": POSITIVE, "warmup": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        **SMALL_RUN_RANGES,
+    }
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.source not in PRIOR_SOURCES:
+            raise UserError(f"--source {self.source!r} is not valid; choose one of {', '.join(PRIOR_SOURCES)}")

@@ -6,9 +6,10 @@ Stages (each one resumes or is skipped when the demo is run again after an inter
     2. cloob    train our own CLOOB (`train-cloob`)                  -> OUT/cloob/   (zero_shot.json)
     3. encode   latents + image/caption embeddings, once (`encode`)  -> OUT/cache/
     4. train    the CLOOB-conditioned latent DDGAN, T=4 (`train --preset cclddg --data OUT/cache`) -> OUT/gen/
-    5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png (shapes: and paraphrases.png)
+    5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png (shapes: paraphrases.png,
+                and variety.png: prompts that leave attributes open, 16 samples each)
     6. eval     shapes: text prompts naming colour, shape and position, in the captions' wording and
-                paraphrased; emoji: held-out emoji names,
+                paraphrased, and the variety of what prompts leave open; emoji: held-out emoji names,
                 the samples' CLOOB score and caption retrieval vs the real images' -> OUT/eval.json
     7. report   figures, timings and pictures                         -> OUT/report.md
 
@@ -39,6 +40,9 @@ PARAPHRASED = ("a crimson disc in the upper left", "a tiny navy box near the bot
 EMOJI_PROMPTS = ("red apple", "a shiny red apple", "dog face", "the face of a puppy", "grinning face",
                  "a happy smiling face", "flag of France", "the French flag")
 DATA = ("shapes", "emoji")
+# prompts naming 3, 2 and 1 attributes, for the variety grid: the background and size are never named
+VARIETY_PROMPTS = ("a black triangle at the bottom", "a red circle", "a square")
+VARIETY_SAMPLES = 16
 
 
 @dataclass
@@ -49,15 +53,18 @@ class DemoSettings:
     data_size: int = 20000
     gen_steps: int = 5000  # the generator's fixed length: the same model on any CPU
     gen_minutes: float = 0.0  # an optional time budget on top (0: none)
+    prior_steps: int = 0  # the learned text prior's steps, trained before the generator (0: the preset's)
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
+    variety_n: int = 32  # samples per variety request (evaluation/variety.py)
+    variety_requests: int = 8  # variety requests per number of named attributes
     data: str = "shapes"
     cloob_text_head: str = "mlp"
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_steps=100, eval_n=60,
-                     guidances=(2.0,))
+QUICK = DemoSettings(ae_steps=150, cloob_steps=150, cloob_size=2000, data_size=2000, gen_steps=100, prior_steps=100, eval_n=60,
+                     guidances=(2.0,), variety_n=8, variety_requests=2)
 
 
 class Demo:
@@ -91,7 +98,7 @@ class Demo:
         wanted = {"quick": self.quick, **{k: list(v) if isinstance(v, tuple) else v
                                           for k, v in self.settings.__dict__.items()}}
         if plan.is_file():
-            found = json.loads(plan.read_text())
+            found = {**wanted, **json.loads(plan.read_text())}  # settings added since the plan was written: any
             if found != wanted:
                 raise UserError(f"{self.out} holds a demo run with other settings ({found.get('quick') and 'quick' or 'full'}); "
                                 "run the same command again to resume it, or choose a new --out")
@@ -133,6 +140,7 @@ class Demo:
         if self.shapes:
             self._stage("sample_paraphrased", lambda: (out / "paraphrases.png").is_file(),
                         lambda: self.sample_grid(PARAPHRASED, "paraphrases.png"))
+            self._stage("sample_variety", lambda: (out / "variety.png").is_file(), self.sample_variety)
         self._stage("eval", lambda: (out / "eval.json").is_file(), self.evaluate)
         self._stage("export", lambda: (out / "model" / "model_index.json").is_file(), self.export)
         report = self.write_report()
@@ -183,6 +191,8 @@ class Demo:
         overrides: dict[str, Any] = {"data": str((self.out / "cache").resolve()),
                                      "n_batches": self.settings.gen_steps, "max_minutes": self.settings.gen_minutes,
                                      "threads": self.threads}
+        if self.settings.prior_steps:
+            overrides["prior_steps"] = self.settings.prior_steps
         if self.quick:
             overrides.update(log_images_every=100, save_models_every=100)
         if resume and self.settings.gen_minutes:  # a resumed run gets the rest of the time budget, not a new one
@@ -205,6 +215,17 @@ class Demo:
         grid = torch.stack(per, dim=1).flatten(0, 2)  # rows: prompts; columns: n samples per guidance
         save_image_atomic(make_grid(grid, nrow=n * len(guidances)), self.out / name)
 
+    def sample_variety(self) -> None:
+        """Prompts that leave attributes open (rows), VARIETY_SAMPLES samples each at guidance 1: what the prior and
+        the generator make of what a prompt does not say."""
+        from cclddg.data.images import make_grid, save_image_atomic
+        from cclddg.pipeline import PromptPipeline
+
+        pipe = PromptPipeline.from_run(self.out / "gen")
+        cond = pipe.condition(list(VARIETY_PROMPTS), n=VARIETY_SAMPLES, seed=0)
+        images = pipe.generate(cond, 1, 1.0, seed=0).cpu()
+        save_image_atomic(make_grid(images, nrow=VARIETY_SAMPLES), self.out / "variety.png")
+
     @property
     def shapes(self) -> bool:
         return self.settings.data == "shapes"
@@ -220,14 +241,14 @@ class Demo:
     def evaluate(self) -> None:
         if not self.shapes:
             return self.evaluate_named()
-        from cclddg.conditioning import PromptConditioner, load_stats
+        from cclddg.conditioning import PromptConditioner
         from cclddg.encoders import load_embedder
-        from cclddg.evaluation.generated import evaluate_model, real_clip_score
-        from cclddg.pipeline import load_generator
+        from cclddg.evaluation.generated import evaluate_model, evaluate_variety, real_clip_score
+        from cclddg.pipeline import load_generator, run_text_prior
 
         model, cfg = load_generator(self.out / "gen")
         embedder = load_embedder(cfg.encoder)
-        conditioner = PromptConditioner(embedder, cfg.text_prior, load_stats(self.out / "gen"), cfg.prior_k)
+        conditioner = PromptConditioner(embedder, run_text_prior(self.out / "gen", cfg, embedder.dim))
         results: dict[str, Any] = {"text_prior": cfg.text_prior, "pct_text": cfg.pct_text,
                                    "pseudo_text_xi": cfg.pseudo_text_xi}
         for kind in ("text", "paraphrase"):
@@ -239,6 +260,11 @@ class Demo:
                 report["seconds"] = round(time.perf_counter() - start, 1)
                 results[str(g) if kind == "text" else f"paraphrase {g}"] = report
         results["cloob_score_real"] = real_clip_score(embedder, min(self.settings.eval_n, 500), 64)
+        start = time.perf_counter()
+        s = self.settings
+        results["variety"] = evaluate_variety(model, cfg, s.variety_n, s.variety_requests, 1.0,
+                                              conditioner=conditioner, progress=self.progress)
+        results["variety"]["seconds"] = round(time.perf_counter() - start, 1)
         self._write_json("eval.json", results)
 
     @torch.no_grad()
@@ -285,11 +311,24 @@ class Demo:
                  f"- Own CLOOB on held-out images: {self._cloob_line(zero_shot)}.",
                  f"- Generator: {steps} steps of the latent DDGAN (T=4).", ""]
         lines += self._eval_lines(evals)
+        if self.shapes and "variety" in evals:
+            from cclddg.evaluation.variety import variety_table, z_line
+
+            v = evals["variety"]
+            lines += ["", f"Variety at guidance 1 ({v['requests_per_group']} requests per row group naming 1, 2 or 3 "
+                      f"attributes, {v['n']} samples each, text prior {v.get('text_prior')}): per attribute the "
+                      "prompt leaves open, the entropy of the analyzer's readings relative to the data's (H) and "
+                      "the total-variation distance of the pooled readings to the data's (TV); real images drawn "
+                      "for the same requests are the finite-sample reference.", ""]
+            lines += variety_table(v) + ["", z_line(v["z"])]
         lines += ["", f"The model as one folder: `{self.out / 'model'}` (`cclddg serve` it, or "
                   "`CCLDDGPipeline.from_pretrained` it)."]
         scales = ", ".join(f"{g:g}" for g in self.settings.guidances)
         lines += ["", f"Prompts (rows) x guidance {scales} (4 samples each):", "", "![prompts](prompts.png)", "",
                   "Prompts: " + "; ".join(self.prompts), ""]
+        if (self.out / "variety.png").is_file():
+            lines += [f"Prompts that leave attributes open, {VARIETY_SAMPLES} samples each (guidance 1):", "",
+                      "![variety](variety.png)", "", "Prompts: " + "; ".join(VARIETY_PROMPTS), ""]
         if (self.out / "paraphrases.png").is_file():
             lines += ["The same requests in words no caption uses:", "", "![paraphrased prompts](paraphrases.png)", "",
                       "Prompts: " + "; ".join(PARAPHRASED), ""]
@@ -307,7 +346,7 @@ class Demo:
                 f"top-5 {zero_shot.get('top5')}% (chance {zero_shot.get('chance_top1')}%)")
 
     def _eval_lines(self, evals: dict) -> list[str]:
-        rows = [(g, r) for g, r in evals.items() if isinstance(r, dict) and g != "real"]
+        rows = [(g, r) for g, r in evals.items() if isinstance(r, dict) and g not in ("real", "variety")]
         if self.shapes:
             lines = ["| prompts | guidance | colour | shape | position | validity | CLOOB score |",
                      "|---|---|---|---|---|---|---|"]

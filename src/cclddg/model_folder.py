@@ -9,6 +9,7 @@
     OUT/vae/                        the autoencoder (diffusers AutoencoderKL/AutoencoderTiny); its config's
                                     `scaling_factor` is the run's latent scale (absent for pixel-space models)
     OUT/embedder/                   the embedder (encoders/component.py; absent for label or unconditional models)
+    OUT/prior/                      the learned text prior (priors/flow.py), when the run has one
     OUT/embedding_stats.safetensors the text priors' statistics of the training data (when the run has them)
 
 `CCLDDGPipeline` is a `diffusers.DiffusionPipeline`: `from_pretrained(folder, torch_dtype=...)`, `.to(device)`,
@@ -32,12 +33,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from cclddg.atomic import write_text_atomic
-from cclddg.conditioning import (
-    PromptConditioner,
-    load_stats,
-    request_conditions,
-    stats_path,
-)
+from cclddg.conditioning import PromptConditioner, request_conditions
 from cclddg.data.images import tensor_to_image
 from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
@@ -47,6 +43,8 @@ from cclddg.latents import load_latent_space
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.models import UNet
 from cclddg.options import GUIDANCE, number_problem
+from cclddg.priors import FlowPrior, PriorSettings, load_flow_prior, make_text_prior
+from cclddg.priors.stats import load_stats, stats_path
 from cclddg.pipeline import (
     SamplingConfig,
     folder_sampling_config,
@@ -74,16 +72,18 @@ class CCLDDGPipeline(DiffusionPipeline):
                       generator=torch.Generator().manual_seed(0)).images
     """
 
-    model_cpu_offload_seq = "embedder->unet->vae"
-    _optional_components = ["vae", "embedder"]
+    model_cpu_offload_seq = "embedder->prior->unet->vae"
+    _optional_components = ["vae", "embedder", "prior"]
 
     def __init__(self, unet: UNet, scheduler: CCLDDGScheduler, vae: Any = None, embedder: EmbedderModel | None = None,
-                 cond: str = "embedding", img_size: int = 32, text_prior: str = "none", prior_k: int = 8,
-                 guidance_scale: float = 1.0):
+                 prior: FlowPrior | None = None, cond: str = "embedding", img_size: int = 32, text_prior: str = "none",
+                 prior_k: int = 8, prior_guidance: float = 1.0, prior_guidance_start: float = 0.0,
+                 guidance_scale: float = 1.0, holdout: str = ""):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, prior=prior)
         self.register_to_config(cond=cond, img_size=img_size, text_prior=text_prior, prior_k=prior_k,
-                                guidance_scale=guidance_scale)
+                                prior_guidance=prior_guidance, prior_guidance_start=prior_guidance_start,
+                                guidance_scale=guidance_scale, holdout=holdout)
         self.stats = None  # the text priors' statistics (embedding_stats.safetensors), when the model has them
 
     # ---- from a run, to a folder, from a folder ----------------------------------------------------------
@@ -100,8 +100,11 @@ class CCLDDGPipeline(DiffusionPipeline):
             vae = load_latent_space(cfg.autoencoder, scale=cfg.latent_scale).vae
             vae.register_to_config(scaling_factor=float(cfg.latent_scale))
         embedder = EmbedderModel.wrap(load_embedder(cfg.encoder)) if cfg.cond == "embedding" else None
-        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, cond=cfg.cond, img_size=cfg.img_size,
-                   text_prior=cfg.text_prior, prior_k=cfg.prior_k, guidance_scale=guidance_scale)
+        prior = load_flow_prior(run) if cfg.cond == "embedding" else None
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, prior=prior, cond=cfg.cond,
+                   img_size=cfg.img_size, text_prior=cfg.text_prior, prior_k=cfg.prior_k,
+                   prior_guidance=cfg.prior_guidance, prior_guidance_start=cfg.prior_guidance_start,
+                   guidance_scale=guidance_scale, holdout=cfg.holdout)
         pipe.stats = load_stats(Path(run))
         return pipe
 
@@ -139,12 +142,15 @@ class CCLDDGPipeline(DiffusionPipeline):
             return None
         return DiffusersVAE(self.vae).with_scale(float(self.vae.config.scaling_factor))
 
-    def conditioner(self, text_prior: str | None = None, prior_k: int | None = None) -> PromptConditioner:
+    def conditioner(self, **prior_overrides) -> PromptConditioner:
+        """Prompts -> conditions through the model's text prior (`text_prior=`, `prior_k=`, `prior_guidance=`,
+        `prior_guidance_start=` override the model's; None: not given)."""
         if self.embedder is None:
             raise UserError(f"this model is conditioned on {self.config.cond}, not on embeddings: "
                             + ("give attrs=" if self.config.cond == "labels" else "give no prompt"))
-        return PromptConditioner(self.embedder.embedder, text_prior or self.config.text_prior, self.stats,
-                                 prior_k or self.config.prior_k, "this model")
+        prior = make_text_prior(PriorSettings.of(self.config, **prior_overrides), self.stats, self.prior,
+                                self.embedder.embedder.dim, "this model")
+        return PromptConditioner(self.embedder.embedder, prior)
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +159,7 @@ class CCLDDGPipeline(DiffusionPipeline):
                  guidance_scale: float | None = None, num_images_per_prompt: int = 1,
                  num_inference_steps: int | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil", batch_size: int = 64, text_prior: str | None = None,
+                 prior_guidance: float | None = None, prior_guidance_start: float | None = None,
                  return_dict: bool = True) -> CCLDDGPipelineOutput | tuple:
         """Images for prompts (text, `image`s to vary, or both mixed by `image_weight`), for label `attrs`
         (shapes models: "color=red,shape=circle" or a dict, one per row), or unconditional ones.
@@ -174,7 +181,8 @@ class CCLDDGPipeline(DiffusionPipeline):
         rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
         seed = rng.initial_seed()
         n = num_images_per_prompt
-        cond, negative = self._conditions(prompt, negative_prompt, image, image_weight, attrs, n, seed, text_prior)
+        prior = dict(text_prior=text_prior, prior_guidance=prior_guidance, prior_guidance_start=prior_guidance_start)
+        cond, negative = self._conditions(prompt, negative_prompt, image, image_weight, attrs, n, seed, prior)
         count = n if cond is None else len(cond)
         device = self._execution_device
         batches = sample_batches(self.unet, config, count, cond=cond, batch_size=batch_size, rng=rng, device=device,
@@ -201,7 +209,7 @@ class CCLDDGPipeline(DiffusionPipeline):
         return num_inference_steps
 
     def _conditions(self, prompt, negative_prompt, image, image_weight, attrs, n: int, seed: int,
-                    text_prior: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    prior: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(conditions, one per image; the negative prompt's embedding) of this call."""
         kind = self.config.cond
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -211,7 +219,7 @@ class CCLDDGPipeline(DiffusionPipeline):
                 raise UserError("this model is prompted with text or images; attrs= is for label models")
             if not prompts and not images:
                 raise UserError("give a prompt or an image")
-            prompts_in = self.conditioner(text_prior)
+            prompts_in = self.conditioner(**prior)
             cond = prompts_in(prompts, [prompt_image(i) for i in images], image_weight, n=n, seed=seed)
             return cond, prompts_in.negative(negative_prompt)
         if prompts or images or negative_prompt:

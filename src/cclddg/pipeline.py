@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cclddg import diffusion, objectives
-from cclddg.conditioning import PromptConditioner, load_stats, null_like
+from cclddg.conditioning import PromptConditioner, null_like
 from cclddg.config import TrainConfig
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
@@ -24,6 +24,7 @@ from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
 from cclddg.latents import LatentSpace, load_latent_space
 from cclddg.models import UNet
+from cclddg.priors import PriorSettings, TextPrior, text_prior_of
 from cclddg.storage import load_model
 from cclddg.training.checkpoint import load_config, resolve_checkpoint
 
@@ -91,6 +92,9 @@ class SamplingConfig:
     encoder: str | None = None
     text_prior: str = "none"
     prior_k: int = 8
+    prior_guidance: float = 1.0
+    prior_guidance_start: float = 0.0
+    holdout: str = ""  # shapes (colour, shape) pairs the training images never showed (evaluation asks for them)
 
     @classmethod
     def of(cls, cfg: "TrainConfig | SamplingConfig") -> "SamplingConfig":
@@ -100,7 +104,8 @@ class SamplingConfig:
                    beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
                    latent_size=cfg.img_size // cfg.latent_factor, autoencoder=cfg.autoencoder,
                    latent_scale=cfg.latent_scale, cond=cfg.cond, img_size=cfg.img_size, encoder=cfg.encoder,
-                   text_prior=cfg.text_prior, prior_k=cfg.prior_k)
+                   text_prior=cfg.text_prior, prior_k=cfg.prior_k, prior_guidance=cfg.prior_guidance,
+                   prior_guidance_start=cfg.prior_guidance_start, holdout=cfg.holdout)
 
     def sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(sampler, network calls) this config samples with: DDGAN's own T steps, or a diffusion sampler (DDPM
@@ -115,16 +120,17 @@ class SamplingConfig:
 def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], *,
                  cond: Tensor | None = None, guidance: float = 1.0, step_kind: str = "posterior", z_dim: int = 0,
                  rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 batched_cfg: bool = True, uncond: Tensor | None = None) -> Tensor:
+                 batched_cfg: bool = True, uncond: Tensor | None = None,
+                 z_rng: torch.Generator | None = None) -> Tensor:
     """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1} (the training's fake step);
-    return the last x̂_0."""
+    return the last x̂_0. `z_rng` draws the z's (default: `rng`), so z alone can be varied with the rest fixed."""
     device = torch.device(device)
     sched = schedule.to(device)
     x = randn(shape, rng, device)
     x0 = x
     for step in range(sched.n_steps, 0, -1):
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-        z = randn((shape[0], z_dim), rng, device) if z_dim else None
+        z = randn((shape[0], z_dim), rng if z_rng is None else z_rng, device) if z_dim else None
         x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg, uncond=uncond)
         if step > 1:
             x = objectives.fake_step(sched, step_kind, x, x0, t, noise=randn(shape, rng, device))
@@ -163,7 +169,8 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
 def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *, cond: Tensor | None = None,
            guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
            rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-           uncond: Tensor | None = None, space: LatentSpace | None = None) -> Tensor:
+           uncond: Tensor | None = None, space: LatentSpace | None = None,
+           z_rng: torch.Generator | None = None) -> Tensor:
     """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
     `SamplingConfig` or a run's config); a latent run's samples are decoded by its autoencoder (`space`, or the
     one the config names)."""
@@ -173,7 +180,7 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
     name, calls = config.sampler(sampler, steps)
     if name == "ddgan":
         x = ddgan_sample(model, schedule, shape, cond=cond, guidance=guidance, step_kind=config.step_kind,
-                         z_dim=config.z_dim, rng=rng, device=device, uncond=uncond)
+                         z_dim=config.z_dim, rng=rng, device=device, uncond=uncond, z_rng=z_rng)
     else:
         x = diffusion_sample(model, schedule, shape, cond=cond, guidance=guidance, sampler=name, n_sample_steps=calls,
                              rng=rng, device=device, uncond=uncond)
@@ -240,7 +247,9 @@ def folder_sampling_config(index: dict, scheduler: dict, unet: dict, vae: dict |
                           autoencoder="pixels" if vae is None else autoencoder,
                           latent_scale=1.0 if vae is None else float(vae["scaling_factor"]),
                           cond=index["cond"], img_size=index["img_size"], encoder=encoder,
-                          text_prior=index.get("text_prior", "none"), prior_k=index.get("prior_k", 8))
+                          text_prior=index.get("text_prior", "none"), prior_k=index.get("prior_k", 8),
+                          prior_guidance=index.get("prior_guidance", 1.0),
+                          prior_guidance_start=index.get("prior_guidance_start", 0.0), holdout=index.get("holdout", ""))
 
 
 def load_model_folder(folder: str | Path,
@@ -315,6 +324,12 @@ def prompt_image(image: Any) -> Tensor:
     raise UserError(f"an image prompt is a PIL image, a file path or a (3, H, W) tensor, not {type(image).__name__}")
 
 
+def run_text_prior(path: str | Path, cfg: "TrainConfig | SamplingConfig", dim: int, **overrides) -> TextPrior:
+    """A run's (or model folder's) text prior, its settings overridden where given (`cclddg sample/eval --text_prior
+    ... --prior_guidance ...`: `overrides` by the config's names, None = not given)."""
+    return text_prior_of(path, PriorSettings.of(cfg, **overrides), dim)
+
+
 class PromptPipeline:
     """Text- and image-prompted sampling from an embedding-conditioned run; returns PIL images.
 
@@ -325,17 +340,16 @@ class PromptPipeline:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu",
-                 stats=None, text_prior: str | None = None, prior_k: int | None = None, run: str | Path = "RUN"):
+                 prior: TextPrior | None = None):
 
         self.model, self.cfg, self.embedder, self.device = model, cfg, embedder, torch.device(device)
-        self.prompts = PromptConditioner(embedder, text_prior or cfg.text_prior, stats, prior_k or cfg.prior_k, run)
+        self.prompts = PromptConditioner(embedder, prior)
 
     @classmethod
     def from_run(cls, path: str | Path, device: torch.device | str = "cpu", ema: bool = True,
-                 encoder: str | None = None, text_prior: str | None = None,
-                 prior_k: int | None = None) -> "PromptPipeline":
+                 encoder: str | None = None, **prior_overrides) -> "PromptPipeline":
         """Load a run's generator, the encoder it was trained with (or `encoder`, a spec of the same space) and
-        its embedding statistics; `text_prior`/`prior_k` override the run's."""
+        its text prior; `text_prior=`, `prior_k=`, `prior_guidance=`, `prior_guidance_start=` override the run's."""
 
         model, cfg = load_generator(path, ema=ema, device=device)
         if cfg.cond != "embedding":
@@ -346,7 +360,8 @@ class PromptPipeline:
         embedder = load_embedder(encoder or cfg.encoder, device)
         if embedder.dim != model.config.cond_dim:
             raise UserError(f"the encoder gives {embedder.dim}-d embeddings but the generator expects {model.config.cond_dim}")
-        return cls(model, cfg, embedder, device, load_stats(Path(path)), text_prior, prior_k, path)
+        prior = run_text_prior(path, cfg, embedder.dim, **prior_overrides)
+        return cls(model, cfg, embedder, device, prior)
 
     def condition(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
                   image_weight: float = 0.5, n: int = 1, seed: int = 0) -> Tensor:

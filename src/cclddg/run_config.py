@@ -23,6 +23,7 @@ from cclddg.config import (
     TrainConfig,
 )
 from cclddg.data.latent_cache import read_cache_meta
+from cclddg.data.shapes import format_holdout
 from cclddg.data.sources import parse_data_spec, with_font
 from cclddg.diffusion import SCHEDULE_KINDS
 from cclddg.encoders import absolute_spec, parse_encoder_spec
@@ -99,6 +100,7 @@ def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, An
             raise UserError(f"--data {data} gives {spec.size}px images but --img_size is {given['img_size']}; "
                             "drop one of them")
         out["img_size"] = spec.size
+    out["holdout"] = format_holdout(spec.holdout)
     if not spec.procedural:
         if "data_size" not in given:
             out["data_size"] = 0
@@ -133,7 +135,8 @@ def cache_facts(meta: dict[str, Any]) -> dict[str, Any]:
     cache.json."""
     img_size, (channels, latent, _) = int(meta["img_size"]), meta["latent_shape"]
     return {"latent_channels": int(channels), "latent_factor": img_size // int(latent),
-            "latent_scale": float(meta["scale"]), "data_size": int(meta["count"])}
+            "latent_scale": float(meta["scale"]), "data_size": int(meta["count"]),
+            "holdout": format_holdout(parse_data_spec(str(meta["data"])).holdout)}
 
 
 def with_cache(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:

@@ -506,9 +506,10 @@ class LatentCache:
         return str(self.meta["content_hash"])
 
     # ---- reading batches ----------------------------------------------------------------------------
-    def get_batch(self, indices: Sequence[int], flip: Tensor | None = None) -> dict[str, Any]:
+    def get_batch(self, indices: Sequence[int], flip: Tensor | None = None,
+                  fields: Sequence[str] | None = None) -> dict[str, Any]:
         """Examples `indices` (any order, repeats allowed) as float32 tensors; `flip[i]` picks the flipped
-        latent and image embedding of example i."""
+        latent and image embedding of example i. `fields` reads only those arrays (e.g. the embeddings)."""
         idx = np.asarray(list(indices) if not isinstance(indices, (np.ndarray, Tensor)) else indices,
                          dtype=np.int64).reshape(-1)
         if idx.size == 0:
@@ -527,6 +528,11 @@ class LatentCache:
             shapes.update(image_emb=(self.embed_dim,), text_emb=(self.embed_dim,))
         if self.has_labels:
             shapes["labels"] = self._arrays[0]["labels"].shape[1:]
+        if fields is not None:
+            missing = [f for f in fields if f not in shapes]
+            if missing:
+                raise UserError(f"{self.path} holds no {', '.join(missing)}")
+            shapes = {name: shapes[name] for name in fields}
         out = {name: np.empty((idx.size, *shape), dtype=np.float32) for name, shape in shapes.items()}
         captions: list[str] = [""] * idx.size
         for s in np.unique(shard_of):
@@ -547,6 +553,10 @@ class LatentCache:
         batch["captions"] = captions
         return batch
 
+    def captioned(self) -> Tensor:
+        """(N,) bool: which examples have a caption (their text embedding then says something)."""
+        return torch.tensor([bool(c.strip()) for caps in self._captions for c in caps])
+
     def embeddings(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every example's image and text embedding (float32) and whether it has a caption (its text
         embedding then says something): what the text priors' statistics are measured on."""
@@ -554,8 +564,7 @@ class LatentCache:
             raise UserError(f"{self.path} holds no embeddings (encoded without --encoder)")
         image = torch.from_numpy(np.concatenate([a["image_emb"] for a in self._arrays]).astype(np.float32))
         text = torch.from_numpy(np.concatenate([a["text_emb"] for a in self._arrays]).astype(np.float32))
-        captioned = torch.tensor([bool(c.strip()) for caps in self._captions for c in caps])
-        return image, text, captioned
+        return image, text, self.captioned()
 
     def verify(self) -> str:
         """Recompute every shard's hash; a damaged or edited file raises UserError. Returns the content hash."""

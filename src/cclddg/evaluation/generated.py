@@ -9,31 +9,62 @@ between each generated image's image embedding and its request's text embedding.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cclddg.conditioning import PromptConditioner, request_conditions
+from cclddg.conditioning import PromptConditioner, label_condition, request_conditions
 from cclddg.config import TrainConfig
-from cclddg.data.shapes import ATTRIBUTE_VALUES, ShapesDataset, request_prompt
+from cclddg.data.shapes import (
+    ATTRIBUTE_VALUES,
+    Holdout,
+    ShapesDataset,
+    format_holdout,
+    is_held_out,
+    parse_holdout,
+    request_prompt,
+)
 from cclddg.errors import UserError
-from cclddg.evaluation.shapes_eval import analyze, summarize
+from cclddg.evaluation.shapes_eval import Analysis, analyze, summarize
 from cclddg.evaluation.zero_shot import (
     HELD_OUT_SEED,
     PARAPHRASE_VARIANTS,
     held_out,
     paraphrase_prompt,
 )
-from cclddg.pipeline import sample
+from cclddg.evaluation.variety import variety_report, z_variety
+from cclddg.pipeline import SamplingConfig, sample, sample_batches
 
 REQUESTED = ("color", "shape", "position")
 PROMPT_KINDS = ("text", "paraphrase", "image")
 
 
-def random_requests(n: int, seed: int, attributes: tuple[str, ...] = REQUESTED) -> list[dict[str, str]]:
-    """`n` requests naming `attributes`, each value drawn uniformly."""
+def random_requests(n: int, seed: int, attributes: tuple[str, ...] = REQUESTED,
+                    holdout: Holdout = frozenset()) -> list[dict[str, str]]:
+    """`n` requests naming `attributes`, each value drawn uniformly; none combines a held-out colour and shape."""
     rng = np.random.default_rng(seed)
-    return [{a: str(rng.choice(ATTRIBUTE_VALUES[a])) for a in attributes} for _ in range(n)]
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        request = {a: str(rng.choice(ATTRIBUTE_VALUES[a])) for a in attributes}
+        if not is_held_out(request, holdout):
+            out.append(request)
+    return out
+
+
+def held_out_requests(n: int, seed: int, holdout: Holdout) -> list[dict[str, str]]:
+    """`n` requests for held-out (colour, shape) pairs (uniform over the pairs), each at a random position."""
+    rng = np.random.default_rng([seed, 2])
+    pairs = sorted(holdout)
+    return [{"color": pairs[i][0], "shape": pairs[i][1], "position": str(rng.choice(ATTRIBUTE_VALUES["position"]))}
+            for i in rng.integers(0, len(pairs), n)]
+
+
+def run_holdout(cfg) -> Holdout:
+    """The pairs a run's (or model folder's) training images never showed."""
+    return parse_holdout(cfg.holdout) if getattr(cfg, "holdout", "") else frozenset()
 
 
 def request_texts(requests: list[dict[str, str]], kind: str, seed: int) -> list[str]:
@@ -44,38 +75,78 @@ def request_texts(requests: list[dict[str, str]], kind: str, seed: int) -> list[
     return [request_prompt(r) for r in requests]
 
 
+def clip_scores(embedder, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Each image embedding's cosine similarity with its prompt's text embedding."""
+    return (embedder.embed_images(images) * embedder.embed_texts(prompts)).sum(-1)
+
+
 def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
     """Mean cosine similarity between the images' embeddings and their prompts' text embeddings."""
-    return float((embedder.embed_images(images) * embedder.embed_texts(prompts)).sum(-1).mean())
+    return float(clip_scores(embedder, images, prompts).mean())
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guidance: float = 1.0,
                    sampler: str | None = None, n_sample_steps: int | None = None, seed: int = 0,
                    batch_size: int = 100, device: str | torch.device = "cpu", progress: bool = True,
-                   conditioner: PromptConditioner | None = None, prompts: str = "text") -> dict[str, float]:
+                   conditioner: PromptConditioner | None = None, prompts: str = "text") -> dict[str, Any]:
     """Per-attribute accuracy and validity of `n` samples asked for colour, shape and position.
 
     Embedding runs are asked through `conditioner` (the run's embedder and text prior) with text prompts in the
-    captions' wording (`prompts="text"`), paraphrased (`"paraphrase"`), or with held-out images (`"image"`)."""
+    captions' wording (`prompts="text"`), paraphrased (`"paraphrase"`), or with held-out images (`"image"`).
+    A run whose data held (colour, shape) pairs out is asked for seen pairs, and apart (`held_out`) for `n` more
+    requests of the held-out pairs: combinations no training image showed."""
     if prompts not in PROMPT_KINDS:
         raise UserError(f"--prompts {prompts!r} is not valid; choose one of {', '.join(PROMPT_KINDS)}")
     embedded = cfg.cond == "embedding"  # asked through the embedder (else by label vectors, or nothing)
     if embedded and conditioner is None:
         raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
     by_image = embedded and prompts == "image"
+    holdout = run_holdout(cfg) if cfg.cond != "none" else frozenset()
+    ask = functools.partial(_sample_and_read, model, cfg, guidance=guidance, sampler=sampler,
+                            n_sample_steps=n_sample_steps, seed=seed, batch_size=batch_size, device=device,
+                            progress=progress, conditioner=conditioner, prompts=prompts)
     if cfg.cond == "none":
         requests: list[dict[str, str]] = [{} for _ in range(n)]
     elif by_image:
         prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1)
         requests = [{a: prompt_images.sample(i).attrs[a] for a in REQUESTED} for i in range(n)]
     else:
-        requests = random_requests(n, seed)
+        requests = random_requests(n, seed, holdout=holdout)
+    analyses, scores = ask(requests)
+    if by_image and holdout:  # the prompt images of held-out pairs are reported apart
+        seen = [i for i, r in enumerate(requests) if not is_held_out(r, holdout)]
+        held = [i for i, r in enumerate(requests) if is_held_out(r, holdout)]
+        report = _report(*_pick(analyses, scores, seen), [requests[i] for i in seen])
+        report["held_out"] = _report(*_pick(analyses, scores, held), [requests[i] for i in held])
+    else:
+        report = _report(analyses, scores, requests)
+        if holdout:
+            held_requests = held_out_requests(n, seed, holdout)
+            report["held_out"] = _report(*ask(held_requests), held_requests)
+    if holdout:
+        report["holdout"] = format_holdout(holdout)
+    if embedded:
+        report["prompts"] = prompts
+        report["text_prior"] = conditioner.prior.describe()
+    return report
+
+
+def _sample_and_read(model: torch.nn.Module, cfg: TrainConfig, requests: list[dict[str, str]], *, guidance: float,
+                     sampler: str | None, n_sample_steps: int | None, seed: int, batch_size: int,
+                     device: str | torch.device, progress: bool, conditioner: PromptConditioner | None,
+                     prompts: str) -> tuple[list[Analysis], list[float] | None]:
+    """One sample per request, read by the analyzer, batch by batch (memory does not grow with the count); with
+    an embedder, each sample's CLOOB score against its request in the captions' wording."""
+    embedded = cfg.cond == "embedding"
+    by_image = embedded and prompts == "image"
+    prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1) if by_image else None
     texts = request_texts(requests, prompts, seed) if embedded and not by_image else []
     rng = torch.Generator(device=device).manual_seed(seed)
     prior_rng = torch.Generator().manual_seed(seed)
-    analyses, clip_sum = [], 0.0  # per batch: memory does not grow with n
-    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
+    analyses: list[Analysis] = []
+    scores: list[float] = []
+    for start in tqdm(range(0, len(requests), batch_size), desc="eval", disable=not progress):
         chunk = requests[start:start + batch_size]
         if by_image:
             cond = conditioner.images(prompt_images.get_batch(range(start, start + len(chunk)))[0]).to(device)
@@ -89,12 +160,62 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guida
         analyses.extend(analyze(x) for x in images)
         if embedded:
             # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
-            clip_sum += clip_score(conditioner.embedder, images, [request_prompt(r) for r in chunk]) * len(chunk)
+            scores.extend(clip_scores(conditioner.embedder, images, [request_prompt(r) for r in chunk]).tolist())
+    return analyses, scores if embedded else None
+
+
+def _pick(analyses: list[Analysis], scores: list[float] | None, rows: list[int]):
+    return [analyses[i] for i in rows], None if scores is None else [scores[i] for i in rows]
+
+
+def _report(analyses: list[Analysis], scores: list[float] | None, requests: list[dict[str, str]]) -> dict[str, Any]:
     report = summarize(analyses, requests)
+    if scores is not None:
+        report["cloob_score"] = float(np.mean(scores)) if scores else None
+    return report
+
+
+@torch.no_grad()
+def evaluate_variety(model: torch.nn.Module, cfg: TrainConfig, n: int = 32, requests_per_group: int = 8,
+                     guidance: float = 1.0, seed: int = 0, batch_size: int = 100, device: str | torch.device = "cpu",
+                     progress: bool = True, conditioner: PromptConditioner | None = None) -> dict[str, Any]:
+    """The variety table of a label or embedding run (evaluation/variety.py): what requests naming 1-3
+    attributes leave open, beside real images, and what z adds to one fixed condition."""
+    if cfg.cond == "none":
+        raise UserError("variety is measured per request: this model is unconditional (--cond none)")
+    embedded = cfg.cond == "embedding"
+    if embedded and conditioner is None:
+        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    prior_rng = torch.Generator().manual_seed(seed)
+
+    def conditions(requests):
+        if embedded:
+            return conditioner.texts([request_prompt(r) for r in requests], prior_rng)
+        return request_conditions(cfg.cond, requests)
+
+    def image_condition(image: torch.Tensor, attrs: dict[str, str]):
+        return conditioner.images(image[None]) if embedded else label_condition([attrs])
+
+    def sample_all(cond, count: int, sample_seed: int) -> torch.Tensor:
+        rng = torch.Generator().manual_seed(sample_seed)
+        return torch.cat(list(sample_batches(model, cfg, count, cond=cond, batch_size=batch_size, rng=rng,
+                                             device=device, guidance=guidance)))
+
+    def sample_z_only(cond, count: int, sample_seed: int) -> torch.Tensor:
+        """The same x_T and step noise (one seed) for every image, a fresh z for each."""
+        return torch.cat([sample(model, cfg, 1, cond=cond[j:j + 1].to(device), guidance=guidance, device=device,
+                                 rng=torch.Generator().manual_seed(sample_seed),
+                                 z_rng=torch.Generator().manual_seed(sample_seed * 1000 + j + 1)).cpu()
+                          for j in range(count)])
+
+    holdout = run_holdout(cfg)
+    bar = (lambda groups: tqdm(groups, desc="variety", disable=not progress))
+    report = variety_report(sample_all, conditions, cfg.img_size, holdout, requests_per_group, n, seed, progress=bar)
+    has_z = SamplingConfig.of(cfg).z_dim > 0
+    report["z"] = z_variety(sample_all, sample_z_only if has_z else None, image_condition, cfg.img_size, seed=seed)
+    report["guidance"] = guidance
     if embedded:
-        report["cloob_score"] = clip_sum / n
-        report["prompts"] = prompts
-        report["text_prior"] = conditioner.prior
+        report["text_prior"] = conditioner.prior.describe()
     return report
 
 

@@ -23,6 +23,9 @@ from cclddg.data.preprocess import SkipLog
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.encoders import default_cache_dir, load_embedder
 from cclddg.latents import load_latent_space
+from cclddg.priors.pairs import EmbeddingPairs
+from cclddg.priors.stats import EmbeddingStats, load_stats, stats_path
+from cclddg.errors import UserError
 from cclddg.run_config import is_cache, with_cache
 
 
@@ -37,8 +40,9 @@ class TrainingData:
         self.device = accelerator.device
         self.embedded = cfg.cond == "embedding"  # conditioned on an embedder's vectors (else labels or none)
         self.embeddings: dict[str, Tensor] = {}
-        self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts' conditions
-        self.stats: conditioning.EmbeddingStats | None = None  # embedding runs: the text priors' statistics
+        self.grid_text: Tensor | None = None  # embedding runs: the grid prompts' text embeddings
+        self.pairs: EmbeddingPairs | None = None  # embedding runs: the (image, caption) embeddings of the data
+        self.stats: EmbeddingStats | None = None  # embedding runs: the text priors' statistics
         self._stats_to_write = False
         self.cache = self.data = self.space = None
         self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
@@ -52,7 +56,7 @@ class TrainingData:
     def write_stats(self) -> None:
         """Write the embedding statistics measured at the start into the run folder (once it exists)."""
         if self._stats_to_write:
-            self.stats.save(conditioning.stats_path(self.out))
+            self.stats.save(stats_path(self.out))
             self._stats_to_write = False
 
     def _open_cache(self) -> int:
@@ -75,7 +79,7 @@ class TrainingData:
         self.space = self.space.with_scale(cfg.latent_scale)  # grids decode the cache's latents
         if embedder is None:
             return 0
-        self._text_prior_setup(embedder, *self.cache.embeddings(), source=str(path))
+        self._text_prior_setup(embedder, EmbeddingPairs.of_cache(self.cache), source=str(path))
         return self.cache.embed_dim
 
     def _encode_source(self, embedder, progress: bool | None = None) -> Path:
@@ -105,20 +109,19 @@ class TrainingData:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             self.embeddings = dataset_embeddings(self.data, cfg.data_size, embedder, key, cache_dir, False)
-        self._text_prior_setup(embedder, self.embeddings["image"], self.embeddings["text"], None,
+        self._text_prior_setup(embedder, EmbeddingPairs(self.embeddings["image"], self.embeddings["text"]),
                                source=f"{cfg.data} (first {cfg.data_size})")
         return embedder.dim
 
-    def _text_prior_setup(self, embedder, image_emb: Tensor, text_emb: Tensor, captioned: Tensor | None,
-                          source: str) -> None:
-        """The embedding statistics of the training data (the text priors' modality gap and image bank; written
-        into the run folder once the folder exists) and the grids' prompt conditions, mapped as sampling maps them."""
-        self.stats = conditioning.load_stats(self.out)  # a resumed run keeps what it measured
+    def _text_prior_setup(self, embedder, pairs: EmbeddingPairs, source: str) -> None:
+        """The embedding statistics of the training data (the text priors' modality gap, image bank and temperature;
+        written into the run folder once the folder exists) and the grid prompts' text embeddings."""
+        self.pairs = pairs
+        self.stats = load_stats(self.out)  # a resumed run keeps what it measured
         if self.stats is None:
-            self.stats = conditioning.EmbeddingStats.measure(image_emb, text_emb, source, captioned, seed=self.cfg.seed)
+            self.stats = EmbeddingStats.measure(pairs, source, seed=self.cfg.seed)
             self._stats_to_write = True
-        prompts = conditioning.PromptConditioner(embedder, self.cfg.text_prior, self.stats, self.cfg.prior_k)
-        self.grid_cond = prompts.texts(conditioning.grid_prompts(6), torch.Generator().manual_seed(0)).cpu()
+        self.grid_text = embedder.embed_texts(conditioning.grid_prompts(6)).cpu()
 
     def _cache_order(self, positions: range) -> list[int]:
         """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
@@ -168,3 +171,13 @@ class TrainingData:
             labels = conditioning.training_condition(*embeddings, cfg.pct_text, cfg.pseudo_text_xi, random=drop)
         labels = labels.to(self.device)
         return images, conditioning.drop(labels, cfg.pct_zeros) if drop else labels
+
+
+def run_embedding_pairs(cfg: TrainConfig, out: Path, progress: bool = True) -> EmbeddingPairs:
+    """The (image, caption) embedding pairs an embedding run trains on (its cache's, or its dataset's), for a
+    command that works on an existing run (`cclddg train-prior`): read as the run reads them."""
+    from accelerate import Accelerator
+
+    if cfg.cond != "embedding":
+        raise UserError(f"{out} is conditioned on {cfg.cond}, not on embeddings")
+    return TrainingData(cfg, Accelerator(cpu=True), Path(out), progress).pairs

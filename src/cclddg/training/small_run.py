@@ -1,4 +1,4 @@
-"""What `train-cloob` and `train-ae` share beyond the loop and the run folder every trainer has (loop.TrainingLoop,
+"""What `train-cloob`, `train-ae` and `train-prior` share beyond the loop and the run folder every trainer has (loop.TrainingLoop,
 checkpoint.prepare_run_folder): log.jsonl, and checkpoints of the models, the optimizers and the RNG.
 
 A subclass builds its models and data in `__init__` (after `super().__init__`), says which modules and optimizers
@@ -33,13 +33,17 @@ class SmallTrainer(TrainingLoop):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.show_progress = progress
         tune_cpu(cfg.threads)  # threads, denormals and freed memory (cpu.py)
-        check_source(cfg.data, cfg.img_size)
+        self.check_data()
         ckpt_io.prepare_run_folder(self.out, cfg, resume, RESUMABLE, self.COMMAND)
         torch.manual_seed(cfg.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
 
     # ---- what a subclass gives ---------------------------------------------------------------------
+    def check_data(self) -> None:
+        """Fail before the run folder is touched when the data cannot be read (a missing folder, ...)."""
+        check_source(self.cfg.data, self.cfg.img_size)
+
     def models(self) -> dict[str, torch.nn.Module]:
         """The modules saved as config.json + safetensors folders (name -> module)."""
         raise NotImplementedError

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from cclddg import conditioning, diffusion, objectives
-from cclddg.config import TrainConfig
+from cclddg.config import PriorTrainConfig, TrainConfig
 from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.errors import OneLineWarning, TrainingError, UserError
@@ -49,6 +49,7 @@ from cclddg.pipeline import (
     ddgan_sample,
     diffusion_sample,
 )
+from cclddg.priors import PriorSettings, TextPrior, load_flow_prior, make_text_prior
 from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
@@ -56,12 +57,13 @@ from cclddg.training.data import TrainingData
 from cclddg.training.ema import ema_update, warmup_decay
 from cclddg.training.loop import TrainingLoop
 from cclddg.training.optimisation import NetOptimizer, NonFinitePolicy
+from cclddg.training.prior_trainer import prior_finished, train_run_prior
 from cclddg.training.run_log import MeanLogs, RunLog
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
 # The learning rates, R1 and gradient clipping may change too: a run stopped by a non-finite loss is resumed with
 # them lowered/raised (its own advice); the change is written to config.json and noted in log.jsonl.
-RESUMABLE_CHANGES = {"text_prior", "prior_k", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
+RESUMABLE_CHANGES = {"text_prior", "prior_k", "prior_guidance", "prior_guidance_start", "prior_steps", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
                      "save_models_every", "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
                      "channels_last", "compile", "deterministic", "skip_nonfinite", "lr_gen", "lr_disc", "r1_gamma",
                      "grad_clip"}
@@ -146,6 +148,10 @@ class Trainer(TrainingLoop):
                 ckpt_io.clean_leftovers(self.out)
             self.inputs.write_stats()
         acc.wait_for_everyone()
+        self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts through the run's text prior
+        if self.inputs.pairs is not None:
+            prior = self._text_prior()
+            self.grid_cond = prior(self.inputs.grid_text, torch.Generator().manual_seed(0)).cpu()
         torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
         self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
         self.opt_g = NetOptimizer(cfg, gen.parameters(), cfg.lr_gen, self.device)
@@ -167,6 +173,19 @@ class Trainer(TrainingLoop):
             self._resume()
         self.log = RunLog(self.out, asdict(cfg), acc.is_main_process, cfg.tensorboard, cfg.wandb_project,
                           resume_step=self.step if resume else None, resumed_changes=resumed_changes)
+
+    def _text_prior(self) -> TextPrior:
+        """The run's text prior for its grids; a learned one (`--text_prior flow`) is trained first, by the main
+        process into RUN/prior (resumed if it was interrupted), before the generator."""
+        cfg = self.cfg
+        if cfg.text_prior == "flow" and not prior_finished(self.out):
+            if self.is_main:
+                prior_cfg = PriorTrainConfig(n_batches=cfg.prior_steps, seed=cfg.seed, threads=cfg.threads,
+                                             data=cfg.data)
+                train_run_prior(self.out, self.inputs.pairs, prior_cfg, progress=self.progress)
+            self.accelerator.wait_for_everyone()
+        flow = load_flow_prior(self.out) if cfg.text_prior == "flow" else None
+        return make_text_prior(PriorSettings.of(cfg), self.inputs.stats, flow, self.inputs.embed_dim, str(self.out))
 
     @property
     def global_batch(self) -> int:
@@ -406,7 +425,7 @@ class Trainer(TrainingLoop):
         """A grid from the EMA generator (fixed noise, fixed conditioning) and a reconstruction grid."""
         if not self.accelerator.is_main_process:
             return
-        grid_cond = self.inputs.grid_cond
+        grid_cond = self.grid_cond
         cond = conditioning.grid_condition(self.cfg.cond, rows) if grid_cond is None else grid_cond
         cond = cond if self.cfg.use_cloob_unet else None
         if cond is not None:

@@ -62,10 +62,16 @@ def test_a_grid_too_large_for_one_image_is_refused_before_sampling(run, tmp_path
     assert time.perf_counter() - start < 60 and not (tmp_path / "g.png").exists()
 
 
+def sigint_default() -> None:
+    """The child takes Ctrl-C even when the tests run in the background (where SIGINT starts out ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_sampling_keeps_the_singles_and_says_so(run, tmp_path):
     singles = tmp_path / "singles"
     proc = subprocess.Popen([sys.executable, "-m", "cclddg", "sample", "--checkpoint", str(run), "--n", "1000000",
-                             "--batch_size", "16", "--singles", str(singles)], stderr=subprocess.PIPE, text=True)
+                             "--batch_size", "16", "--singles", str(singles)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     deadline = time.monotonic() + 120
     while not (singles.is_dir() and len(list(singles.iterdir())) >= 32):
         assert proc.poll() is None and time.monotonic() < deadline, "sampling did not start"

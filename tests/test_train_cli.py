@@ -179,7 +179,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cclddg.cli", "train", "--out", str(out), *TINY,
                              "--n_batches", "100000", "--log_every", "1", "--log_images_every", "100000",
-                             "--save_models_every", "100000"], stderr=subprocess.PIPE, text=True)
+                             "--save_models_every", "100000"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even run in the background
     log = out / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and log.read_text().count("\n") >= 3):

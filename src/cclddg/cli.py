@@ -243,16 +243,22 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
     cfg = small_run_config(config_cls, vars(args), out, args.resume, args.font, command)
     with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
         trainer = trainer_cls(cfg, out, resume=args.resume, progress=not args.no_progress)
-        try:
-            report = trainer.run()
-        except KeyboardInterrupt:
-            if trainer.last_checkpoint is None:
-                raise
-            print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-                  f"continue with: cclddg {command} --out {out} --resume", file=sys.stderr)
-            return None
-    print(json.dumps(report, indent=2))
+        report = run_or_interrupted(trainer, f"cclddg {command} --out {out} --resume")
+    if report is not None:
+        print(json.dumps(report, indent=2))
     return report
+
+
+def run_or_interrupted(trainer, resume_command: str) -> dict | None:
+    """`trainer.run()`'s report; Ctrl-C after a checkpoint says in one line how to continue and gives None."""
+    try:
+        return trainer.run()
+    except KeyboardInterrupt:
+        if trainer.last_checkpoint is None:
+            raise
+        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; continue with: {resume_command}",
+              file=sys.stderr)
+        return None
 
 
 def cmd_train_cloob(args: argparse.Namespace) -> int:
@@ -288,13 +294,8 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     prior_cfg = small_run_config(PriorTrainConfig, flags, out, args.resume, None, "train-prior")
     pairs = run_embedding_pairs(cfg, run, progress=not args.no_progress)
     trainer = PriorTrainer(prior_cfg, out, pairs, resume=args.resume, progress=not args.no_progress)
-    try:
-        report = trainer.run()
-    except KeyboardInterrupt:
-        if trainer.last_checkpoint is None:
-            raise
-        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-              f"continue with: cclddg train-prior {run} --resume", file=sys.stderr)
+    report = run_or_interrupted(trainer, f"cclddg train-prior {run} --resume")
+    if report is None:
         return EXIT_INTERRUPTED
     print(json.dumps(report, indent=2))
     print(f"done; sample with it: cclddg sample --checkpoint {run} --text_prior flow --prompt \"...\"")

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from cclddg.atomic import write_text_atomic
 from cclddg.config import AETrainConfig
 from cclddg.data.sources import load_held_out, load_training_set
-from cclddg.errors import UserError
 from cclddg.latents.base import measure_scale
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
@@ -112,12 +111,7 @@ class AETrainer(SmallTrainer):
             loss_g = -self.disc(rec).mean()
             loss = loss + cfg.adv_weight * loss_g
             logs["loss_g"] = loss_g.item()
-        if not torch.isfinite(loss):
-            raise UserError(f"train-ae: the loss became {loss.item()} at step {self.step}; lower --lr "
-                            f"(last checkpoint: {self.last_checkpoint})")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.optimise(loss, self.opt)
         if adversarial:
             self.disc.requires_grad_(True)
             loss_d = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean()

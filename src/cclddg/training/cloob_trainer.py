@@ -101,12 +101,7 @@ class CLOOBTrainer(SmallTrainer):
         for group in self.opt.param_groups:
             group["lr"] = lr
         loss = self.model.loss(self.model.image_features(images), self.model.text_head(self.text_inputs[idx]))
-        if not torch.isfinite(loss):
-            raise UserError(f"train-cloob: the loss became {loss.item()} at step {self.step}; lower --lr "
-                            f"(last checkpoint: {self.last_checkpoint})")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.optimise(loss, self.opt)
         self.step += 1
         return {"loss": loss.item()}
 

@@ -80,12 +80,7 @@ class PriorTrainer(SmallTrainer):
             group["lr"] = self.learning_rate()
         image, text = self.pairs.get(idx)
         loss = self.model.loss(image, self.conditions(image, text))
-        if not torch.isfinite(loss):
-            raise UserError(f"train-prior: the loss became {loss.item()} at step {self.step}; lower --lr "
-                            f"(last checkpoint: {self.last_checkpoint})")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.optimise(loss, self.opt)
         self.step += 1
         return {"loss": loss.item()}
 

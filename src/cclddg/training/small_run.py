@@ -16,6 +16,7 @@ import torch
 
 from cclddg.cpu import tune_cpu
 from cclddg.data.sources import check_source
+from cclddg.errors import UserError
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training.loop import TrainingLoop
 
@@ -61,6 +62,15 @@ class SmallTrainer(TrainingLoop):
 
     def evaluate(self) -> dict:
         raise NotImplementedError
+
+    def optimise(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """One optimiser step on `loss`; a non-finite loss stops the run in one line (and says what to lower)."""
+        if not torch.isfinite(loss):
+            raise UserError(f"{self.COMMAND}: the loss became {loss.item()} at step {self.step}; lower --lr "
+                            f"(last checkpoint: {self.last_checkpoint})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
     # ---- the loop (loop.TrainingLoop) -------------------------------------------------------------
     def run(self) -> dict:

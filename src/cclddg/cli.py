@@ -28,6 +28,7 @@ from cclddg.config import (
 )
 from cclddg.data.sources import with_font
 from cclddg.errors import OneLineWarning, SamplingInterrupted, TrainingError, UserError
+from cclddg.preemption import handle_stop_signals, how_stopped
 from cclddg.options import (
     ANY,
     AT_LEAST_1,
@@ -45,7 +46,6 @@ from cclddg.paths import output_folder, undone_if_failed
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -208,6 +208,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cclddg.priors import flow_prior_path
     from cclddg.run_config import train_config
     from cclddg.training.checkpoint import list_checkpoints
     from cclddg.training.trainer import Trainer
@@ -215,15 +216,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = output_folder(args.out, "--out")
     names = {f.name for f in fields(TrainConfig)} - {"preset", "extra", *DERIVED_FIELDS}
     cfg = train_config(args.preset, {k: v for k, v in vars(args).items() if k in names}, out, args.resume, args.font)
-    with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
-        trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+    with undone_if_failed(out, lambda: bool(list_checkpoints(out) or list_checkpoints(flow_prior_path(out)))):
+        try:
+            trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+        except KeyboardInterrupt as exc:  # while it encoded the data (shards kept) or trained the text prior
+            prior = list_checkpoints(flow_prior_path(out))
+            if not prior:
+                raise
+            how, code = how_stopped(exc)
+            print(f"{how} while training the run's text prior; saved {prior[-1]}; "
+                  f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
+            return code
         try:
             trainer.run()
-        except KeyboardInterrupt:
-            if trainer.rank == 0 and trainer.last_checkpoint is not None:  # one line for the run, not one per process
-                print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; "
-                      f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
-                return EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:
+            if trainer.last_checkpoint is not None:
+                how, code = how_stopped(exc)
+                if trainer.rank == 0:  # one line for the run, not one per process
+                    print(f"{how} at step {trainer.step}; saved {trainer.last_checkpoint}; "
+                          f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
+                return code
             raise
         finally:
             trainer.close()
@@ -232,10 +244,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: type, command: str) -> dict | None:
+def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: type, command: str) -> dict:
     """`train-cloob` / `train-ae`: flags over the run's saved config (on --resume), run, Ctrl-C saves.
 
-    Returns the trainer's final report, or None when interrupted (the message says how to resume)."""
+    Returns the trainer's final report (`Stopped` when interrupted: the message said how to resume)."""
     from cclddg.run_config import small_run_config
     from cclddg.training.checkpoint import list_checkpoints
 
@@ -244,29 +256,38 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
     with undone_if_failed(out, lambda: bool(list_checkpoints(out))):
         trainer = trainer_cls(cfg, out, resume=args.resume, progress=not args.no_progress)
         report = run_or_interrupted(trainer, f"cclddg {command} --out {out} --resume")
-    if report is not None:
-        print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
     return report
 
 
-def run_or_interrupted(trainer, resume_command: str) -> dict | None:
-    """`trainer.run()`'s report; Ctrl-C after a checkpoint says in one line how to continue and gives None."""
+class Stopped(Exception):
+    """A command was interrupted (Ctrl-C) or stopped by a signal after keeping its work, and said so in one line;
+    `main` exits with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def run_or_interrupted(trainer, resume_command: str) -> dict:
+    """`trainer.run()`'s report; Ctrl-C or a stop signal after a checkpoint says in one line how to continue and
+    raises `Stopped`."""
     try:
         return trainer.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if trainer.last_checkpoint is None:
             raise
-        print(f"interrupted at step {trainer.step}; saved {trainer.last_checkpoint}; continue with: {resume_command}",
+        how, code = how_stopped(exc)
+        print(f"{how} at step {trainer.step}; saved {trainer.last_checkpoint}; continue with: {resume_command}",
               file=sys.stderr)
-        return None
+        raise Stopped(code) from None
 
 
 def cmd_train_cloob(args: argparse.Namespace) -> int:
     from cclddg.config import CLOOBTrainConfig
     from cclddg.training.cloob_trainer import CLOOBTrainer
 
-    if run_small_trainer(args, CLOOBTrainConfig, CLOOBTrainer, "train-cloob") is None:
-        return EXIT_INTERRUPTED
+    run_small_trainer(args, CLOOBTrainConfig, CLOOBTrainer, "train-cloob")
     print(f"done; use it with --encoder cloob-tiny:{args.out}")
     return 0
 
@@ -295,8 +316,6 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     pairs = run_embedding_pairs(cfg, run, progress=not args.no_progress)
     trainer = PriorTrainer(prior_cfg, out, pairs, resume=args.resume, progress=not args.no_progress)
     report = run_or_interrupted(trainer, f"cclddg train-prior {run} --resume")
-    if report is None:
-        return EXIT_INTERRUPTED
     print(json.dumps(report, indent=2))
     print(f"done; sample with it: cclddg sample --checkpoint {run} --text_prior flow --prompt \"...\"")
     return 0
@@ -306,8 +325,7 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
     from cclddg.config import AETrainConfig
     from cclddg.training.ae_trainer import AETrainer
 
-    if run_small_trainer(args, AETrainConfig, AETrainer, "train-ae") is None:
-        return EXIT_INTERRUPTED
+    run_small_trainer(args, AETrainConfig, AETrainer, "train-ae")
     print(f"done; use it with --autoencoder own:{args.out}")
     return 0
 
@@ -547,10 +565,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
             encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
                            shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
                            progress=not args.no_progress, workers=resolve_workers(args.workers, spec), crop=args.crop)
-    except KeyboardInterrupt:
-        print(f"interrupted; {shards_done(out)} finished shards are kept in {out}; "
+    except KeyboardInterrupt as exc:
+        how, code = how_stopped(exc)
+        print(f"{how}; {shards_done(out)} finished shards are kept in {out}; "
               "rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
     meta = json.loads((out / META_FILE).read_text())
     if was_complete:
         print(f"{out} is already complete ({meta['count']} examples); nothing to do")
@@ -574,10 +593,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 threads=args.threads, data=args.data, gen_steps=args.steps)
     try:
         demo.run()
-    except KeyboardInterrupt:
-        print(f"interrupted; finished stages are kept in {args.out}; run the same command again to resume",
+    except KeyboardInterrupt as exc:
+        how, code = how_stopped(exc)
+        print(f"{how}; finished stages are kept in {args.out}; run the same command again to resume",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
     return 0
 
 
@@ -621,8 +641,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(pipe, Path(args.model).name, args.host, args.port,
               ready=lambda url: print(f"serving {args.model} on {url} (Ctrl-C stops)", flush=True))
-    except KeyboardInterrupt:
-        print("cclddg serve: stopped", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"cclddg serve: {how_stopped(exc)[0]}; stopped", file=sys.stderr)
     return 0
 
 
@@ -788,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "eval" and not (args.checkpoint or args.data):
         parser.exit(EXIT_USAGE, "cclddg eval: error: give --checkpoint RUN or --data shapes:SIZE\n")
+    handle_stop_signals()  # SIGTERM/SIGUSR1 (a scheduler's preemption) stop like Ctrl-C, after a training step
     show = warnings.showwarning
     warnings.showwarning = _one_line_warnings(show, args.command)
     try:
@@ -797,10 +818,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SamplingInterrupted as exc:  # Ctrl-C while sampling: the message says what was kept
         print(f"cclddg {args.command}: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # commands that keep nothing half-made: nothing more to say
-        print(f"cclddg {args.command}: interrupted; nothing was written half-way", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exc.exit_code
+    except Stopped as exc:  # the line saying what was kept is printed
+        return exc.code
+    except KeyboardInterrupt as exc:  # commands that keep nothing half-made: nothing more to say
+        how, code = how_stopped(exc)
+        print(f"cclddg {args.command}: {how}; nothing was written half-way", file=sys.stderr)
+        return code
     except TrainingError as exc:
         print(f"cclddg {args.command}: stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -10,7 +10,12 @@ class TrainingError(RuntimeError):
 
 
 class SamplingInterrupted(Exception):
-    """Ctrl-C during sampling: the message says what was kept (the singles written so far)."""
+    """Ctrl-C or a stop signal during sampling: the message says what was kept (the singles written so far);
+    `exit_code` is the interruption's (130 for Ctrl-C, 143 for a signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class OneLineWarning(UserWarning):

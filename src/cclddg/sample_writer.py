@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
+from cclddg import preemption
 from cclddg.errors import SamplingInterrupted
 
 
@@ -53,11 +54,12 @@ def run_sample_jobs(jobs: list[SampleJob], make_batches: Callable[[SampleJob], I
                 index += len(tiles)
                 done += len(tiles)
                 bar.update(len(tiles))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         bar.close()
+        how, code = preemption.how_stopped(exc)
         kept = f"; the {done} singles made are in {singles}" if singles is not None and done else ""
         grid = f"; the grid {grid_path} was not written" if canvas is not None else ""
-        raise SamplingInterrupted(f"interrupted after {done} of {total} images{kept}{grid}") from None
+        raise SamplingInterrupted(f"{how} after {done} of {total} images{kept}{grid}", code) from None
     bar.close()
     written = []
     if canvas is not None:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from cclddg import preemption
 from cclddg.cpu import tune_cpu
 from cclddg.data.sources import check_source
 from cclddg.errors import UserError
@@ -77,8 +78,9 @@ class SmallTrainer(TrainingLoop):
         """Train until `n_batches` (or `max_minutes`), logging every `log_every` steps and saving every `save_every`
         and at the end (and on Ctrl-C); returns `evaluate()`."""
         self._t0, self._last = time.monotonic(), self.step
-        self.run_loop()
-        self.save()
+        with preemption.deferred():  # a stop signal during the last checkpoint waits for it
+            self.run_loop()
+            self.save()
         return self.evaluate()
 
     def after_step(self, logs: dict[str, float]) -> dict[str, str] | None:

@@ -335,6 +335,9 @@ class Trainer(TrainingLoop):
     def time_is_up(self, deadline: float) -> bool:
         return self._on_any_rank(time.monotonic() > deadline)  # every rank stops at the same step
 
+    def stop_requested(self, here: bool) -> bool:
+        return self._on_any_rank(here)  # a signal to one process stops them all after the same step
+
     def at_deadline(self) -> None:
         """The time budget ends the run like its last step."""
         if self.log.pending:
@@ -475,8 +478,11 @@ class Trainer(TrainingLoop):
 
     def save(self) -> None:
         """A checkpoint of everything a bit-identical resume needs, written by the main process with every
-        rank's RNG states. A failed write (a full disk) leaves the previous checkpoint as it was and stops."""
+        rank's RNG states (once per step). A failed write (a full disk) leaves the previous checkpoint as it was and stops."""
         from accelerate.utils import broadcast_object_list, gather_object
+
+        if self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.checkpoint_name(self.step):
+            return
 
         acc = self.accelerator
         rng = gather_object([ckpt_io.capture_rng()])  # every rank's, in rank order

@@ -39,6 +39,7 @@ from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
 from cclddg.encoders.component import EmbedderModel
 from cclddg.errors import UserError
+from cclddg.folder_check import EXPORT_AGAIN, check_model_folder
 from cclddg.latents import load_latent_space
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.models import UNet
@@ -115,7 +116,15 @@ class CCLDDGPipeline(DiffusionPipeline):
         if not (folder / "model_index.json").is_file():
             raise UserError(f"{folder} is not a cclddg model folder (no model_index.json); make one with "
                             "`cclddg export RUN OUT`")
-        pipe = super().from_pretrained(str(folder), **kwargs)
+        check_model_folder(folder)  # every file, before diffusers imports or loads anything (folder_check.py)
+        try:
+            pipe = super().from_pretrained(str(folder), use_safetensors=True, **kwargs)
+        except UserError:
+            raise
+        except Exception as exc:  # a config whose values the model cannot be built from, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not load the model folder {folder} ({type(exc).__name__}: {first[:200]}); "
+                            f"{EXPORT_AGAIN}") from exc
         pipe.stats = load_stats(folder)
         return pipe
 

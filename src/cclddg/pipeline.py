@@ -22,6 +22,7 @@ from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
 from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
+from cclddg.folder_check import check_model_folder, present, read_json
 from cclddg.latents import LatentSpace, load_latent_space
 from cclddg.models import UNet
 from cclddg.priors import PriorSettings, TextPrior, text_prior_of
@@ -258,27 +259,15 @@ def load_model_folder(folder: str | Path,
     embedder are named by specs into the folder (`own|taesd:FOLDER/vae`, `model:FOLDER`), resolved when this runs.
     (`model_folder.CCLDDGPipeline` is the diffusers-style way to the same folder.)"""
     folder = Path(folder).resolve()
-    index = read_json(folder / "model_index.json")
-    vae = read_json(folder / "vae" / "config.json") if (index.get("vae") or [None])[0] else None
+    index = check_model_folder(folder)  # every file, before anything loads (folder_check.py)
+    vae = read_json(folder / "vae" / "config.json", "the vae's config") if present(index.get("vae")) else None
     autoencoder = None if vae is None else \
         f"{'taesd' if vae.get('_class_name') == 'AutoencoderTiny' else 'own'}:{folder / 'vae'}"
-    encoder = f"model:{folder}" if (index.get("embedder") or [None])[0] else None
-    config = folder_sampling_config(index, read_json(folder / "scheduler" / "scheduler_config.json"),
-                                    read_json(folder / "unet" / "config.json"), vae, autoencoder or "pixels", encoder)
+    encoder = f"model:{folder}" if present(index.get("embedder")) else None
+    config = folder_sampling_config(index, read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler's config"),
+                                    read_json(folder / "unet" / "config.json", "the unet's config"), vae,
+                                    autoencoder or "pixels", encoder)
     return load_model(UNet, folder / "unet").to(device).eval(), config
-
-
-def read_json(path: Path) -> dict:
-    """A model folder's JSON file; a missing or malformed one is one line."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: the model folder is incomplete; export it again") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({type(exc).__name__}); export the model again") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object; export the model again")
-    return value
 
 
 READ_SIDE = 1024  # prompt images are shrunk to at most this side on reading: embedders see 224 px or less

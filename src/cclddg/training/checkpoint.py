@@ -162,8 +162,9 @@ def resolve_checkpoint(path: Path) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
-    raise UserError(f"{path} is neither a run folder with checkpoints nor a checkpoint folder "
-                    f"(no {CONFIG_FILE} found); point --checkpoint at a run made by `cclddg train`")
+    raise UserError(f"{path} is neither a run folder with checkpoints, a checkpoint folder nor a model folder "
+                    f"(no {CONFIG_FILE}, no model_index.json found); point --checkpoint at a run made by "
+                    "`cclddg train` or a folder made by `cclddg export`")
 
 
 def load_state(folder: Path) -> dict[str, Any]:

@@ -425,7 +425,7 @@ def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | 
     return grid, singles
 
 
-def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Path | None,
+def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], n: int, grid: Path | None,
                     singles: Path | None) -> int:
     """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
     from cclddg.pipeline import PromptPipeline, read_image
@@ -433,8 +433,7 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Pat
 
     images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
     pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder, **prior_flags(args))
-    n = args.n or 4
-    cond = pipe.condition(args.prompt, images, args.image_weight, n=n, seed=args.seed)
+    cond = pipe.prompts.lazy(args.prompt, images, args.image_weight, n=n, seed=args.seed)  # made batch by batch
     negative = pipe.negative(args.negative_prompt)
     cols = len(cfgs) * n
 
@@ -448,28 +447,42 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], grid: Pat
     return 0
 
 
+def sample_grid_shape(args: argparse.Namespace, n: int, cfgs: tuple[float, ...]) -> tuple[int, int]:
+    """(images, columns) of `cclddg sample`'s grid: prompt/image rows x n per guidance scale, or n label samples
+    (a square, --nrow, or one column per scale)."""
+    if args.prompt or args.image:
+        return max(len(args.prompt or []), len(args.image or [])) * n * len(cfgs), len(cfgs) * n
+    if len(cfgs) == 1:
+        return n, args.nrow or max(1, int(round(n ** 0.5)))
+    return n * len(cfgs), len(cfgs)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from cclddg.conditioning import request_condition
-    from cclddg.pipeline import load_generator, sample_batches
+    from cclddg.data.images import GridCanvas
+    from cclddg.pipeline import image_size_of, load_generator, sample_batches
     from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     grid, singles = check_sample_outputs(args)
     cfgs = args.cfg or (1.0,)
-    if args.prompt or args.image:
-        return sample_prompted(args, cfgs, grid, singles)
-    if args.negative_prompt is not None:
+    prompted = bool(args.prompt or args.image)
+    if args.negative_prompt is not None and not prompted:
         raise UserError("--negative_prompt needs --prompt or --image")
+    n = args.n or (4 if prompted else 16)
+    if grid is not None:  # a grid too large for one image is refused before anything loads
+        size = image_size_of(args.checkpoint)
+        GridCanvas.check(*sample_grid_shape(args, n, cfgs), size, size)
+    if prompted:
+        return sample_prompted(args, cfgs, n, grid, singles)
     model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-    n = args.n or 16
-    cond = request_condition(cfg.cond, args.attrs, n, guided=bool(args.cfg))
+    cond = request_condition(cfg.cond, args.attrs, n, guided=bool(args.cfg))  # one row, sliced batch by batch
+    nrow = sample_grid_shape(args, n, cfgs)[1]
     if len(cfgs) == 1:
         jobs = [SampleJob(cfgs[0], n, cond, lambda j: j)]
-        nrow = args.nrow or max(1, int(round(n ** 0.5)))
     else:  # a guidance sweep: one column per scale, one row per sample
         jobs = [SampleJob(g, n, cond, lambda j, gi=gi: j * len(cfgs) + gi) for gi, g in enumerate(cfgs)]
-        nrow = len(cfgs)
 
     def batches(job: SampleJob):
         rng = torch.Generator().manual_seed(args.seed)  # the same noise for every guidance scale

@@ -55,7 +55,7 @@ def label_condition(requests: Sequence[dict[str, str]]) -> Tensor:
     return torch.from_numpy(np.stack([attrs_to_label(r) for r in requests]))
 
 
-def request_condition(cond: str, attrs: str | None, n: int, guided: bool = False) -> Tensor | None:
+def request_condition(cond: str, attrs: str | None, n: int, guided: bool = False) -> RepeatedRows | None:
     """`cclddg sample --attrs "color=red,..."`: the label condition repeated n times; None for no request (or an
     unconditional run). A request a run of this kind cannot take (`guided`: with --cfg) is one line."""
     if cond == "embedding":
@@ -66,7 +66,7 @@ def request_condition(cond: str, attrs: str | None, n: int, guided: bool = False
         raise UserError("this model is unconditional (trained with --cond none): --cfg has nothing to guide; drop it")
     if guided and not attrs:
         raise UserError("--cfg guides towards a request: give --attrs (e.g. color=red), or drop --cfg")
-    return None if attrs is None else request_conditions(cond, [parse_attrs(attrs)] * n)
+    return None if attrs is None else RepeatedRows(request_conditions(cond, [parse_attrs(attrs)]), n)
 
 
 def request_conditions(cond: str, requests: Sequence[dict[str, str]]) -> Tensor | None:
@@ -161,8 +161,15 @@ class PromptConditioner:
 
     def __call__(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
                  image_weight: float = 0.5, n: int = 1, seed: int = 0) -> Tensor:
-        """(rows·n, dim): each row's condition repeated n times (prompt-major); with the retrieval prior every
-        repeat draws its own neighbour (seeded), so n samples of one prompt differ as image variations do."""
+        """(rows·n, dim): each row's condition n times (prompt-major), every one its own draw of the text prior
+        (seeded), so n samples of one prompt differ as the images a prompt fits do. `lazy` makes the same rows
+        slice by slice."""
+        conditions = self.lazy(prompts, images, image_weight, n, seed)
+        return conditions[:]
+
+    def lazy(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
+             image_weight: float = 0.5, n: int = 1, seed: int = 0) -> PromptConditions:
+        """The rows of `__call__` as a sequence made when a slice asks for them: memory independent of n."""
         prompts = list(prompts) if prompts is not None else []
         images = list(images) if images is not None else []
         if not prompts and not images:
@@ -171,23 +178,79 @@ class PromptConditioner:
             raise UserError(f"the image weight must be in [0, 1], got {image_weight}")
         if prompts and images and len(prompts) != len(images) and 1 not in (len(prompts), len(images)):
             raise UserError(f"{len(prompts)} prompts and {len(images)} images: give as many of each, or one of either")
-        generator = torch.Generator().manual_seed(seed)
-        text = self.texts([p for p in prompts for _ in range(n)], generator) if prompts else None
-        image = self.images(images).repeat_interleave(n, dim=0) if images else None
-        if text is None:
-            return image
-        if image is None:
-            return text
-        rows = max(len(prompts), len(images))
-        text = text.view(len(prompts), n, -1).expand(rows, n, -1).reshape(rows * n, -1)
-        image = image.view(len(images), n, -1).expand(rows, n, -1).reshape(rows * n, -1)
-        return F.normalize((1 - image_weight) * text + image_weight * image, dim=-1)
+        if not (isinstance(n, int) and n >= 1):
+            raise UserError(f"n must be an integer >= 1, got {n!r}")
+        text = None
+        if prompts:
+            checked = [self.embedder.check_prompt(p) for p in prompts]
+            unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
+            text = self.embedder.embed_texts(list(unique))[torch.tensor([unique[p] for p in checked])]
+        image = self.images(images) if images else None
+        return PromptConditions(self.prior, text, image, image_weight, n, seed)
 
     def negative(self, prompt: str | None) -> Tensor | None:
         """The embedding guidance pushes away from instead of the null one (None: the null embedding)."""
         if prompt is None:
             return None
         return self.texts([prompt], pick="mean")
+
+
+class PromptConditions:
+    """n conditions for each prompt/image row (prompt-major), as a sequence of rows made when a slice asks for them
+    (`len`, `[start:stop]`): memory is one chunk of PRIOR_CHUNK rows and an embedding per row, whatever n is.
+    Chunk k of the rows draws the text prior from its own generator (seed + k·CHUNK_SEED), so a row's condition
+    is the same however the rows are batched."""
+
+    CHUNK_SEED = 1_000_003
+
+    def __init__(self, prior: TextPrior, text: Tensor | None, image: Tensor | None, image_weight: float, n: int,
+                 seed: int):
+        self.prior, self.text, self.image, self.image_weight = prior, text, image, image_weight
+        self.n, self.seed = n, seed
+        self.rows = max(len(t) for t in (text, image) if t is not None)
+        self._chunk_cache: tuple[int, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.rows * self.n
+
+    def __getitem__(self, index: slice) -> Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("PromptConditions are read in slices [start:stop]")
+        start, stop, _ = index.indices(len(self))
+        stop = max(start, stop)
+        first, last = start // PRIOR_CHUNK, -(-stop // PRIOR_CHUNK)
+        parts = [self._chunk(k)[max(start - k * PRIOR_CHUNK, 0):stop - k * PRIOR_CHUNK] for k in range(first, last)]
+        return torch.cat(parts) if parts else self._chunk(0)[:0]
+
+    def _chunk(self, k: int) -> Tensor:
+        if self._chunk_cache is not None and self._chunk_cache[0] == k:
+            return self._chunk_cache[1]
+        lo, hi = k * PRIOR_CHUNK, min(len(self), (k + 1) * PRIOR_CHUNK)
+        row = torch.arange(lo, hi) // self.n  # the prompt/image row of each condition
+        cond = None
+        if self.text is not None:
+            text = self.text[row if len(self.text) > 1 else torch.zeros_like(row)]
+            cond = self.prior(text, torch.Generator().manual_seed(self.seed + k * self.CHUNK_SEED))
+        if self.image is not None:
+            image = self.image[row if len(self.image) > 1 else torch.zeros_like(row)]
+            cond = image if cond is None else \
+                F.normalize((1 - self.image_weight) * cond + self.image_weight * image, dim=-1)
+        self._chunk_cache = (k, cond)
+        return cond
+
+
+class RepeatedRows:
+    """Each row of `rows` n times (row-major), sliced without making the n copies: a label request for --n 10**9."""
+
+    def __init__(self, rows: Tensor, n: int):
+        self.rows, self.n = rows, n
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.n
+
+    def __getitem__(self, index: slice) -> Tensor:
+        start, stop, _ = index.indices(len(self))
+        return self.rows[torch.arange(start, max(start, stop)) // self.n]
 
 
 def _square(image: Tensor) -> Tensor:

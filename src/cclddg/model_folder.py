@@ -33,7 +33,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from cclddg.atomic import write_text_atomic
-from cclddg.conditioning import PromptConditioner, request_conditions
+from cclddg.conditioning import PromptConditioner, RepeatedRows, request_conditions
 from cclddg.data.images import tensor_to_image
 from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
@@ -218,8 +218,8 @@ class CCLDDGPipeline(DiffusionPipeline):
         return num_inference_steps
 
     def _conditions(self, prompt, negative_prompt, image, image_weight, attrs, n: int, seed: int,
-                    prior: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(conditions, one per image; the negative prompt's embedding) of this call."""
+                    prior: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+        """(conditions, one per image, made batch by batch; the negative prompt's embedding) of this call."""
         kind = self.config.cond
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
@@ -229,7 +229,7 @@ class CCLDDGPipeline(DiffusionPipeline):
             if not prompts and not images:
                 raise UserError("give a prompt or an image")
             prompts_in = self.conditioner(**prior)
-            cond = prompts_in(prompts, [prompt_image(i) for i in images], image_weight, n=n, seed=seed)
+            cond = prompts_in.lazy(prompts, [prompt_image(i) for i in images], image_weight, n=n, seed=seed)
             return cond, prompts_in.negative(negative_prompt)
         if prompts or images or negative_prompt:
             raise UserError(f"this model is conditioned on {kind}, not on prompts: "
@@ -240,7 +240,7 @@ class CCLDDGPipeline(DiffusionPipeline):
             return None, None
         requests = [attrs] if isinstance(attrs, (str, dict)) else list(attrs or [{}])
         parsed = [parse_attrs(a) if isinstance(a, str) else dict(a) for a in requests]
-        return request_conditions(kind, [r for r in parsed for _ in range(n)]), None
+        return RepeatedRows(request_conditions(kind, parsed), n), None
 
 
 def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scale: float = 1.0) -> Path:

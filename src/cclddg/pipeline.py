@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cclddg import diffusion, objectives
-from cclddg.conditioning import PromptConditioner, null_like
+from cclddg.conditioning import PromptConditioner, PromptConditions, null_like
 from cclddg.config import TrainConfig
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
@@ -230,6 +230,14 @@ def load_generator(path: str | Path, ema: bool = True, device: torch.device | st
     return model, cfg
 
 
+def image_size_of(path: str | Path) -> int:
+    """The image size a run or model folder samples at, read from its config (nothing loads): for size checks
+    before any work."""
+    if is_model_folder(path):
+        return int(check_model_folder(path)["img_size"])
+    return int(load_config(resolve_checkpoint(Path(path))).img_size)
+
+
 def is_model_folder(path: str | Path) -> bool:
     """An exported model folder (diffusers' layout: model_index.json + a folder per component; model_folder.py)."""
     return (Path(path) / "model_index.json").is_file()
@@ -363,14 +371,14 @@ class PromptPipeline:
         return self.prompts.negative(prompt)
 
     @torch.no_grad()
-    def batches(self, cond: Tensor, n: int = 1, guidance: float = 1.0, seed: int = 0,
+    def batches(self, cond: Tensor | PromptConditions, n: int = 1, guidance: float = 1.0, seed: int = 0,
                 negative: Tensor | None = None, sampler: str | None = None, steps: int | None = None,
                 batch_size: int = 64) -> Iterator[Tensor]:
         """Batches of (≤ batch_size, 3, H, W) in [-1, 1] on the CPU: n samples per row of `cond`, in order; the
         same noise for the same seed and batch size."""
         rng = torch.Generator().manual_seed(seed)
-        c = cond.repeat_interleave(n, dim=0)
-        yield from sample_batches(self.model, self.cfg, c.shape[0], cond=c, batch_size=batch_size, rng=rng,
+        c = cond if n == 1 else cond[:].repeat_interleave(n, dim=0)
+        yield from sample_batches(self.model, self.cfg, len(c), cond=c, batch_size=batch_size, rng=rng,
                                   device=self.device, guidance=guidance, sampler=sampler, steps=steps,
                                   uncond=None if negative is None else negative.to(self.device))
 

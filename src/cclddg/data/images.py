@@ -50,17 +50,23 @@ class GridCanvas:
     MAX_PIXELS = 400_000_000  # ~1.2 GB of RGB: a grid larger than this is refused before any sampling
 
     def __init__(self, count: int, nrow: int, height: int, width: int, padding: int = 2, pad_value: float = 1.0):
-        if count < 1 or nrow < 1 or padding < 0:
-            raise UserError(f"a grid needs count >= 1, nrow >= 1 and padding >= 0, got {count}, {nrow}, {padding}")
+        shape = self.check(count, nrow, height, width, padding)
         self.cols = min(nrow, count)
-        rows = -(-count // self.cols)
         self.count, self.h, self.w, self.padding = count, height, width, padding
-        shape = (rows * (height + padding) + padding, self.cols * (width + padding) + padding)
-        if shape[0] * shape[1] > self.MAX_PIXELS:
-            raise UserError(f"a grid of {count} images would be {shape[1]}x{shape[0]} pixels, too large for one "
-                            "image; write them one by one with --singles FOLDER, or ask for fewer")
         fill = int(round((max(-1.0, min(1.0, pad_value)) + 1.0) * 127.5))
         self.canvas = np.full((*shape, 3), fill, np.uint8)
+
+    @classmethod
+    def check(cls, count: int, nrow: int, height: int, width: int, padding: int = 2) -> tuple[int, int]:
+        """The grid's (height, width) in pixels; a grid too large for one image is refused, before any sampling."""
+        if count < 1 or nrow < 1 or padding < 0:
+            raise UserError(f"a grid needs count >= 1, nrow >= 1 and padding >= 0, got {count}, {nrow}, {padding}")
+        cols = min(nrow, count)
+        shape = (-(-count // cols) * (height + padding) + padding, cols * (width + padding) + padding)
+        if shape[0] * shape[1] > cls.MAX_PIXELS:
+            raise UserError(f"a grid of {count} images would be {shape[1]}x{shape[0]} pixels, too large for one "
+                            "image; write them one by one with --singles FOLDER, or ask for fewer")
+        return shape
 
     def put(self, index: int, tiles: np.ndarray) -> None:
         """Place uint8 (B, H, W, 3) tiles at grid cells index, index+1, ..."""

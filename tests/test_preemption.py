@@ -165,7 +165,7 @@ def test_serve_stops_cleanly_on_a_signal(tiny_models):
     url = line.split(" on ")[1].split()[0]
     assert urllib.request.urlopen(url, timeout=30).status == 200
     out, stderr = stop(proc)
-    assert proc.returncode == 0 and messages(stderr) == ["cclddg serve: stopped by SIGTERM; stopped"], stderr[-2000:]
+    assert proc.returncode == 0 and messages(stderr) == ["cclddg serve: stopped by SIGTERM; the server is closed"], stderr[-2000:]
 
 
 @pytest.mark.slow

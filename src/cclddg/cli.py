@@ -647,15 +647,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """A local web page to prompt a model (serve.py); Ctrl-C stops it."""
 
     from cclddg import cpu
-    from cclddg.serve import load_pipeline, serve
+    from cclddg.serve import READ_TIMEOUT, check_address, load_pipeline, serve
 
+    check_address(args.host, args.port)  # a bad --host or a taken --port, before the model loads
     cpu.tune_cpu(args.threads)  # threads, denormals and freed memory
     pipe = load_pipeline(args.model)
     try:
-        serve(pipe, Path(args.model).name, args.host, args.port,
+        serve(pipe, Path(args.model).name, args.host, args.port, read_timeout=args.read_timeout or READ_TIMEOUT,
               ready=lambda url: print(f"serving {args.model} on {url} (Ctrl-C stops)", flush=True))
     except KeyboardInterrupt as exc:
-        print(f"cclddg serve: {how_stopped(exc)[0]}; stopped", file=sys.stderr)
+        print(f"cclddg serve: {how_stopped(exc)[0]}; the server is closed", file=sys.stderr)
     return 0
 
 
@@ -801,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=parse_number(int, Range(0, 65535)), default=7860,
                     help="port (default 7860; 0: any free one)")
+    sv.add_argument("--read_timeout", type=parse_number(float, Range(0.1, 3600)), default=None, metavar="S",
+                    help="seconds a client has to send its request (default 10)")
     sv.add_argument("--threads", type=parse_number(int, THREADS), default=0, help="CPU threads (0: torch's default)")
     sv.set_defaults(func=cmd_serve)
 

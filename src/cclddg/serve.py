@@ -12,17 +12,27 @@ The grid is rows of prompts (or label requests) x images per prompt, or x guidan
 carries the settings that made it (a "cclddg" text chunk), and the page shows them beside the download link.
 Requests are sampled one at a time in one long-lived thread (the model uses every core; the page still loads
 meanwhile), and the server binds to localhost by default.
+
+Safe on a laptop: only `application/json` POSTs from the page's own origin generate (a web page elsewhere cannot
+make the server work: a cross-site form or text/plain POST is refused), at most MAX_PENDING requests are
+read, decoded or waiting at once (past that: 503, "busy"), at most MAX_CONNECTIONS connections are open, a
+client has `read_timeout` seconds to send its request, the body and the image's size are checked before
+anything is decoded, a malformed request is a 400 with one line, and a client that went away is no traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
+import ipaddress
 import json
 import queue
+import socket
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -34,7 +44,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from cclddg.data.images import make_grid
 from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
-from cclddg.errors import UserError
+from cclddg.errors import OneLineWarning, UserError
 from cclddg.model_folder import CCLDDGPipeline
 from cclddg.options import FRACTION, GUIDANCE, SEEDS, Range, number_problem
 from cclddg.pipeline import is_model_folder
@@ -44,6 +54,11 @@ MAX_IMAGES_PER_PROMPT = 16
 MAX_GUIDANCES = 8
 MAX_BODY = 20 * 2**20  # a request with an image prompt: 20 MiB of JSON at most
 MAX_IMAGE_SIDE = 4096
+KEPT_IMAGE_SIDE = 1024  # a prompt image is shrunk to this on arrival: embedders see 224 px or less
+MAX_PENDING = 4  # requests being read, decoded, waiting or sampled at once; more are told the server is busy
+MAX_CONNECTIONS = 64  # open connections (each a thread); more are closed at once
+READ_TIMEOUT = 10.0  # seconds a client has to send its request (a slow or stalled one is cut off)
+MAX_JSON_DEPTH = 32  # nesting of the settings (they are 3 deep)
 
 
 def load_pipeline(path: str | Path) -> CCLDDGPipeline:
@@ -187,14 +202,22 @@ def _image(value: Any) -> Image.Image | None:
     except (binascii.Error, ValueError):
         raise UserError("the image could not be decoded (not base64)") from None
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if max(image.size) > MAX_IMAGE_SIDE:
-                raise UserError(f"the image is {image.size[0]}x{image.size[1]}; give one at most {MAX_IMAGE_SIDE} px a side")
-            image.draft("RGB", (1024, 1024))
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:  # reads the header only: the size is known before decoding
+                if max(image.size) > MAX_IMAGE_SIDE:
+                    raise UserError(f"the image is {image.size[0]}x{image.size[1]}; give one at most "
+                                    f"{MAX_IMAGE_SIDE} px a side")
+                image.draft("RGB", (KEPT_IMAGE_SIDE, KEPT_IMAGE_SIDE))  # JPEGs decode at a reduced size
+                image = image.convert("RGB")
+                image.thumbnail((KEPT_IMAGE_SIDE, KEPT_IMAGE_SIDE))  # what a waiting request holds
+                return image
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"the image has too many pixels to decode safely; give one at most {MAX_IMAGE_SIDE} px a "
+                        "side") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UserError("the image is not a readable PNG or JPEG") from None
 
 
@@ -211,21 +234,45 @@ def page() -> bytes:
     return resources.files("cclddg").joinpath("serve_page.html").read_bytes()
 
 
-def make_handler(generator: Generator) -> type[BaseHTTPRequestHandler]:
+class HTTPProblem(Exception):
+    """A request the server refuses: the status and the one line the page shows."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def make_handler(generator: Generator, read_timeout: float = READ_TIMEOUT,
+                 local_only: bool = True) -> type[BaseHTTPRequestHandler]:
+    """The routes; `local_only` (bound to a loopback address): a request must name this machine as its Host
+    (a web page whose name resolves to 127.0.0.1, DNS rebinding, is refused)."""
+    slots = threading.BoundedSemaphore(MAX_PENDING)
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "cclddg"
         disable_nagle_algorithm = True  # headers and body go out at once: no 40 ms delayed-ACK stall per request
+        timeout = read_timeout  # on the socket: a client that stalls while sending is cut off
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: the page reports its own errors
             pass
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionError, TimeoutError, socket.timeout):  # the client went away or stalled: nothing to say
+                self.close_connection = True
+
         def _send(self, status: int, body: bytes, kind: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                self.wfile.write(body)
+            except (ConnectionError, TimeoutError, socket.timeout):  # the client left before the answer
+                self.close_connection = True
 
         def _json(self, status: int, value: dict[str, Any]) -> None:
             self._send(status, json.dumps(value).encode(), "application/json")
@@ -243,37 +290,193 @@ def make_handler(generator: Generator) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": f"no route {self.path[:80]}"})
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if not 0 < length <= MAX_BODY:
-                    raise UserError(f"the request must hold 1 byte to {MAX_BODY // 2**20} MiB of JSON")
+                self._check_sender()
+                length = self._length()
+                if not slots.acquire(blocking=False):
+                    self._discard(length)  # read past the body (a chunk at a time), so the page gets the answer
+                    raise HTTPProblem(503, f"busy: {MAX_PENDING} generations are already waiting; try again in a "
+                                           "moment")
                 try:
-                    request = json.loads(self.rfile.read(length))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise UserError("the request is not JSON") from None
-                self._json(200, generator.generate(request))
+                    request = self._read_json(length)
+                    self._json(200, generator.generate(request))
+                finally:
+                    slots.release()
+            except HTTPProblem as exc:
+                self.close_connection = True  # the body may be unread
+                self._json(exc.status, {"error": str(exc)})
             except UserError as exc:
                 self._json(400, {"error": str(exc)})
+            except (TimeoutError, socket.timeout):
+                self.close_connection = True
+                self._json(408, {"error": f"the request was not sent within {read_timeout:g} s"})
+            except ConnectionError:
+                self.close_connection = True
             except Exception as exc:  # never stop the server: say what failed, keep serving
                 self._json(500, {"error": f"internal error ({type(exc).__name__}: {str(exc)[:200]})"})
+
+        def _check_sender(self) -> None:
+            """Only the page's own JSON requests: a form or text/plain POST from another site would need no
+            permission from the browser, a JSON one does (and another Origin is refused outright)."""
+            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise HTTPProblem(415, "send the settings as JSON (Content-Type: application/json)")
+            origin, host = self.headers.get("Origin"), self.headers.get("Host") or ""
+            if local_only and not is_loopback(host.rsplit(":", 1)[0].strip("[]")):
+                raise HTTPProblem(403, f"the request is addressed to {host[:80]!r}, not to this machine")
+            if origin is not None and origin.split("://", 1)[-1].rstrip("/") != host:
+                raise HTTPProblem(403, f"requests from another site ({origin[:80]}) are refused")
+            if self.headers.get("Sec-Fetch-Site") == "cross-site":
+                raise HTTPProblem(403, "requests from another site are refused")
+
+        def _length(self) -> int:
+            text = self.headers.get("Content-Length")
+            if text is None:
+                raise HTTPProblem(411, "the request needs a Content-Length")
+            try:
+                length = int(text)
+            except ValueError:
+                raise HTTPProblem(400, f"Content-Length {text[:20]!r} is not a number of bytes") from None
+            if length > MAX_BODY:
+                raise HTTPProblem(413, f"the request holds {length} bytes; at most {MAX_BODY // 2**20} MiB "
+                                       "(a smaller image)")
+            if length < 1:
+                raise HTTPProblem(400, "the request is empty; send the settings as JSON")
+            return length
+
+        def _discard(self, length: int) -> None:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 2**16))
+                if not chunk:
+                    return
+                length -= len(chunk)
+
+        def _read_json(self, length: int) -> Any:
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise HTTPProblem(400, f"the request ended after {len(body)} of {length} bytes")
+            try:
+                text = body.decode()
+                if _nesting(text) > MAX_JSON_DEPTH:
+                    raise UserError(f"the request is nested deeper than {MAX_JSON_DEPTH} levels")
+                return json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError("the request is not JSON") from None
 
     return Handler
 
 
-def make_server(generator: Generator, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+def _nesting(text: str) -> int:
+    """How deep brackets nest in a JSON text, outside strings (before json.loads, which recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+class BoundedServer(ThreadingHTTPServer):
+    """Python's threading HTTP server with at most `max_connections` connections (threads) at once; one more is
+    closed at once. Errors of a connection (a client that went away) print nothing."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            print(f"cclddg serve: a request from {client_address[0]} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+
+
+def make_server(generator: Generator, host: str = "127.0.0.1", port: int = 7860,
+                read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
     """The server (not yet serving: call serve_forever; `generator.work()` samples); port 0 picks a free one
-    (`server.server_port`)."""
+    (`server.server_port`). Anything but a loopback address is one warning: the network can use the model."""
     try:
-        return ThreadingHTTPServer((host, port), make_handler(generator))
+        handler = make_handler(generator, read_timeout, local_only=is_loopback(host))
+        server = BoundedServer((host, port), handler, max_connections)
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port") from None
+        raise listen_problem(exc, host, port) from None
+    if not is_loopback(host):
+        warnings.warn(f"serving on {host}: anyone who can reach this machine on port {server.server_port} can "
+                      "generate with the model; --host 127.0.0.1 keeps it to this machine", OneLineWarning,
+                      stacklevel=2)
+    return server
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when the server could not listen on host:port."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what the HTTP server sets too
+            probe.bind((host, port))
+    except OSError as exc:
+        raise listen_problem(exc, host, port) from None
+
+
+def listen_problem(exc: OSError, host: str, port: int) -> UserError:
+    if exc.errno == errno.EADDRINUSE:
+        return UserError(f"port {port} on {host} is in use; choose another --port (0: any free one)")
+    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
+        return UserError(f"--host {host} is not an address of this machine ({exc.strerror or exc}); use 127.0.0.1 "
+                         "(this machine only) or 0.0.0.0 (every network it is on)")
+    if exc.errno == errno.EACCES:
+        return UserError(f"no permission to listen on port {port}; choose a --port above 1023")
+    return UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc})")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(pipe: CCLDDGPipeline, name: str, host: str = "127.0.0.1", port: int = 7860,
-          ready: Callable[[str], None] = print) -> None:
-    """Serve the page until Ctrl-C: HTTP in a background thread, sampling in this one (`Generator.work`)."""
+          ready: Callable[[str], None] = print, read_timeout: float = READ_TIMEOUT) -> None:
+    """Serve the page until Ctrl-C (or SIGTERM): HTTP in a background thread, sampling in this one
+    (`Generator.work`)."""
     generator = Generator(pipe, name)
-    server = make_server(generator, host, port)
-    ready(f"http://{host}:{server.server_port}/")
+    server = make_server(generator, host, port, read_timeout)
+    ready(f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}/")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -282,3 +282,51 @@ def test_cli_usage_errors_exit_2(capsys, argv, expected):
     code = main(["encode", *argv])  # argparse's refusals too: main returns the code, it does not exit
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err
+
+
+def _images(folder, start: int, count: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("change", ["added", "rewritten", "removed"])
+def test_a_folder_cache_refuses_a_folder_that_changed(tmp_path, capsys, change):
+    """The cache of 4 images is not served for a folder of 12 (or with one image rewritten, or removed): one
+    line names the change and how to encode again; the same folder unchanged is reused."""
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    _images(images, 0, 4)
+    command = ["encode", "--data", f"folder:{images}", "--autoencoder", "pixels", "--img_size", "16",
+               "--out", str(cache), "--no_progress"]
+    assert main(command) == 0
+    assert main(command) == 0 and "already complete" in capsys.readouterr().out
+    if change == "added":
+        _images(images, 4, 8)
+    elif change == "rewritten":
+        _images(images, 100, 1)
+        shutil.move(images / "100.png", images / "002.png")
+    else:
+        (images / "003.png").unlink()
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since the cache" in err[0] and f"rm -r {cache}" in err[0], err
+    if change == "added":
+        assert "12 files" in err[0] and "4 files" in err[0]
+
+
+def test_a_training_runs_automatic_cache_refuses_a_folder_that_changed(tmp_path, capsys):
+    images = tmp_path / "images"
+    _images(images, 0, 4)
+    train = ["train", "--data", f"folder:{images}", "--cond", "none", "--img_size", "16", "--n_channels_unet", "8",
+             "--ch_mults", "1,2", "--is_attn", "0,0", "--n_channels_disc", "8", "--ch_mults_disc", "1,2",
+             "--is_attn_disc", "0,0", "--batch_size", "2", "--z_dim", "4", "--n_batches", "1", "--no_progress",
+             "--cache_dir", str(tmp_path / "caches")]  # a pixel run on real images trains from a cache too
+    assert main([*train, "--out", str(tmp_path / "a")]) == 0
+    _images(images, 4, 8)
+    capsys.readouterr()
+    assert main([*train, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since the cache" in err[0], err

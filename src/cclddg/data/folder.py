@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from cclddg.data.records import Record
+from cclddg.data.records import Record, files_fingerprint
 from cclddg.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -78,6 +78,12 @@ class FolderSource:
 
     def describe(self) -> str:
         return f"folder {self.root} ({len(self.files):,} image files)"
+
+    def fingerprint(self) -> dict:
+        """The images, captions and metadata files this source reads (a latent cache checks it)."""
+        extra = [p for p in sorted(self.root.rglob("*")) if (p.name in METADATA_FILES or p.suffix == ".txt")
+                 and p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
+        return files_fingerprint([*self.files, *extra])
 
     def record(self, index: int) -> Record:
         path = self.files[index]

@@ -9,7 +9,9 @@ small generator's step. Layout (a folder):
                            [+ image_emb_flip.npy], text_emb.npy (n,D) float16, labels.npy float32, captions.json
 
 Each shard is written into `.tmp-shard_XXXXX` and renamed when complete, so an interrupted encode never
-leaves a half shard that looks complete; running the same encode again skips the finished shards.
+leaves a half shard that looks complete; running the same encode again skips the finished shards. A source of
+local files (folder:, a local wds:) is recorded by its fingerprint (`source`: names, sizes, times): files
+added, removed or rewritten since make the cache refuse, in one line, to be resumed or reused.
 """
 
 from __future__ import annotations
@@ -138,6 +140,18 @@ def _check_key(out: Path, found: dict, key: dict) -> None:
                         "command's); choose a new --out")
 
 
+def _check_source(out: Path, found: dict, now: dict | None) -> None:
+    """A cache of local files (folder:, a local wds:) is never used for files that changed since it was made."""
+    then = found.get("source")
+    if then is None or now is None or then == now:
+        return
+    what = "rewritten" if (then["files"], then["bytes"]) == (now["files"], now["bytes"]) else \
+        f"{now['files']:,} files, {now['bytes'] / 2**20:.1f} MiB now; {then['files']:,} files, " \
+        f"{then['bytes'] / 2**20:.1f} MiB then"
+    raise UserError(f"{found.get('data')} changed since the cache {out} was encoded from it ({what}); to encode it "
+                    f"again remove the cache (rm -r {out}) and rerun")
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -216,11 +230,13 @@ class _ShardWriter:
         (self.tmp / SHARD_FILE).write_text(json.dumps({**info, "count": self.n}))
 
 
-def _prepare(out: Path, key: dict, scale: float | None) -> dict | None:
-    """Check `out` against `key`: the progress record to resume from, {} for a fresh cache, None when complete."""
+def _prepare(out: Path, key: dict, scale: float | None, source: dict | None = None) -> dict | None:
+    """Check `out` against `key` and the source's fingerprint: the progress record to resume from, {} for a fresh
+    cache, None when complete."""
     if (out / META_FILE).is_file():
         meta = _read_json(out / META_FILE)
         _check_key(out, meta, key)
+        _check_source(out, meta, source)
         if scale is not None and meta.get("scale") != float(scale):
             raise UserError(f"{out} holds a cache encoded with scale {meta.get('scale')}, not --scale {scale}; "
                             "choose a new --out")
@@ -228,6 +244,7 @@ def _prepare(out: Path, key: dict, scale: float | None) -> dict | None:
     if (out / PROGRESS_FILE).is_file():
         progress = _read_json(out / PROGRESS_FILE)
         _check_key(out, progress, key)
+        _check_source(out, progress, source)
         if scale is not None and progress.get("scale") != float(scale):
             raise UserError(f"{out} holds a partial cache with scale {progress.get('scale')}, not --scale {scale}; "
                             "rerun without --scale to finish it, or choose a new --out")
@@ -265,7 +282,8 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
     if scale is not None and not scale > 0:
         raise UserError(f"--scale must be > 0, got {scale}")
     key = _key(data_spec, seed, count, img_size, space, embedder, flip, shard_size, crop)
-    state = _prepare(out, key, scale)
+    source_files = source.fingerprint() if callable(getattr(source, "fingerprint", None)) else None
+    state = _prepare(out, key, scale, source_files)
     if state is None:
         return out
     if state:
@@ -273,7 +291,7 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
     else:
         cache_scale = float(scale) if scale is not None else _measure(source, img_size, space, batch_size, workers, crop)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": cache_scale})
+        _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": cache_scale, "source": source_files})
     for leftover in out.glob(".tmp-shard_*"):  # from a killed run: never complete
         shutil.rmtree(leftover, ignore_errors=True)
     done = _finished_shards(out)
@@ -289,7 +307,7 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
                            batch_size, workers, crop, done, None if count is None else count - encoded, bar)
         finally:
             bar.close()
-    return _finish(out, key, cache_scale)
+    return _finish(out, key, cache_scale, source_files)
 
 
 def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedder: Embedder | None, flip: bool,
@@ -341,7 +359,7 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
         start, index = last + 1, index + 1
 
 
-def _finish(out: Path, key: dict, scale: float) -> Path:
+def _finish(out: Path, key: dict, scale: float, source: dict | None = None) -> Path:
     """Hash the shards, sum their skipped examples and write cache.json: from now on the cache is complete."""
 
     shards, has_labels, skips = [], [], SkipLog(warn=False)
@@ -355,7 +373,8 @@ def _finish(out: Path, key: dict, scale: float) -> Path:
     if any(has_labels) and not all(has_labels):
         raise UserError(f"{out}: the data source gave labels for some shards only")
     meta = {**key, "count": sum(s["count"] for s in shards), "scale": scale, "has_labels": all(has_labels),
-            "shards": shards, "skipped": skips.as_dict(), "content_hash": content_hash([s["sha256"] for s in shards])}
+            "shards": shards, "skipped": skips.as_dict(), "content_hash": content_hash([s["sha256"] for s in shards]),
+            "source": source}
     _write_json_atomic(out / META_FILE, meta)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return out

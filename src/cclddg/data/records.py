@@ -8,12 +8,18 @@ A source only *reads*: it turns its storage (files, a Hugging Face dataset, tar 
 - a *map* source has a length and random access (`record(i)`): folders, HF datasets, emoji, shapes;
 - a *stream* source has only an ordered list of shards and reads them front to back
   (`records(shards)`): webdataset tar files, local or remote.
+
+A source of local files may also say what it was read from (`fingerprint()`, `files_fingerprint`): a latent
+cache records it and refuses to serve a source that changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -57,3 +63,14 @@ class StreamSource(Protocol):
     def records(self, shards: Sequence[str]) -> Iterator[Record]: ...
 
     def describe(self) -> str: ...
+
+
+def files_fingerprint(paths: Sequence[str | Path]) -> dict:
+    """A cheap fingerprint of local files: how many, their bytes, and a digest of every name, size and
+    modification time (a file added, removed, replaced or rewritten changes it; reading none of them)."""
+    h, total = hashlib.sha1(), 0
+    for path in paths:
+        st = os.stat(path)
+        total += st.st_size
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(paths), "bytes": total, "digest": h.hexdigest()}

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from braceexpand import braceexpand
 
-from cclddg.data.records import Record
+from cclddg.data.records import Record, files_fingerprint
 from cclddg.errors import UserError
 
 CC12M_PATTERN = ("https://huggingface.co/datasets/laion/conceptual-captions-12m-webdataset/resolve/main/"
@@ -97,6 +97,12 @@ class WebDatasetSource:
         if missing:
             raise UserError(f"{len(missing)} of {len(self.shards)} webdataset shards of {pattern!r} do not exist "
                             f"(the first: {_local_path(missing[0])})")
+
+    def fingerprint(self) -> dict | None:
+        """The local shards' names, sizes and times (a latent cache checks it); None for remote shards."""
+        if any(s.startswith(_REMOTE_PREFIXES) for s in self.shards):
+            return None
+        return files_fingerprint([_local_path(s) for s in self.shards])
 
     def records(self, shards: Sequence[str]) -> Iterator[Record]:
         """The given shards (a worker's share of `self.shards`) in order. A shard that cannot be opened stops

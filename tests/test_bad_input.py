@@ -182,3 +182,13 @@ def test_every_number_flag_is_checked():
     bare = [f"{name} {option_name(a)}" for name, p in subcommands().items() for a in p._actions
             if a.type in (int, float)]
     assert not bare, bare
+
+
+@pytest.mark.parametrize("outputs", [["-o", "{d}/x.png", "--singles", "{d}/x.png"],
+                                     ["-o", "{d}/x.png", "--singles", "{d}/x.png/singles"]])
+def test_sample_outputs_that_would_overwrite_each_other_stop_before_sampling(label_run, tmp_path, capsys, outputs):
+    args = [a.format(d=tmp_path) for a in outputs]
+    assert main(["sample", "--checkpoint", str(label_run), "--n", "2", *args, "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("same path" in err[0] or "lies inside the file" in err[0]), err
+    assert not list(tmp_path.iterdir())  # nothing sampled, nothing made

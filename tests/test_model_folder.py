@@ -129,3 +129,30 @@ def test_export_refuses_a_used_folder_and_leaves_nothing_half_made(tiny_runs, tm
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     with pytest.raises(UserError, match="not a cclddg model folder"):
         CCLDDGPipeline.from_pretrained(tiny_runs / "labels")
+
+
+def test_an_export_killed_half_way_leaves_nothing_the_next_one_keeps(tiny_runs, tmp_path):
+    """SIGKILL while the folder is written: the hidden temporary folder is removed by the next export of OUT, and
+    the model folder gets the user's usual permissions (not mkdtemp's private 0700)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "cclddg", "export", str(tiny_runs / "text"), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not any(p.is_file() for p in tmp_path.glob(".model.tmp-*/**/*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export did not start writing"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert list(tmp_path.glob(".model.tmp-*")) and not out.exists()
+    assert main(["export", str(tiny_runs / "text"), str(out)]) == 0
+    assert not list(tmp_path.glob(".model.tmp-*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask

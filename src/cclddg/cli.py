@@ -42,7 +42,7 @@ from cclddg.options import (
     field_kind,
     parse_number,
 )
-from cclddg.paths import output_folder, undone_if_failed
+from cclddg.paths import distinct_outputs, output_folder, undone_if_failed
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -422,6 +422,7 @@ def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | 
         raise UserError("nothing to write: give -o/--output GRID.png and/or --singles FOLDER")
     grid = output_file(args.output, "-o", IMAGE_SUFFIXES) if args.output else None
     singles = output_folder(args.singles, "--singles") if args.singles else None
+    distinct_outputs({"-o": grid}, {"--singles": singles})
     return grid, singles
 
 

@@ -20,6 +20,7 @@ samples with, so the same seed gives the run's images bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -251,9 +252,12 @@ def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scal
         raise UserError(f"{out} exists and is not an empty folder; choose a new folder for the model")
     pipe = CCLDDGPipeline.from_run(run, ema=ema, guidance_scale=guidance_scale)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.tmp-*"):  # an export of OUT that was killed: never complete
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700): the model gets the user's usual mode
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -261,3 +265,9 @@ def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scal
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -57,6 +57,21 @@ def output_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
+def distinct_outputs(files: dict[str, Path | None], folders: dict[str, Path | None]) -> None:
+    """The output files and folders of one command (flag -> path, None: not given), checked before any work: no
+    two the same path, and nothing inside an output file (a file inside an output folder is fine)."""
+    given = [(flag, Path(p).expanduser().resolve(), kind) for kind, outputs in (("file", files), ("folder", folders))
+             for flag, p in outputs.items() if p is not None]
+    for i, (flag_a, a, _) in enumerate(given):
+        for flag_b, b, kind_b in given[i + 1:]:
+            if a == b:
+                raise UserError(f"{flag_a} and {flag_b} are the same path ({a}); give each its own")
+    for flag, path, _ in given:
+        for file_flag, file, kind in given:
+            if kind == "file" and file in path.parents:
+                raise UserError(f"{flag} {path} lies inside the file {file_flag} {file}; give paths side by side")
+
+
 @contextlib.contextmanager
 def undone_if_failed(folder: Path, kept: Callable[[], bool]) -> Iterator[None]:
     """Run a command that fills `folder`; if it was new or empty and the command fails (or is interrupted) before

@@ -89,7 +89,8 @@ def save_checkpoint(run_dir: Path, step: int, models: dict[str, torch.nn.Module]
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):  # from a process killed while it saved or deleted: never complete
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         tmp.mkdir()
         for name, model in models.items():

@@ -192,3 +192,20 @@ def test_sample_outputs_that_would_overwrite_each_other_stop_before_sampling(lab
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("same path" in err[0] or "lies inside the file" in err[0]), err
     assert not list(tmp_path.iterdir())  # nothing sampled, nothing made
+
+
+def test_a_checkpoint_without_its_weights_is_our_one_line_only(label_run, tmp_path, capsys):
+    """diffusers logs its own lines for a missing weights file; the check comes first."""
+    run = tmp_path / "run"
+    shutil.copytree(label_run, run)
+    for weights in run.glob("checkpoints/*/generator*/diffusion_pytorch_model.safetensors"):
+        weights.unlink()
+    assert main(["sample", "--checkpoint", str(run), "--n", "1", "-o", str(tmp_path / "x.png"), "--no_progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "no diffusion_pytorch_model.safetensors" in err[0] and not captured.out, captured
+
+
+def test_zero_steps_are_refused_before_a_run_folder_is_made(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--n_batches", "0", "--no_progress"]) == 2
+    assert "--n_batches must be >= 1" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -230,7 +230,7 @@ def test_bad_files_and_folders(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_kl_f8(tmp_path / "nope.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable torch checkpoint"):
+    with pytest.raises(UserError, match="is not a torch checkpoint .neither torch.save.s zip nor a pickle"):
         load_kl_f8(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {"a": 1}}, tmp_path / "odd.ckpt")
     with pytest.raises(UserError, match="no state dict of named tensors"):
@@ -295,3 +295,24 @@ def test_nonexistent_path(tmp_path):
         load_latent_space(f"kl-f8:{tmp_path / 'missing.ckpt'}")
     with pytest.raises(UserError, match="does not exist"):
         load_latent_space(f"taesd:{tmp_path / 'missing'}")
+
+
+class _Code:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("write,words", [
+    (lambda p: torch.save({"state_dict": _Code()}, p, _use_new_zipfile_serialization=False), "would run code"),
+    (lambda p: torch.save({"state_dict": _Code()}, p), "would run code"),
+    (lambda p: p.write_bytes(__import__("pickle").dumps({"state_dict": {"a": 1}}, protocol=4)), "plain Python pickle"),
+    (lambda p: p.write_text("a text file, not weights\n"), "neither torch.save's zip nor a pickle"),
+])
+def test_a_checkpoint_that_is_not_weights_says_what_it_is(tmp_path, capfd, write, words):
+    path = tmp_path / "model.ckpt"
+    write(path)
+    with pytest.raises(UserError, match=words):
+        load_kl_f8(path)
+    assert "this must never run" not in capfd.readouterr().out

@@ -138,7 +138,9 @@ def test_image_prompt_from_a_file(gen_run, tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--prompt", "   "], "the prompt is empty"),
+    (["--prompt", "   "], "--prompt is empty"),
+    (["--prompt", "a", "--negative_prompt", ""], "--negative_prompt is empty"),
+    (["--prompt", "a", "--cfg", "1,2,"], "expected numbers separated by commas"),
     (["--prompt", "red " * 300], "tokens long"),
     (["--image", "missing.png"], "does not exist"),
     (["--prompt", "a", "--image_weight", "2", "--image", "IMG"], "--image_weight must be in [0, 1]"),

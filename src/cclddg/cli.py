@@ -63,15 +63,21 @@ def number_list(kind: type, example: str, rng: Range = ANY):
     one = parse_number(kind, rng)
 
     def parse(text: str) -> tuple:
-        parts = text.replace(" ", ",").split(",")
-        if not text.strip() or any(not v for v in parts[1:-1]):
+        parts = list_items(text)
+        if parts is None:
             raise argparse.ArgumentTypeError(f"expected {name} separated by commas, e.g. {example}; got {text!r}")
         try:
-            return tuple(one(v) for v in parts if v)
+            return tuple(one(v) for v in parts)
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"{exc} (in {text!r})" if len(parts) > 1 else str(exc)) from None
 
     return parse
+
+
+def list_items(text: str) -> list[str] | None:
+    """The items of a comma (or space) separated list; None for an empty list or an empty item ("1,,2", "1,2,")."""
+    parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
+    return parts if parts and all(parts) else None
 
 
 def guidance_scales(text: str) -> tuple[float, ...]:
@@ -82,7 +88,7 @@ def guidance_scales(text: str) -> tuple[float, ...]:
 def bool_list(text: str) -> tuple[bool, ...]:
     table = {"1": True, "true": True, "t": True, "0": False, "false": False, "f": False}
     try:
-        return tuple(table[v.lower()] for v in text.replace(" ", ",").split(",") if v)
+        return tuple(table[v.lower()] for v in list_items(text) or ["empty"])
     except KeyError:
         raise argparse.ArgumentTypeError(f"expected flags like 0,0,1 or False,False,True; got {text!r}")
 
@@ -471,6 +477,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompted = bool(args.prompt or args.image)
     if args.negative_prompt is not None and not prompted:
         raise UserError("--negative_prompt needs --prompt or --image")
+    for flag, texts in (("--prompt", args.prompt or []), ("--negative_prompt", [args.negative_prompt] * (
+            args.negative_prompt is not None))):
+        if any(not "".join(ch for ch in text if ch.isprintable()).strip() for text in texts):
+            raise UserError(f"{flag} is empty; give some words (e.g. {flag} \"a red circle\")"
+                            + (", or drop it" if flag == "--negative_prompt" else ""))
     n = args.n or (4 if prompted else 16)
     if grid is not None:  # a grid too large for one image is refused before anything loads
         size = image_size_of(args.checkpoint)

@@ -180,7 +180,7 @@ class TrainConfig(JsonConfig):
         "n_cond_channels": Range(1, 65536), "n_cond_channels_disc": Range(-1, 65536), "n_time_channels": Range(-1, 65536),
         "denom_factor": POSITIVE, "dropout": BELOW_1, "cond_map_size": Range(0, 1024),
         "n_channels_disc": Range(1, 8192), "ch_mults_disc": Range(1, 64), "n_blocks_disc": Range(1, 64),
-        "batch_size": Range(1, 1 << 20), "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
+        "batch_size": Range(1, 1 << 20), "n_batches": AT_LEAST_1, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
         "lr_disc": POSITIVE, "adam_betas": BELOW_1, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
         "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
         "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
@@ -240,7 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ---- the own CLOOB's and the own autoencoder's runs (`cclddg train-cloob`, `cclddg train-ae`) ----------
 # The ranges of the fields both share: the loop, logging, checkpoints, held-out size, threads and workers.
 SMALL_RUN_RANGES: dict[str, Range] = {
-    "seed": SEEDS, "n_batches": NON_NEGATIVE, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1,
+    "seed": SEEDS, "n_batches": AT_LEAST_1, "max_minutes": NON_NEGATIVE, "log_every": AT_LEAST_1,
     "save_every": AT_LEAST_1, "eval_size": Range(1, 1_000_000), "threads": THREADS, "workers": Range(0, 256),
 }
 

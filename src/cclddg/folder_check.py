@@ -18,10 +18,10 @@ from pathlib import Path
 
 from cclddg.encoders.sentence import FILES as SENTENCE_FILES
 from cclddg.errors import UserError
+from cclddg.storage import WEIGHTS_FILE as WEIGHTS
 
 PIPELINE_CLASS = "CCLDDGPipeline"
 INDEX_FILE = "model_index.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is not one (the format's own limit)
 EXPORT_AGAIN = "export the model again (cclddg export RUN OUT) or copy the folder whole"

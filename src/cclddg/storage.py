@@ -17,6 +17,8 @@ import torch
 from cclddg.atomic import atomic_path
 from cclddg.errors import UserError
 
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a model's weights in its folder (diffusers' name)
+
 
 @contextlib.contextmanager
 def safetensors_os_errors() -> Iterator[None]:
@@ -46,6 +48,8 @@ def load_model(cls: type, folder: Path) -> torch.nn.Module:
     """Load a config.json + safetensors model, turning a damaged or missing file into one clear line."""
     if not (folder / "config.json").is_file():
         raise UserError(f"checkpoint folder {folder} has no config.json; the checkpoint is incomplete")
+    if not (folder / WEIGHTS_FILE).is_file():  # (diffusers would log its own lines above ours)
+        raise UserError(f"checkpoint folder {folder} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
     try:
         return cls.from_pretrained(folder, use_safetensors=True)  # never fall back to a pickle
     except UserError:

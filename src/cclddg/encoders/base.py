@@ -74,8 +74,7 @@ class Embedder(nn.Module):
             raise UserError(f"a prompt is text, not {type(text).__name__}")
         text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)  # control characters
         if not text.strip():
-            raise UserError("the prompt is empty (or only control characters); give some words, "
-                            "e.g. --prompt \"a red circle\"")
+            raise UserError("a prompt is empty (or only control characters); give some words, e.g. \"a red circle\"")
         n = self.count_tokens(text)
         if n > self.max_text_tokens:
             raise UserError(f"the prompt {text[:40]!r}... is {n} tokens long; this encoder reads at most "

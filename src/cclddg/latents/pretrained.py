@@ -162,6 +162,7 @@ def _torch_load(path: Path) -> Any:
     The zip format lists every global up front; the legacy format names one per failed attempt, so the load is
     retried, allowing one more bookkeeping global each time, until it succeeds or meets code."""
     allowed: list[str] = []
+    _check_format(path)
     for _ in range(64):  # far more globals than any checkpoint's bookkeeping
         try:
             with warnings.catch_warnings(), torch.serialization.safe_globals([(_Inert, n) for n in allowed]):
@@ -174,7 +175,8 @@ def _torch_load(path: Path) -> Any:
         try:
             needed = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
         except Exception:  # the legacy (pre-zip) format cannot be scanned; the error names the next global
-            needed = [n for n in re.findall(r"GLOBAL (\S+) was not an allowed global", message) if n not in allowed]
+            needed = [n for n in re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
+                      if n not in allowed]
         if not needed:
             raise UserError(f"{path} is not a readable torch checkpoint: {_unpickler_reason(message)}")
         if any(name.startswith("torch.") and not _resolves(name) for name in needed):  # a name cut by truncation
@@ -185,6 +187,25 @@ def _torch_load(path: Path) -> Any:
                             "convert its state_dict to .safetensors where you trust the file")
         allowed += needed
     raise UserError(f"{path} cannot be read safely: it names too many globals for a weights file")
+
+
+def _check_format(path: Path) -> None:
+    """A file that is no torch.save checkpoint at all (text, a plain pickle.dump) is named as what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UserError(f"could not read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise UserError(f"{path} is not a readable torch checkpoint: the file is empty (0 bytes)")
+    if head == b"PK\x03\x04":  # torch.save's zip format
+        return
+    if head[:1] != b"\x80":
+        raise UserError(f"{path} is not a torch checkpoint (neither torch.save's zip nor a pickle: it begins "
+                        f"{head!r}); give the .ckpt/.pt file the model was saved as, or a .safetensors file")
+    if head[1] > 2:  # torch.save's legacy format is pickle protocol 2; pickle.dump writes 4 or 5
+        raise UserError(f"{path} is a plain Python pickle (protocol {head[1]}), not a torch.save checkpoint; cclddg "
+                        "never unpickles one (it could run code): save the weights with torch.save or as .safetensors")
 
 
 def _resolves(name: str) -> bool:

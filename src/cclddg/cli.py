@@ -731,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score samples of a shapes model (or real shapes) with the analyzer")
     ev.add_argument("--checkpoint", metavar="RUN", help="run folder, checkpoint folder, or model folder (cclddg export)")
     ev.add_argument("--data", metavar="DATA", help="score real data instead, e.g. shapes:32")
-    ev.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=500)
+    ev.add_argument("--n", type=parse_number(int, Range(1, 1_000_000)), default=500,
+                    help="samples to score (default 500; at most 10^6: eval keeps one reading per sample)")
     ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)
     ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
     ev.add_argument("--sampler", choices=("ddpm", "ddim"))

@@ -28,7 +28,6 @@ from cclddg.config import (
 )
 from cclddg.data.sources import with_font
 from cclddg.errors import OneLineWarning, SamplingInterrupted, TrainingError, UserError
-from cclddg.preemption import handle_stop_signals, how_stopped
 from cclddg.options import (
     ANY,
     AT_LEAST_1,
@@ -43,6 +42,7 @@ from cclddg.options import (
     parse_number,
 )
 from cclddg.paths import distinct_outputs, output_folder, undone_if_failed
+from cclddg.preemption import handle_stop_signals, how_stopped
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -454,6 +454,17 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], n: int, g
     return 0
 
 
+def check_prompt_flags(args: argparse.Namespace) -> None:
+    """An empty --prompt or --negative_prompt is named by its flag (the embedder's own check cannot know it)."""
+    given = [("--prompt", p) for p in args.prompt or []]
+    if args.negative_prompt is not None:
+        given.append(("--negative_prompt", args.negative_prompt))
+    for flag, text in given:
+        if not "".join(ch for ch in text if ch.isprintable()).strip():
+            drop = ", or drop it" if flag == "--negative_prompt" else ""
+            raise UserError(f"{flag} is empty; give some words (e.g. {flag} \"a red circle\"){drop}")
+
+
 def sample_grid_shape(args: argparse.Namespace, n: int, cfgs: tuple[float, ...]) -> tuple[int, int]:
     """(images, columns) of `cclddg sample`'s grid: prompt/image rows x n per guidance scale, or n label samples
     (a square, --nrow, or one column per scale)."""
@@ -477,11 +488,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompted = bool(args.prompt or args.image)
     if args.negative_prompt is not None and not prompted:
         raise UserError("--negative_prompt needs --prompt or --image")
-    for flag, texts in (("--prompt", args.prompt or []), ("--negative_prompt", [args.negative_prompt] * (
-            args.negative_prompt is not None))):
-        if any(not "".join(ch for ch in text if ch.isprintable()).strip() for text in texts):
-            raise UserError(f"{flag} is empty; give some words (e.g. {flag} \"a red circle\")"
-                            + (", or drop it" if flag == "--negative_prompt" else ""))
+    check_prompt_flags(args)
     n = args.n or (4 if prompted else 16)
     if grid is not None:  # a grid too large for one image is refused before anything loads
         size = image_size_of(args.checkpoint)

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
 from cclddg import preemption
+from cclddg.data.images import GridCanvas, save_image_atomic, tensor_to_array
 from cclddg.errors import SamplingInterrupted
 
 

@@ -196,6 +196,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "deterministic": "deterministic kernels (exact reruns on GPUs; slower)",
              "skip_nonfinite": "skip a step whose loss or gradient is not finite instead of stopping",
              "lr_warmup": "steps of linear learning-rate warmup (default 0)",
+             "kid_every": "embedding runs: log KID on the run's own features every this many steps (default 0: off)",
+             "kid_n": "images of each set per training-time KID (default 256)",
              "tensorboard": "also log to RUN/tensorboard when tensorboard is installed (default true)",
              "wandb_project": "log to this Weights & Biases project (None: off)"}
     for f in fields(TrainConfig):
@@ -522,7 +524,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     output = output_file(args.output, "-o", (".json",)) if args.output else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data:
+    if args.data and not args.checkpoint:
         from cclddg.data.sources import open_dataset
         from cclddg.evaluation.shapes_eval import score
 
@@ -548,14 +550,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                      **prior_flags(args)))
         elif args.prompts != "text":
             raise UserError(f"--prompts {args.prompts} needs a run trained on embeddings (--encoder)")
-        report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed, args.batch_size,
-                                conditioner=conditioner, prompts=args.prompts)
+        if args.metrics:  # the distribution metrics against real images (evaluation/fidelity.py)
+            from cclddg.evaluation.fidelity import load_features, parse_metrics
+            from cclddg.evaluation.generated import evaluate_fidelity
+
+            metrics = parse_metrics(args.metrics)
+            features = load_features(args.features, (lambda: conditioner.embedder) if conditioner else None)
+            data = args.data or getattr(cfg, "data", None)
+            if not data:
+                raise UserError("--metrics compares with real images: give --data SOURCE (a model folder does not "
+                                "name its training data)")
+            report = evaluate_fidelity(model, cfg, data, args.n, features, metrics, args.cfg,
+                                       args.sampler, args.steps, args.seed, args.batch_size,
+                                       conditioner=conditioner)
+        else:
+            report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed,
+                                    args.batch_size, conditioner=conditioner, prompts=args.prompts)
         if args.variety:
             from cclddg.evaluation.generated import evaluate_variety
 
             report["variety"] = evaluate_variety(model, cfg, args.variety_n, args.variety_requests, args.cfg,
                                                  args.seed, args.batch_size, conditioner=conditioner)
-        if conditioner is not None:
+        if conditioner is not None and not args.metrics:
             report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
         sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)
         report.update({"checkpoint": str(args.checkpoint), "cfg": args.cfg, "sampler": sampler, "steps": steps})
@@ -737,7 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score samples of a shapes model (or real shapes) with the analyzer")
     ev.add_argument("--checkpoint", metavar="RUN", help="run folder, checkpoint folder, or model folder (cclddg export)")
-    ev.add_argument("--data", metavar="DATA", help="score real data instead, e.g. shapes:32")
+    ev.add_argument("--data", metavar="DATA", help="without --checkpoint: score real data instead, e.g. shapes:32; "
+                    "with --metrics: the real images to compare with (default: the run's data, if procedural)")
+    ev.add_argument("--metrics", metavar="LIST", help="distribution metrics against --data's images: fid,kid,pr "
+                    "(precision, recall, density, coverage); --n images of each")
+    ev.add_argument("--features", default="own", metavar="SPEC",
+                    help="features of --metrics: own (the run's embedder; default), an encoder spec, or "
+                         "inception:PATH (clean-fid's inception-2015-12-05.pt)")
     ev.add_argument("--n", type=parse_number(int, Range(1, 1_000_000)), default=500,
                     help="samples to score (default 500; at most 10^6: eval keeps one reading per sample)")
     ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)

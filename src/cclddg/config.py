@@ -163,6 +163,8 @@ class TrainConfig(JsonConfig):
     log_every: int = 10
     log_images_every: int = 500
     save_models_every: int = 1000
+    kid_every: int = 0  # embedding runs: KID on the run's own features every this many steps (0: off)
+    kid_n: int = 256  # images of each set per KID (training/kid_monitor.py)
     wandb_project: str | None = None
     tensorboard: bool = True
     threads: int = 0
@@ -185,6 +187,7 @@ class TrainConfig(JsonConfig):
         "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
         "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
         "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
+        "kid_every": NON_NEGATIVE, "kid_n": Range(2, 100_000),
     }
 
 

@@ -169,6 +169,9 @@ def validate(cfg: TrainConfig) -> None:
                         "(train one with `cclddg train-cloob`)")
     if cfg.cond != "embedding" and cfg.encoder:
         raise UserError(f"--encoder is only used with --cond embedding (this run has --cond {cfg.cond})")
+    if cfg.kid_every and cfg.cond != "embedding":
+        raise UserError("--kid_every measures KID on the run's own embedder's features: it needs --cond embedding "
+                        "(score other runs afterwards with cclddg eval --metrics kid --features SPEC)")
     if cfg.cond == "embedding":
         parse_encoder_spec(cfg.encoder)
     if cfg.data_size == 0 and not is_cache(cfg.data):

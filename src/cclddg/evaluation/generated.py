@@ -10,6 +10,7 @@ between each generated image's image embedding and its request's text embedding.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,16 @@ from cclddg.data.shapes import (
     request_prompt,
 )
 from cclddg.errors import UserError
+from cclddg.evaluation.fidelity import (
+    METRICS,
+    Features,
+    batched_features,
+    cached_real_features,
+    check_sizes,
+    distribution_metrics,
+    features_cache_dir,
+    quantize,
+)
 from cclddg.evaluation.shapes_eval import Analysis, analyze, summarize
 from cclddg.evaluation.zero_shot import (
     HELD_OUT_SEED,
@@ -224,3 +235,60 @@ def real_clip_score(embedder, n: int = 500, size: int = 32) -> float:
     """The CLOOB score of real held-out images with prompts naming their colour, shape and position."""
     images, truth = held_out(n, size, HELD_OUT_SEED + 1)
     return clip_score(embedder, images, [request_prompt(t) for t in truth])
+
+
+@torch.no_grad()
+def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: int, features: Features,
+                      metrics: tuple[str, ...] = METRICS, guidance: float = 1.0, sampler: str | None = None,
+                      n_sample_steps: int | None = None, seed: int = 0, batch_size: int = 100,
+                      device: str | torch.device = "cpu", progress: bool = True,
+                      conditioner: PromptConditioner | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """FID / KID / precision-recall of n generated images against n real ones of `data` (evaluation/fidelity.py).
+
+    Each generated image is asked for what one real image shows: its caption through the run's text prior (an
+    embedding run; a source without captions: its image embedding), its labels (a label run), or nothing. The
+    real features are cached per (source, size, features, n, seed)."""
+    from cclddg.data.sources import open_source, parse_data_spec
+    from cclddg.data.stream import iter_examples
+
+    check_sizes(metrics, n, features.dim)
+    spec = parse_data_spec(data)
+    if not spec.procedural and data == getattr(cfg, "data", None):
+        raise UserError(f"--data {data} is the data the run trained on, which has no held-out part: give images "
+                        "it never saw (another folder or split), or shapes (its held-out seed)")
+    if cfg.cond == "embedding" and conditioner is None:
+        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    source = open_source(spec, cfg.img_size, seed=HELD_OUT_SEED, length=n)
+    examples = list(iter_examples(source, cfg.img_size, limit=n))
+    if len(examples) < n:
+        raise UserError(f"--data {data} has {len(examples)} usable images, fewer than --n {n}")
+    real_images = [torch.stack([torch.as_tensor(e.image) for e in examples[i:i + batch_size]])
+                   for i in range(0, n, batch_size)]
+    key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": n, "seed": HELD_OUT_SEED}
+    real = cached_real_features(key, lambda: batched_features(features, iter(real_images)),
+                                cache_dir or features_cache_dir())
+    captions = [e.caption for e in examples]
+    asked = "none"
+    if cfg.cond == "embedding":
+        asked = "captions" if all(c.strip() for c in captions) else "image embeddings"
+    elif cfg.cond == "labels":
+        if any(e.labels is None for e in examples):
+            raise UserError(f"this model is conditioned on labels and --data {data} has none: give shapes data")
+        asked = "labels"
+    rng, prior_rng = torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed)
+    fake = []
+    for i, batch in enumerate(tqdm(real_images, desc="fidelity", disable=not progress)):
+        chunk = examples[i * batch_size:(i + 1) * batch_size]
+        cond = None
+        if asked == "captions":
+            cond = conditioner.texts([e.caption for e in chunk], prior_rng)
+        elif asked == "image embeddings":
+            cond = conditioner.images(batch.float() / 127.5 - 1.0)
+        elif asked == "labels":
+            cond = torch.from_numpy(np.stack([np.asarray(e.labels, np.float32) for e in chunk]))
+        images = sample(model, cfg, len(chunk), cond=None if cond is None else cond.to(device), guidance=guidance,
+                        sampler=sampler, steps=n_sample_steps, rng=rng, device=device).cpu()
+        fake.append(features(quantize(images)))  # the uint8 path a saved sample takes, as the real files do
+    report = distribution_metrics(real, torch.cat(fake), metrics)
+    report.update({"features": features.name, "n": n, "real": data, "asked_with": asked})
+    return report

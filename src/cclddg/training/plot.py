@@ -27,6 +27,7 @@ PANELS: list[tuple[str, Callable[[str], bool], bool, bool]] = [
     ("learning rates", lambda k: k.startswith("lr"), False, False),
     ("throughput (samples/s)", lambda k: k == "samples_per_s", False, True),
     ("memory (MB)", lambda k: k == "rss_mb" or k.endswith("_mb"), False, False),
+    ("KID (the run's own features)", lambda k: k == "kid", False, False),
     ("other", lambda k: True, False, True),
 ]
 

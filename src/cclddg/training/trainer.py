@@ -41,6 +41,7 @@ from cclddg import conditioning, diffusion, objectives
 from cclddg.config import PriorTrainConfig, TrainConfig
 from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
+from cclddg.encoders import load_embedder
 from cclddg.errors import OneLineWarning, TrainingError, UserError
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import (
@@ -55,6 +56,7 @@ from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
 from cclddg.training.data import TrainingData
 from cclddg.training.ema import ema_update, warmup_decay
+from cclddg.training.kid_monitor import KidMonitor
 from cclddg.training.loop import TrainingLoop
 from cclddg.training.optimisation import NetOptimizer, NonFinitePolicy
 from cclddg.training.prior_trainer import prior_finished, train_run_prior
@@ -63,7 +65,7 @@ from cclddg.training.run_log import MeanLogs, RunLog
 # Flags that may change when a run is resumed; everything else must match the run's config.
 # The learning rates, R1 and gradient clipping may change too: a run stopped by a non-finite loss is resumed with
 # them lowered/raised (its own advice); the change is written to config.json and noted in log.jsonl.
-RESUMABLE_CHANGES = {"text_prior", "prior_k", "prior_guidance", "prior_guidance_start", "prior_steps", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
+RESUMABLE_CHANGES = {"kid_every", "kid_n", "text_prior", "prior_k", "prior_guidance", "prior_guidance_start", "prior_steps", "workers", "n_batches", "max_minutes", "log_every", "log_images_every",
                      "save_models_every", "wandb_project", "tensorboard", "threads", "cache_dir", "grad_accum", "mixed_precision",
                      "channels_last", "compile", "deterministic", "skip_nonfinite", "lr_gen", "lr_disc", "r1_gamma",
                      "grad_clip"}
@@ -149,9 +151,13 @@ class Trainer(TrainingLoop):
             self.inputs.write_stats()
         acc.wait_for_everyone()
         self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts through the run's text prior
+        self.kid: KidMonitor | None = None  # --kid_every: KID on the run's own features as it trains
         if self.inputs.pairs is not None:
             prior = self._text_prior()
             self.grid_cond = prior(self.inputs.grid_text, torch.Generator().manual_seed(0)).cpu()
+            if cfg.kid_every and self.is_main:
+                self.kid = KidMonitor(self.inputs.pairs, prior, lambda: load_embedder(cfg.encoder, self.device),
+                                      cfg.kid_n, cfg.seed)
         torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
         self.ema = copy.deepcopy(gen).requires_grad_(False).eval()
         self.opt_g = NetOptimizer(cfg, gen.parameters(), cfg.lr_gen, self.device)
@@ -357,7 +363,19 @@ class Trainer(TrainingLoop):
             self.save()
         if self.step % cfg.log_images_every == 0 or last:
             self.log_images()
+        if self.kid is not None and (self.step % cfg.kid_every == 0 or last):
+            self._log_kid()
         return postfix
+
+    def _log_kid(self) -> None:
+        """KID of the EMA generator on the run's own features (training/kid_monitor.py), with its cost."""
+        start = time.perf_counter()
+        found = self.kid(self.ema, self.cfg, self.device, self.inputs.space)
+        found["kid_seconds"] = time.perf_counter() - start
+        try:
+            self.log.scalars(found, step=self.step)
+        except OSError as exc:
+            raise TrainingError(self._write_failed(f"the KID of step {self.step} in {self.out}", exc)) from None
 
     def end_of_loop(self) -> None:
         self.log.close(self.step)

@@ -36,7 +36,7 @@ from cclddg.errors import UserError
 METRICS = ("fid", "kid", "pr")
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
-KID_SUBSET = 1000  # KID's subset size (the standard), or N when fewer
+KID_SUBSET = 1000  # KID's subset size (the standard), or half the images when fewer than 2,000
 PR_K = 5  # the k of the k-NN manifolds (prdc's and Kynkäänniemi et al.'s default is 3-5)
 
 
@@ -166,7 +166,7 @@ def distribution_metrics(real: Tensor, fake: Tensor, metrics: tuple[str, ...] = 
     if "kid" in metrics:
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        size = min(KID_SUBSET, len(real), len(fake))
+        size = min(KID_SUBSET, max(2, min(len(real), len(fake)) // 2))  # subsets smaller than the sets: a spread
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its note that it keeps the features: so do we
             kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subset_size=size, subsets=100)

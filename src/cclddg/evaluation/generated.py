@@ -243,11 +243,12 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
                       n_sample_steps: int | None = None, seed: int = 0, batch_size: int = 100,
                       device: str | torch.device = "cpu", progress: bool = True,
                       conditioner: PromptConditioner | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
-    """FID / KID / precision-recall of n generated images against n real ones of `data` (evaluation/fidelity.py).
+    """FID / KID / precision-recall of n generated images against n real ones of `data` (evaluation/fidelity.py),
+    beside the same metrics of n other real images (`floor`: what a perfect model would score at this n).
 
-    Each generated image is asked for what one real image shows: its caption through the run's text prior (an
-    embedding run; a source without captions: its image embedding), its labels (a label run), or nothing. The
-    real features are cached per (source, size, features, n, seed)."""
+    Each generated image is asked for what one of those other real images shows: its caption through the run's
+    text prior (an embedding run; a source without captions: its image embedding), its labels (a label run), or
+    nothing. The real features are cached per (source, size, features, n, seed)."""
     from cclddg.data.sources import open_source, parse_data_spec
     from cclddg.data.stream import iter_examples
 
@@ -258,15 +259,23 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
                         "it never saw (another folder or split), or shapes (its held-out seed)")
     if cfg.cond == "embedding" and conditioner is None:
         raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
-    source = open_source(spec, cfg.img_size, seed=HELD_OUT_SEED, length=n)
-    examples = list(iter_examples(source, cfg.img_size, limit=n))
-    if len(examples) < n:
-        raise UserError(f"--data {data} has {len(examples)} usable images, fewer than --n {n}")
-    real_images = [torch.stack([torch.as_tensor(e.image) for e in examples[i:i + batch_size]])
-                   for i in range(0, n, batch_size)]
-    key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": n, "seed": HELD_OUT_SEED}
-    real = cached_real_features(key, lambda: batched_features(features, iter(real_images)),
+    source = open_source(spec, cfg.img_size, seed=HELD_OUT_SEED, length=2 * n)
+    examples = list(iter_examples(source, cfg.img_size, limit=2 * n))  # n to compare with, n more for the floor
+    if len(examples) < 2 * n:
+        raise UserError(f"--data {data} has {len(examples)} usable images; the metrics at --n {n} need {2 * n} "
+                        f"(n to compare with and n for the finite-sample floor): give --n {len(examples) // 2} or less")
+    def batches(part: list) -> list[torch.Tensor]:
+        return [torch.stack([torch.as_tensor(e.image) for e in part[i:i + batch_size]])
+                for i in range(0, len(part), batch_size)]
+
+    # Real set A is compared with; the samples are asked what set B shows, and B itself against A is the floor
+    # (asking for A's own captions would pair each sample with its reference image and flatter the model).
+    reference, examples = examples[:n], examples[n:]
+    real_images = batches(examples)
+    key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": 2 * n, "seed": HELD_OUT_SEED}
+    both = cached_real_features(key, lambda: batched_features(features, iter(batches(reference) + real_images)),
                                 cache_dir or features_cache_dir())
+    real, other_real = both[:n], both[n:]
     captions = [e.caption for e in examples]
     asked = "none"
     if cfg.cond == "embedding":
@@ -290,5 +299,6 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
                         sampler=sampler, steps=n_sample_steps, rng=rng, device=device).cpu()
         fake.append(features(quantize(images)))  # the uint8 path a saved sample takes, as the real files do
     report = distribution_metrics(real, torch.cat(fake), metrics)
+    report["floor"] = distribution_metrics(real, other_real, metrics)  # n real vs n other real: what 0 looks like
     report.update({"features": features.name, "n": n, "real": data, "asked_with": asked})
     return report

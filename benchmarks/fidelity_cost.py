@@ -3,6 +3,7 @@ computed, then cached), against sampling the same N images alone (the baseline, 
 training-time KID call (`--kid_every`, N = --kid_n) against the run's training step.
 
     python benchmarks/fidelity_cost.py runs/demo/gen --data shapes:64 --n 1000 --kid_n 256
+    python benchmarks/fidelity_cost.py --tiny      # a tiny run trained here, N 40: what CI runs
 """
 
 from __future__ import annotations
@@ -26,13 +27,38 @@ from cclddg.training.kid_monitor import KidMonitor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="?", help="an embedding run (its own CLOOB gives the features)")
     parser.add_argument("--data", default="shapes:64")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--kid_n", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--tiny", action="store_true", help="train a tiny run here and measure at N 40: a smoke run")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as root:
+        if args.tiny:
+            args.run, args.data, args.n, args.kid_n, args.batch_size = tiny_run(Path(root)), "shapes:16", 40, 8, 20
+        elif not args.run:
+            parser.error("give RUN (an embedding run) or --tiny")
+        measure(args)
+
+
+def tiny_run(root: Path) -> str:
+    """A tiny pixel-space embedding run on shapes:16 with a tiny CLOOB, trained for 2 steps."""
+    from cclddg.cli import main as cclddg
+
+    assert cclddg(["train-cloob", "--out", str(root / "cloob"), "--img_size", "16", "--widths", "8,16", "--dim", "16",
+                   "--train_size", "64", "--batch_size", "16", "--eval_size", "16", "--n_batches", "2",
+                   "--no_progress"]) == 0
+    assert cclddg(["train", "--out", str(root / "gen"), "--preset", "fast", "--img_size", "16", "--n_channels_unet",
+                   "8", "--ch_mults", "1,2", "--is_attn", "0,0", "--n_channels_disc", "8", "--ch_mults_disc", "1,2",
+                   "--is_attn_disc", "0,0", "--batch_size", "4", "--z_dim", "4", "--cond_map_size", "0",
+                   "--data", "shapes:16", "--data_size", "32", "--encoder", f"cloob-tiny:{root / 'cloob'}",
+                   "--cache_dir", str(root / "cache"), "--n_batches", "2", "--log_every", "1", "--no_progress"]) == 0
+    return str(root / "gen")
+
+
+def measure(args: argparse.Namespace) -> None:
     model, cfg = load_generator(args.run)
     embedder = load_embedder(cfg.encoder)
     prior = run_text_prior(args.run, cfg, embedder.dim)

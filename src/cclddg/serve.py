@@ -392,6 +392,7 @@ class BoundedServer(ThreadingHTTPServer):
     closed at once. Errors of a connection (a client that went away) print nothing."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (Python's default of 5 made a burst of clients retry for seconds)
 
     def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
         self.connections = threading.BoundedSemaphore(max_connections)

@@ -119,7 +119,7 @@ def test_a_bad_content_length_is_a_400_class_answer_at_once(server, length, stat
     assert time.monotonic() - start < READ_TIMEOUT  # answered without waiting for a body
 
 
-@pytest.mark.parametrize("body,words", [(b"[" * 100_000, "nested deeper"), (b'{"prompts": ', "not JSON"),
+@pytest.mark.parametrize("body,words", [(b"[" * 100_000, "nested too deeply"), (b'{"prompts": ', "not JSON"),
                                         (b"\xff\xfe", "not JSON"), (b"[1, 2]", "JSON object")])
 def test_a_malformed_body_is_a_400(server, body, words):
     status, answer = post(server[0], body)

@@ -60,6 +60,8 @@ def test_metric_names_and_sizes_are_checked_first():
     with pytest.raises(UserError, match="FID needs more images than the feature width"):
         check_sizes(("fid",), 256, 256)
     check_sizes(("kid", "pr"), 256, 256)  # KID and precision/recall do not need a full-rank covariance
+    with pytest.raises(UserError, match="N x N distance matrices"):
+        check_sizes(("pr",), 50_000, 16)
 
 
 class TinyInception(torch.nn.Module):

@@ -38,6 +38,7 @@ INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
 KID_SUBSET = 1000  # KID's subset size (the standard), or half the images when fewer than 2,000
 PR_K = 5  # the k of the k-NN manifolds (prdc's and Kynkäänniemi et al.'s default is 3-5)
+PR_MAX = 20_000  # prdc holds N x N distances: 4.5 GiB at this N
 
 
 # ---- features -------------------------------------------------------------------------------------------
@@ -147,6 +148,9 @@ def check_sizes(metrics: tuple[str, ...], n: int, dim: int) -> None:
         raise UserError("KID needs at least 2 images per set")
     if "pr" in metrics and n <= PR_K:
         raise UserError(f"precision/recall need more than k={PR_K} images per set; give --n {PR_K + 1} or more")
+    if "pr" in metrics and n > PR_MAX:
+        raise UserError(f"precision/recall hold three N x N distance matrices ({3 * 4 * n * n / 2**30:.0f} GiB at --n "
+                        f"{n}); give --n {PR_MAX} or less, or --metrics fid,kid")
 
 
 def distribution_metrics(real: Tensor, fake: Tensor, metrics: tuple[str, ...] = METRICS) -> dict[str, float]:

@@ -68,7 +68,7 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype, out_dtype: torch.dtype
 
 
 DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) ...
-DEFAULT_DDIM_STEPS = 50  # ... over 50 evenly spaced steps
+DEFAULT_DDIM_STEPS = 50  # ... over 50 evenly spaced steps (all of them, when a schedule has fewer)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class SamplingConfig:
         if self.objective == "ddgan":
             return "ddgan", self.n_steps
         sampler = sampler or DEFAULT_SAMPLER
-        return sampler, self.n_steps if sampler == "ddpm" else steps or DEFAULT_DDIM_STEPS
+        return sampler, self.n_steps if sampler == "ddpm" else steps or min(DEFAULT_DDIM_STEPS, self.n_steps)
 
 
 @torch.no_grad()
@@ -157,7 +157,7 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
         return x
     if sampler != "ddim":
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or DEFAULT_DDIM_STEPS)
+    steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or min(DEFAULT_DDIM_STEPS, sched.n_steps))
     for i, step in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else 0
         t = torch.full((shape[0],), step, dtype=torch.long, device=device)

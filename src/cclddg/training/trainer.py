@@ -459,7 +459,8 @@ class Trainer(TrainingLoop):
                                   z_dim=self.cfg.z_dim, rng=rng, device=self.device)
         else:
             images = diffusion_sample(self.ema, self.schedule, shape, cond=cond, sampler=DEFAULT_SAMPLER,
-                                      n_sample_steps=DEFAULT_DDIM_STEPS, rng=rng, device=self.device)
+                                      n_sample_steps=min(DEFAULT_DDIM_STEPS, self.cfg.n_steps), rng=rng,
+                                      device=self.device)
         grids = {"samples": make_grid(self.to_pixels(images).cpu(), nrow=cols)}
         if self.cfg.objective == "ddgan":
             grids["reconstruction"] = self.reconstruction_grid()

@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _timing import timed
 from cclddg.priors.ann import NPROBE, AnnIndex, faiss_available
 from cclddg.priors.bank import EmbeddingBank
 
@@ -60,17 +60,6 @@ def unit(n: int, d: int, seed: int, clustered: bool = False) -> torch.Tensor:
             x = centers[pick] + SPREAD * x / d ** 0.5
         out[start:stop] = F.normalize(x, dim=-1).half()
     return out
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def index_row(name: str, build, search, size_mb, queries: torch.Tensor, exact: np.ndarray, k: int,

@@ -12,25 +12,15 @@ import json
 import shutil
 import statistics
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from _timing import timed
 from cclddg.serve import Generator, load_pipeline, make_server
 
 PROMPT = "a red circle in the top left"
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_clients(url: str, args, guidance: float, times: dict[str, float], stop: threading.Event) -> None:

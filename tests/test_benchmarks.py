@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPED = {"serve_roundtrip.py"}
-SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name not in SKIPPED)
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                 if p.name not in SKIPPED and not p.name.startswith("_"))  # _*.py: what the benchmarks share
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

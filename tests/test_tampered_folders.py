@@ -44,20 +44,21 @@ def _json(value) -> callable:
     return lambda path: _replace(path, json.dumps(value).encode())
 
 
-def _edit(**changes) -> callable:
-    def edit(path: Path) -> None:
+def _rewrite(change) -> callable:
+    """A tampering that changes a JSON file's object in place (`change(config)`)."""
+    def rewrite(path: Path) -> None:
         config = json.loads(path.read_text())
-        config.update(changes)
+        change(config)
         _replace(path, json.dumps(config).encode())
-    return edit
+    return rewrite
+
+
+def _edit(**changes) -> callable:
+    return _rewrite(lambda config: config.update(changes))
 
 
 def _drop(key: str) -> callable:
-    def drop(path: Path) -> None:
-        config = json.loads(path.read_text())
-        config.pop(key)
-        _replace(path, json.dumps(config).encode())
-    return drop
+    return _rewrite(lambda config: config.pop(key))
 
 
 def _link_outside(path: Path) -> None:

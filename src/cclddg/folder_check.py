@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cclddg.encoders.sentence import FILES as SENTENCE_FILES
 from cclddg.errors import UserError
-from cclddg.storage import WEIGHTS_FILE as WEIGHTS
+from cclddg.storage import WEIGHTS_FILE as WEIGHTS, pickled_format
 
 PIPELINE_CLASS = "CCLDDGPipeline"
 INDEX_FILE = "model_index.json"
@@ -51,7 +51,6 @@ INDEX_KEYS = ("cond", "img_size")  # what sampling reads from model_index.json w
 CONDS = ("embedding", "labels", "none")
 # The embedder's files, by its kind (encoders/component.py); with a sentence encoder also sentence/SENTENCE_FILES.
 EMBEDDER_FILES = {"cloob-tiny": ("cloob/config.json", f"cloob/{WEIGHTS}"), "cloob-vit-b16": ("cloob.safetensors",)}
-
 
 
 def check_model_folder(folder: str | Path) -> dict:
@@ -100,14 +99,12 @@ def read_json(path: Path, what: str) -> dict:
 
 def check_safetensors(path: Path, what: str) -> None:
     """A whole safetensors file: its header parses and its tensors' bytes are all there (reads the header only)."""
-    if not path.is_file():
-        pickle = next((p for p in (path.with_suffix(s) for s in PICKLE_SUFFIXES) if p.exists()), None)
-        hint = f" ({pickle.name} beside it is a pickle, which cclddg never loads)" if pickle else ""
-        raise UserError(f"{path} ({what}) is missing{hint}: the model folder is incomplete; {EXPORT_AGAIN}")
+    if not path.is_file():  # (a pickle in its place was refused by name before: _check_links_and_pickles)
+        raise UserError(f"{path} ({what}) is missing: the model folder is incomplete; {EXPORT_AGAIN}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04":
+        if pickled_format(head):
             raise UserError(f"{path} ({what}) holds a pickle (torch.save), not safetensors; cclddg never loads "
                             f"pickles from a model folder: {EXPORT_AGAIN}")
         length = int.from_bytes(head, "little") if len(head) == 8 else -1

@@ -20,6 +20,16 @@ from cclddg.errors import UserError
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a model's weights in its folder (diffusers' name)
 
 
+def pickled_format(head: bytes) -> str | None:
+    """What a file's first bytes say when it holds pickled objects: "zip" (torch.save's format), "pickle N"
+    (pickle protocol N: torch.save's legacy format is 2, pickle.dump writes 4 or 5), or None."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"pickle {head[1]}"
+    return None
+
+
 @contextlib.contextmanager
 def safetensors_os_errors() -> Iterator[None]:
     """safetensors reports a failed write (a full disk) as its own SafetensorError: raise it as the OSError it

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from cclddg.errors import UserError
 from cclddg.latents.vae import DiffusersVAE
+from cclddg.storage import pickled_format
 
 KL_F8_CONFIG = Path(__file__).with_name("kl_f8_config.json")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -198,14 +199,14 @@ def _check_format(path: Path) -> None:
         raise UserError(f"could not read {path}: {exc.strerror or exc}") from None
     if not head:
         raise UserError(f"{path} is not a readable torch checkpoint: the file is empty (0 bytes)")
-    if head == b"PK\x03\x04":  # torch.save's zip format
+    kind = pickled_format(head)
+    if kind == "zip" or kind == "pickle 2":  # torch.save's format, or its legacy one
         return
-    if head[:1] != b"\x80":
+    if kind is None:
         raise UserError(f"{path} is not a torch checkpoint (neither torch.save's zip nor a pickle: it begins "
                         f"{head!r}); give the .ckpt/.pt file the model was saved as, or a .safetensors file")
-    if head[1] > 2:  # torch.save's legacy format is pickle protocol 2; pickle.dump writes 4 or 5
-        raise UserError(f"{path} is a plain Python pickle (protocol {head[1]}), not a torch.save checkpoint; cclddg "
-                        "never unpickles one (it could run code): save the weights with torch.save or as .safetensors")
+    raise UserError(f"{path} is a plain Python pickle (protocol {head[1]}), not a torch.save checkpoint; cclddg "
+                    "never unpickles one (it could run code): save the weights with torch.save or as .safetensors")
 
 
 def _resolves(name: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -254,10 +253,10 @@ def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scal
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):  # an export of OUT that was killed: never complete
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()  # made with the user's usual mode (mkdtemp's would be private, 0700), and renamed to OUT
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700): the model gets the user's usual mode
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -265,9 +264,3 @@ def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scal
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -146,13 +146,16 @@ class PromptConditioner:
         """(len(prompts), dim): each distinct prompt is embedded once, however often it repeats (n samples of
         one prompt), and the prior maps the rows in chunks, so memory does not grow with the repeats. `pick`:
         "sample" draws one condition per row (seeded by `generator`), "mean" takes the prior's representative."""
-        checked = [self.embedder.check_prompt(p) for p in prompts]
-        unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
-        embedded = self.embedder.embed_texts(list(unique))
-        rows = embedded[torch.tensor([unique[p] for p in checked], dtype=torch.long)]
+        rows = self.embed_prompts(prompts)
         if pick == "mean":
             return torch.cat([self.prior.mean(chunk) for chunk in rows.split(PRIOR_CHUNK)])
         return torch.cat([self.prior(chunk, generator) for chunk in rows.split(PRIOR_CHUNK)])
+
+    def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """(len(prompts), dim) text embeddings, each prompt checked, and each distinct one embedded once."""
+        checked = [self.embedder.check_prompt(p) for p in prompts]
+        unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
+        return self.embedder.embed_texts(list(unique))[torch.tensor([unique[p] for p in checked], dtype=torch.long)]
 
     def images(self, images: Sequence[Tensor] | Tensor) -> Tensor:
         if isinstance(images, Tensor) and images.ndim == 4:
@@ -180,11 +183,7 @@ class PromptConditioner:
             raise UserError(f"{len(prompts)} prompts and {len(images)} images: give as many of each, or one of either")
         if not (isinstance(n, int) and n >= 1):
             raise UserError(f"n must be an integer >= 1, got {n!r}")
-        text = None
-        if prompts:
-            checked = [self.embedder.check_prompt(p) for p in prompts]
-            unique = {p: i for i, p in enumerate(dict.fromkeys(checked))}
-            text = self.embedder.embed_texts(list(unique))[torch.tensor([unique[p] for p in checked])]
+        text = self.embed_prompts(prompts) if prompts else None
         image = self.images(images) if images else None
         return PromptConditions(self.prior, text, image, image_weight, n, seed)
 

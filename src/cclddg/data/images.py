@@ -21,6 +21,11 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled))
 
 
+def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 channels-first images (a saved file's pixels) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> (3, H, W) float32 in [-1, 1], the range every model here works in."""
     if not isinstance(image, Image.Image):

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from cclddg.atomic import atomic_path
+from cclddg.data.images import tensor_to_array, uint8_to_unit
 from cclddg.errors import UserError
 
 METRICS = ("fid", "kid", "pr")
@@ -61,7 +62,7 @@ class EmbedderFeatures(Features):
         self.fingerprint = f"{getattr(embedder, 'spec', name)}:{getattr(embedder, 'fingerprint', '')}"
 
     def __call__(self, images: Tensor) -> Tensor:
-        return self.embedder.embed_images(images.float() / 127.5 - 1.0).cpu().double()
+        return self.embedder.embed_images(uint8_to_unit(images)).cpu().double()
 
 
 class InceptionFeatures(Features):
@@ -220,8 +221,9 @@ def cached_real_features(key: dict[str, Any], compute: Callable[[], Tensor], cac
 
 
 def quantize(images: Tensor) -> Tensor:
-    """Images in [-1, 1] -> uint8, the rounding a saved PNG gets (generated images take the real files' path)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Images in [-1, 1] -> uint8 (B, 3, H, W), the pixels a saved sample gets (data.images.tensor_to_array, what
+    `cclddg sample` writes): generated images take the real files' path."""
+    return torch.from_numpy(tensor_to_array(images)).permute(0, 3, 1, 2)
 
 
 def batched_features(features: Features, images: Iterator[Tensor]) -> Tensor:

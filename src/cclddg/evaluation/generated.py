@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cclddg.conditioning import PromptConditioner, label_condition, request_conditions
 from cclddg.config import TrainConfig
+from cclddg.data.images import uint8_to_unit
 from cclddg.data.shapes import (
     ATTRIBUTE_VALUES,
     Holdout,
@@ -292,7 +293,7 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
         if asked == "captions":
             cond = conditioner.texts([e.caption for e in chunk], prior_rng)
         elif asked == "image embeddings":
-            cond = conditioner.images(batch.float() / 127.5 - 1.0)
+            cond = conditioner.images(uint8_to_unit(batch))
         elif asked == "labels":
             cond = torch.from_numpy(np.stack([np.asarray(e.labels, np.float32) for e in chunk]))
         images = sample(model, cfg, len(chunk), cond=None if cond is None else cond.to(device), guidance=guidance,

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from cclddg.evaluation.fidelity import distribution_metrics, quantize
+from cclddg.evaluation.fidelity import EmbedderFeatures, distribution_metrics, quantize
 from cclddg.pipeline import sample_batches
 from cclddg.priors.pairs import EmbeddingPairs
 
@@ -30,16 +30,15 @@ class KidMonitor:
         image, text = pairs.get(chosen)
         self.real = image.double()
         self.cond = (prior(text, torch.Generator().manual_seed(seed)) if self.asked_with == "captions" else image).cpu()
-        self._load_embedder, self._embedder, self.n, self.seed = load_embedder, None, len(chosen), seed
+        self._load_embedder, self._features, self.n, self.seed = load_embedder, None, len(chosen), seed
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, cfg, device, space, batch_size: int = 64) -> dict[str, float]:
         """{"kid": ..., "kid_std": ...} of the model's samples against the fixed real features."""
-        if self._embedder is None:
-            self._embedder = self._load_embedder()
+        if self._features is None:  # the embedder loads on the first call
+            self._features = EmbedderFeatures(self._load_embedder(), "the run's own embedder")
         rng = torch.Generator(device=device).manual_seed(self.seed)
-        fake = []
-        for images in sample_batches(model, cfg, self.n, cond=self.cond, batch_size=batch_size, rng=rng,
-                                     device=device, space=space):
-            fake.append(self._embedder.embed_images(quantize(images).float() / 127.5 - 1.0).cpu().double())
-        return distribution_metrics(self.real, torch.cat(fake), ("kid",))
+        batches = sample_batches(model, cfg, self.n, cond=self.cond, batch_size=batch_size, rng=rng, device=device,
+                                 space=space)
+        fake = torch.cat([self._features(quantize(images)) for images in batches])
+        return distribution_metrics(self.real, fake, ("kid",))

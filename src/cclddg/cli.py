@@ -224,6 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = output_folder(args.out, "--out")
     names = {f.name for f in fields(TrainConfig)} - {"preset", "extra", *DERIVED_FIELDS}
     cfg = train_config(args.preset, {k: v for k, v in vars(args).items() if k in names}, out, args.resume, args.font)
+    resume = f"cclddg train --out {out} --resume"
     with undone_if_failed(out, lambda: bool(list_checkpoints(out) or list_checkpoints(flow_prior_path(out)))):
         try:
             trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -231,20 +232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             prior = list_checkpoints(flow_prior_path(out))
             if not prior:
                 raise
-            how, code = how_stopped(exc)
-            print(f"{how} while training the run's text prior; saved {prior[-1]}; "
-                  f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
-            return code
+            raise stopped(exc, "while training the run's text prior", prior[-1], resume) from None
         try:
-            trainer.run()
-        except KeyboardInterrupt as exc:
-            if trainer.last_checkpoint is not None:
-                how, code = how_stopped(exc)
-                if trainer.rank == 0:  # one line for the run, not one per process
-                    print(f"{how} at step {trainer.step}; saved {trainer.last_checkpoint}; "
-                          f"continue with: cclddg train --out {out} --resume", file=sys.stderr)
-                return code
-            raise
+            run_or_interrupted(trainer, resume)
         finally:
             trainer.close()
     if trainer.rank == 0:
@@ -277,18 +267,25 @@ class Stopped(Exception):
         self.code = code
 
 
+def stopped(exc: KeyboardInterrupt, where: str, saved: Path, resume_command: str, say: bool = True) -> Stopped:
+    """The one line of an interruption that kept its work (`say`: this process reports for the run), and the
+    `Stopped` that ends the command with the interruption's exit code."""
+    how, code = how_stopped(exc)
+    if say:
+        print(f"{how} {where}; saved {saved}; continue with: {resume_command}", file=sys.stderr)
+    return Stopped(code)
+
+
 def run_or_interrupted(trainer, resume_command: str) -> dict:
-    """`trainer.run()`'s report; Ctrl-C or a stop signal after a checkpoint says in one line how to continue and
-    raises `Stopped`."""
+    """`trainer.run()`'s report; Ctrl-C or a stop signal after a checkpoint says in one line how to continue (the
+    main process, for all of them) and raises `Stopped`."""
     try:
         return trainer.run()
     except KeyboardInterrupt as exc:
         if trainer.last_checkpoint is None:
             raise
-        how, code = how_stopped(exc)
-        print(f"{how} at step {trainer.step}; saved {trainer.last_checkpoint}; continue with: {resume_command}",
-              file=sys.stderr)
-        raise Stopped(code) from None
+        raise stopped(exc, f"at step {trainer.step}", trainer.last_checkpoint, resume_command,
+                      say=trainer.is_main) from None
 
 
 def cmd_train_cloob(args: argparse.Namespace) -> int:

@@ -40,13 +40,11 @@ def _metadata_rows(path: Path) -> list[dict]:
         raise UserError(f"could not read {path}: {exc.strerror or exc}") from None
 
 
-def _metadata_captions(root: Path) -> dict[Path, str]:
-    """file -> caption from every metadata file under `root`."""
+def _metadata_captions(metadata: list[Path]) -> dict[Path, str]:
+    """file -> caption from the metadata files of a folder (the .jsonl ones first, each kind in path order)."""
     captions: dict[Path, str] = {}
     for name in METADATA_FILES:
-        for meta in sorted(root.rglob(name)):
-            if any(part.startswith(".") for part in meta.relative_to(root).parts):
-                continue
+        for meta in sorted(p for p in metadata if p.name == name):
             for n, row in enumerate(_metadata_rows(meta), 1):
                 if not isinstance(row, dict) or "file_name" not in row:
                     raise UserError(f"{meta} row {n} has no file_name; each row needs file_name and text")
@@ -65,13 +63,13 @@ class FolderSource:
             raise UserError(f"folder {self.root} does not exist")
         if not self.root.is_dir():
             raise UserError(f"{self.root} is a file, not a folder; give the folder that holds the images")
-        self.files = sorted(
-            p for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        visible = sorted(p for p in self.root.rglob("*")  # one walk of the tree for images and captions
+                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        self.files = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
             raise UserError(f"no image files ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}) under {self.root}")
-        self.captions = _metadata_captions(self.root)
+        self.caption_files = [p for p in visible if p.name in METADATA_FILES or p.suffix == ".txt"]
+        self.captions = _metadata_captions([p for p in self.caption_files if p.name in METADATA_FILES])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -81,9 +79,7 @@ class FolderSource:
 
     def fingerprint(self) -> dict:
         """The images, captions and metadata files this source reads (a latent cache checks it)."""
-        extra = [p for p in sorted(self.root.rglob("*")) if (p.name in METADATA_FILES or p.suffix == ".txt")
-                 and p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
-        return files_fingerprint([*self.files, *extra])
+        return files_fingerprint([*self.files, *self.caption_files])
 
     def record(self, index: int) -> Record:
         path = self.files[index]

@@ -63,7 +63,7 @@ def distinct_outputs(files: dict[str, Path | None], folders: dict[str, Path | No
     given = [(flag, Path(p).expanduser().resolve(), kind) for kind, outputs in (("file", files), ("folder", folders))
              for flag, p in outputs.items() if p is not None]
     for i, (flag_a, a, _) in enumerate(given):
-        for flag_b, b, kind_b in given[i + 1:]:
+        for flag_b, b, _ in given[i + 1:]:
             if a == b:
                 raise UserError(f"{flag_a} and {flag_b} are the same path ({a}); give each its own")
     for flag, path, _ in given:

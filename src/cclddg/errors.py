@@ -1,6 +1,12 @@
 """The exceptions the CLI turns into one-line messages, and the warning type it prints as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' run on), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(ValueError):
     """Bad input from the user: the message says what was wrong and how to mend it."""
 

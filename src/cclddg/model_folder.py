@@ -38,7 +38,7 @@ from cclddg.data.images import tensor_to_image
 from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
 from cclddg.encoders.component import EmbedderModel
-from cclddg.errors import UserError
+from cclddg.errors import UserError, first_line
 from cclddg.folder_check import EXPORT_AGAIN, check_model_folder
 from cclddg.latents import load_latent_space
 from cclddg.latents.vae import DiffusersVAE
@@ -122,7 +122,7 @@ class CCLDDGPipeline(DiffusionPipeline):
         except UserError:
             raise
         except Exception as exc:  # a config whose values the model cannot be built from, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UserError(f"could not load the model folder {folder} ({type(exc).__name__}: {first[:200]}); "
                             f"{EXPORT_AGAIN}") from exc
         pipe.stats = load_stats(folder)

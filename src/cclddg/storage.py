@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from cclddg.atomic import atomic_path
-from cclddg.errors import UserError
+from cclddg.errors import UserError, first_line
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a model's weights in its folder (diffusers' name)
 
@@ -65,7 +65,7 @@ def load_model(cls: type, folder: Path) -> torch.nn.Module:
     except UserError:
         raise
     except Exception as exc:  # safetensors/diffusers raise many types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"could not load the model in {folder}: it is missing or damaged ({first})") from exc
 
 

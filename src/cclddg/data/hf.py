@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cclddg.data.records import Record
-from cclddg.errors import UserError
+from cclddg.errors import UserError, first_line
 
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "sentence")
 IMAGEWOOF_BREEDS = ("Shih-Tzu", "Rhodesian ridgeback", "Beagle", "English foxhound", "Border terrier",
@@ -60,9 +60,9 @@ def _load(name: str, alias: str | None = None):
                         f"datasets.load_dataset('{name}').save_to_disk('DIR'), copy DIR here and use {use}") from None
     except FileNotFoundError as exc:
         what = "the folder holds no data files datasets can read" if local else "it is neither a local folder nor a hub dataset"
-        raise UserError(f"hf:{name}: {what} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"hf:{name}: {what} ({first_line(exc)})") from None
     except Exception as exc:  # datasets raises many kinds (DatasetNotFoundError, ValueError ...); one line each
-        raise UserError(f"hf:{name} could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"hf:{name} could not be loaded: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _pick_split(loaded, name: str, split: str | None):

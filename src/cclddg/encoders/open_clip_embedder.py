@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cclddg.encoders.base import Embedder
-from cclddg.errors import UserError
+from cclddg.errors import UserError, first_line
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,7 +41,7 @@ def load_open_clip(model_name: str, path: str, device: str | torch.device = "cpu
     try:
         model = open_clip.create_model(model_name, pretrained=path, device=device)
     except Exception as exc:
-        raise UserError(f"open_clip could not build {model_name!r} from {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"open_clip could not build {model_name!r} from {path}: {first_line(exc)}") from None
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)

@@ -23,7 +23,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from cclddg.atomic import atomic_path
 from cclddg.data.images import tensor_to_array, uint8_to_unit
-from cclddg.errors import UserError
+from cclddg.errors import UserError, first_line
 
 METRICS = ("fid", "kid", "pr")
 INCEPTION_SIZE = 299
@@ -79,7 +79,7 @@ class InceptionFeatures(Features):
             with torch.no_grad():
                 out = self.net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE), return_features=True)
         except Exception as exc:  # not TorchScript, or another network's call signature
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = first_line(exc)[:160]
             raise UserError(f"--features inception:{path} is not a TorchScript FID Inception network (clean-fid's "
                             f"inception-2015-12-05.pt, called net(x, return_features=True)): {first}") from None
         if tuple(out.shape) != (1, INCEPTION_DIM):
@@ -226,7 +226,7 @@ def quantize(images: Tensor) -> Tensor:
     return torch.from_numpy(tensor_to_array(images)).permute(0, 3, 1, 2)
 
 
-def batched_features(features: Features, images: Iterator[Tensor]) -> Tensor:
+def batched_features(features: Features, images: Iterable[Tensor]) -> Tensor:
     """Features of uint8 image batches, concatenated."""
     return torch.cat([features(batch) for batch in images])
 

@@ -274,7 +274,7 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
     reference, examples = examples[:n], examples[n:]
     real_images = batches(examples)
     key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": 2 * n, "seed": HELD_OUT_SEED}
-    both = cached_real_features(key, lambda: batched_features(features, iter(batches(reference) + real_images)),
+    both = cached_real_features(key, lambda: batched_features(features, batches(reference) + real_images),
                                 cache_dir or features_cache_dir())
     real, other_real = both[:n], both[n:]
     captions = [e.caption for e in examples]

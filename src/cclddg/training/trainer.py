@@ -42,7 +42,7 @@ from cclddg.config import PriorTrainConfig, TrainConfig
 from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.encoders import load_embedder
-from cclddg.errors import OneLineWarning, TrainingError, UserError
+from cclddg.errors import OneLineWarning, TrainingError, UserError, first_line
 from cclddg.models import Discriminator, UNet
 from cclddg.pipeline import (
     DEFAULT_DDIM_STEPS,
@@ -405,7 +405,7 @@ class Trainer(TrainingLoop):
             if is_out_of_memory(exc):
                 raise TrainingError(self._oom_message()) from None
             if self.cfg.compile and type(exc).__module__.startswith("torch._"):
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise UserError(f"--compile: torch.compile failed on this platform ({first[:200]}); "
                                 "drop --compile") from exc
             raise

@@ -1,4 +1,4 @@
-"""Closed forms and Monte Carlo checks of cclddg.diffusion against DESIGN.md's maths."""
+"""Closed forms and Monte Carlo checks of cclddg.diffusion against docs/DESIGN.md's maths."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The built-in shapes data keeps the DESIGN.md contract that evaluation relies on."""
+"""The built-in shapes data keeps the contract evaluation relies on (docs/DESIGN.md, "The shapes contract")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The package's structure: data and imports flow one way (DESIGN.md, docs/ARCHITECTURE.md).
+"""The package's structure: data and imports flow one way (docs/ARCHITECTURE.md).
 
 The import graph holds every `import cclddg...` in the package, at the top of a file or inside a function alike
 (a local import hides a dependency; it does not remove it). benchmarks/code_structure.py reports from it.
@@ -117,3 +117,26 @@ def test_the_command_line_starts_without_torch():
     code = "import sys, cclddg.cli; print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_citation_of_the_design_points_into_the_repository():
+    """Code, tests and docs cite docs/DESIGN.md (never a file outside the repository), and a section they name
+    in quotes after it is one of its headings."""
+    import re
+
+    root = PACKAGE.parents[1]
+    headings = {line.lstrip("#").strip() for line in (root / "docs" / "DESIGN.md").read_text().splitlines()
+                if line.startswith("#")}
+    files = [*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "benchmarks").glob("*.py"),
+             root / "README.md", root / "docs" / "ARCHITECTURE.md"]
+    cited = 0
+    for path in files:
+        text = path.read_text()
+        for match in re.finditer(r"(\S*)DESIGN\.md(?:'s)?(?:,? \(?\"([^\"]+)\")?", text):
+            if path.name == "test_structure.py":
+                continue
+            assert match.group(1).endswith("docs/"), f"{path.name} cites {match.group(0)!r}, not docs/DESIGN.md"
+            if match.group(2):
+                assert match.group(2) in headings, f"{path.name} cites a section {match.group(2)!r} that DESIGN has not"
+            cited += 1
+    assert cited >= 8

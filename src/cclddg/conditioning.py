@@ -1,6 +1,6 @@
 """Conditioning: the vector `c` the nets see, in training and at sampling, in one place.
 
-- The null condition is zeros (DESIGN.md); dropping `c` to it with probability pct_zeros in training is
+- The null condition is zeros (docs/DESIGN.md, "Conditions"); dropping `c` to it with probability pct_zeros in training is
   what classifier-free guidance needs.
 - Embedding runs condition each example on its image's embedding, or with probability pct_text on its
   caption's text embedding.
@@ -94,7 +94,7 @@ def grid_condition(cond: str, rows: int) -> Tensor | None:
 
 # ---- the null condition ----------------------------------------------------------------------------------
 def null_like(cond: Tensor) -> Tensor:
-    """The null condition (zeros, DESIGN.md): what dropout trains on and what guidance pushes away from."""
+    """The null condition (zeros, docs/DESIGN.md): what dropout trains on and what guidance pushes away from."""
     return torch.zeros_like(cond)
 
 

@@ -1,6 +1,6 @@
 """Noise schedules, forward noising, the Gaussian posterior and DDPM/DDIM steps.
 
-One convention everywhere (DESIGN.md, "The maths"): steps are ``t = 1..T`` and every
+One convention everywhere (docs/DESIGN.md, "The maths"): steps are ``t = 1..T`` and every
 schedule tensor has length ``T + 1`` so it is indexed by ``t`` directly, with
 ``betas[0] = 0`` and ``alphas_cumprod[0] = 1`` (so ``x_0`` is the clean sample).
 

@@ -1,4 +1,4 @@
-"""Training losses, exactly as in DESIGN.md.
+"""Training losses, exactly as in docs/DESIGN.md ("The maths").
 
 DDGAN, with D returning a logit:
     L_D = softplus(-D(x_{t-1}, x_t)) + softplus(D(x̂_{t-1}, x_t)) + γ/2·‖∇_{x_{t-1}} D(x_{t-1}, x_t)‖²

@@ -1,6 +1,6 @@
 """The built-in `shapes` data: one flat palette shape on a flat palette background.
 
-It follows the contract in DESIGN.md exactly, because `cclddg.evaluation.shapes_eval`
+It follows docs/DESIGN.md's "The shapes contract" exactly, because `cclddg.evaluation.shapes_eval`
 judges generated images against the same rules.
 """
 

@@ -1,6 +1,6 @@
 """Read the attributes back out of a `shapes` image, to score what a generator drew.
 
-The rules mirror the data contract (DESIGN.md): a flat palette background, one filled
+The rules mirror the data contract (docs/DESIGN.md, "The shapes contract"): a flat palette background, one filled
 palette shape, sizes 0.25/0.45 of the side, centres on a 3x3 grid. Generated images are
 never perfect, so colours get a tolerance and specks of a few pixels are ignored.
 """

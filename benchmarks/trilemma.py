@@ -1,10 +1,19 @@
 """The few-step trilemma on this code: sample quality (FID/KID), coverage (precision/recall), adherence and speed
 (network calls, seconds per image) of DDGAN T=4 (posterior step), T=4 with the seed's renoise step, T=2 and T=1,
-against DDPM sampled with 1,000 ancestral steps and with DDIM-50, all trained on 32x32 pixel shapes (labels) for
-the same images seen (steps x batch 32). Resumable: a finished run or row is kept in OUT.
+against DDPM sampled with 1,000 ancestral steps and with DDIM-50. Two settings, each run of one setting trained
+for the same images seen (steps x batch):
 
-    python benchmarks/trilemma.py --out runs/trilemma --steps 4000 --n 1000 --features cloob-tiny:runs/demo/cloob
-    python benchmarks/trilemma.py --tiny         # 16 px, 3 steps, N 20: what CI runs
+    pixels32   32x32 pixel shapes, conditioned on labels (batch 32; DDGAN: the `fast` preset)
+    latents64  the demo's 64x64 shapes as 16x16x4 latents of its autoencoder, conditioned on its CLOOB's
+               embeddings and asked with captions through the retrieval prior (batch 64; DDGAN: `cclddg`)
+
+Resumable: a finished run or row is kept in OUT. Training and metrics may run beside another job (`--threads 1`);
+the seconds per image are measured again, alone, by `--timing` (every row of OUT, one batch of 100 each).
+
+    python benchmarks/trilemma.py --setting pixels32 --steps 1200 --threads 1
+    python benchmarks/trilemma.py --setting latents64 --steps 1500 --threads 1 --demo runs/demo
+    python benchmarks/trilemma.py --setting pixels32 --timing      # then the table, with the times measured alone
+    python benchmarks/trilemma.py --tiny                            # 16 px, 3 steps, N 20: what CI runs
 """
 
 from __future__ import annotations
@@ -18,23 +27,29 @@ from pathlib import Path
 import torch
 
 from cclddg.cli import main as cclddg
-from cclddg.conditioning import label_condition
+from cclddg.conditioning import PromptConditioner, label_condition
+from cclddg.encoders import load_embedder
 from cclddg.evaluation.fidelity import load_features
-from cclddg.evaluation.generated import evaluate_fidelity, evaluate_model, random_requests
-from cclddg.pipeline import SamplingConfig, load_generator, sample
+from cclddg.evaluation.generated import evaluate_fidelity, evaluate_model, random_requests, request_texts
+from cclddg.pipeline import SamplingConfig, load_generator, run_text_prior, sample
 from cclddg.training.checkpoint import list_checkpoints
 
-RUNS = {  # name -> the flags that make it (the rest is common); its samplers (None: the run's own)
-    "ddgan_t4": (["--preset", "fast"], [(None, None)]),
-    "ddgan_t4_renoise": (["--preset", "fast", "--step_kind", "renoise"], [(None, None)]),
-    "ddgan_t2": (["--preset", "fast", "--n_steps", "2"], [(None, None)]),
-    "ddgan_t1": (["--preset", "fast", "--n_steps", "1"], [(None, None)]),
-    "ddpm": (["--preset", "standard-diffusion"], [("ddpm", None), ("ddim", 50)]),
+# name -> (flags of the pixel run, flags of the latent run, its samplers: (name, steps), None = the run's own)
+RUNS = {
+    "ddgan_t4": (["--preset", "fast"], ["--preset", "cclddg"], [(None, None)]),
+    "ddgan_t4_renoise": (["--preset", "fast", "--step_kind", "renoise"], ["--preset", "cclddg", "--step_kind",
+                                                                          "renoise"], [(None, None)]),
+    "ddgan_t2": (["--preset", "fast", "--n_steps", "2"], ["--preset", "cclddg", "--n_steps", "2"], [(None, None)]),
+    "ddgan_t1": (["--preset", "fast", "--n_steps", "1"], ["--preset", "cclddg", "--n_steps", "1"], [(None, None)]),
+    "ddpm": (["--preset", "standard-diffusion"], ["--preset", "latent-diffusion"], [("ddpm", None), ("ddim", 50)]),
 }
+# The generator's widths of `fast` (and of `cclddg`, whose spatial map sits at the 4x4 latent bottleneck), given
+# to every run so that DDPM's network is DDGAN's generator.
 WIDTHS = ["--n_channels_unet", "32", "--ch_mults", "1,2,2", "--is_attn", "0,0,0", "--n_blocks", "1",
-          "--coord_channels", "true", "--cond_map_size", "8"]
+          "--coord_channels", "true"]
 TINY_WIDTHS = ["--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0", "--n_blocks", "1",
                "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--cond_map_size", "0"]
+TIMED = 100  # images in the timed batch
 
 
 def train(out: Path, flags: list[str], common: list[str], steps: int) -> float:
@@ -48,10 +63,25 @@ def train(out: Path, flags: list[str], common: list[str], steps: int) -> float:
     return time.perf_counter() - start
 
 
+def conditioner_of(run: Path, cfg) -> PromptConditioner | None:
+    if cfg.cond != "embedding":
+        return None
+    embedder = load_embedder(cfg.encoder)
+    return PromptConditioner(embedder, run_text_prior(run, cfg, embedder.dim))
+
+
+def timed_conditions(cfg, conditioner: PromptConditioner | None, n: int) -> torch.Tensor | None:
+    """The conditions of the timed batch, made before the clock starts: random label requests, or their captions."""
+    requests = random_requests(n, 0)
+    if conditioner is None:
+        return label_condition(requests)
+    return conditioner.texts(request_texts(requests, "text", 0), torch.Generator().manual_seed(0))
+
+
 def speed(run: Path, sampler: str | None, steps: int | None, n: int) -> tuple[int, float]:
-    """(network calls, seconds per image) of one batch of n images after a warm-up."""
+    """(network calls, seconds per image) of one batch of n images (decoded, for a latent run) after a warm-up."""
     model, cfg = load_generator(run)
-    cond = label_condition(random_requests(n, 0))
+    cond = timed_conditions(cfg, conditioner_of(run, cfg), n)
     calls = SamplingConfig.of(cfg).sampler(sampler, steps)[1]
     sample(model, cfg, 2, cond=cond[:2], sampler=sampler, steps=steps)
     start = time.perf_counter()
@@ -59,59 +89,110 @@ def speed(run: Path, sampler: str | None, steps: int | None, n: int) -> tuple[in
     return calls, (time.perf_counter() - start) / n
 
 
-def row(run: Path, sampler: str | None, steps: int | None, n: int, features, size: int, timed: int) -> dict:
+def row(run: Path, sampler: str | None, steps: int | None, n: int, features, data: str, timed: int) -> dict:
     model, cfg = load_generator(run)
-    found = evaluate_fidelity(model, cfg, f"shapes:{size}", n, features, sampler=sampler, n_sample_steps=steps,
-                              progress=False)
-    adherence = evaluate_model(model, cfg, min(n, 500), sampler=sampler, n_sample_steps=steps, progress=False)
+    conditioner = conditioner_of(run, cfg)
+    found = evaluate_fidelity(model, cfg, data, n, features, sampler=sampler, n_sample_steps=steps,
+                              progress=False, conditioner=conditioner)
+    adherence = evaluate_model(model, cfg, min(n, 500), sampler=sampler, n_sample_steps=steps, progress=False,
+                               conditioner=conditioner)
     calls, seconds = speed(run, sampler, steps, timed)
     return {"fid": found["fid"], "kid": found["kid"], "precision": found["precision"], "recall": found["recall"],
-            "floor_fid": found["floor"]["fid"], "floor_recall": found["floor"]["recall"],
+            "floor_fid": found["floor"]["fid"], "floor_kid": found["floor"]["kid"],
+            "floor_precision": found["floor"]["precision"], "floor_recall": found["floor"]["recall"],
             "adherence": adherence.get("mean_acc"), "calls": calls, "seconds_per_image": seconds}
+
+
+def setting_flags(setting: str, demo: Path, tiny: bool) -> tuple[int, list[str], str]:
+    """(image size, the flags every run of the setting shares, the real data the metrics compare with)."""
+    if tiny:
+        return 16, ["--img_size", "16", "--data", "shapes:16", "--cond", "labels", "--batch_size", "4",
+                    *TINY_WIDTHS], "shapes:16"
+    if setting == "pixels32":
+        return 32, ["--img_size", "32", "--data", "shapes:32", "--cond", "labels", "--batch_size", "32", *WIDTHS,
+                    "--cond_map_size", "8"], "shapes:32"
+    cache = demo / "cache"
+    if not (cache / "cache.json").is_file():
+        raise SystemExit(f"{cache} is not a finished latent cache: run `cclddg demo --out {demo}` first")
+    return 64, ["--img_size", "64", "--data", str(cache.resolve()), "--cond", "embedding", "--batch_size", "64",
+                "--text_prior", "retrieval", "--pct_text", "0", "--pseudo_text_xi", "0.5", "--pct_zeros", "0.1",
+                *WIDTHS, "--cond_map_size", "4"], "shapes:64"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/trilemma")
-    parser.add_argument("--steps", type=int, default=4000, help="training steps of every run (batch 32)")
+    parser.add_argument("--setting", choices=("pixels32", "latents64"), default="pixels32")
+    parser.add_argument("--out", default=None, help="default: runs/trilemma/SETTING")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps of every run")
     parser.add_argument("--n", type=int, default=1000, help="images per set for the metrics")
-    parser.add_argument("--features", default="cloob-tiny:runs/demo/cloob")
+    parser.add_argument("--features", default=None, help="default: the demo's CLOOB (cloob-tiny:DEMO/cloob)")
+    parser.add_argument("--demo", default="runs/demo", help="a finished `cclddg demo` folder (its CLOOB and cache)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--timing", action="store_true", help="measure every row's seconds per image again, alone")
     parser.add_argument("--tiny", action="store_true", help="16 px, 3 steps, N 20, a tiny CLOOB: a smoke run")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demo = Path(args.demo)
+    out = Path(args.out or f"runs/trilemma/{args.setting}")
+    features = args.features or f"cloob-tiny:{demo}/cloob"
     with tempfile.TemporaryDirectory() as root:
-        size, widths = 32, WIDTHS
         if args.tiny:
-            args.out, args.steps, args.n, size, widths = root, 3, 20, 16, TINY_WIDTHS
+            out, args.steps, args.n = Path(root), 3, 20
             assert cclddg(["train-cloob", "--out", f"{root}/cloob", "--img_size", "16", "--widths", "8,16", "--dim",
                            "16", "--train_size", "64", "--batch_size", "16", "--eval_size", "16", "--n_batches", "2",
                            "--no_progress"]) == 0
-            args.features = f"cloob-tiny:{root}/cloob"
-        measure(Path(args.out), args.steps, args.n, args.features, size, widths, args.tiny)
+            features = f"cloob-tiny:{root}/cloob"
+        size, common, data = setting_flags(args.setting, demo, args.tiny)
+        common += ["--n_batches", str(args.steps), "--log_every", "1" if args.tiny else "50",
+                   "--log_images_every", "100000", "--save_models_every", "300", "--no_progress"]
+        if args.threads:
+            common += ["--threads", str(args.threads)]
+        results = measure(out, args.steps, args.n, load_features(features), common, data, args.tiny, args.setting)
+        if args.timing:
+            retime(out, results, 4 if args.tiny else TIMED)
+        report(results, args.setting, args.steps, args.n, features, args.tiny)
 
 
-def measure(out: Path, steps: int, n: int, features_spec: str, size: int, widths: list[str], tiny: bool) -> None:
-    features = load_features(features_spec)
-    common = ["--img_size", str(size), "--data", f"shapes:{size}", "--cond", "labels", "--batch_size",
-              "4" if tiny else "32", "--n_batches", str(steps), *widths, "--log_every", "50",
-              "--log_images_every", "100000", "--save_models_every", "100000", "--no_progress"]
-    if tiny:
-        common[common.index("--log_every") + 1] = "1"
+def measure(out: Path, steps: int, n: int, features, common: list[str], data: str, tiny: bool,
+            setting: str) -> dict:
     results_path = out / "trilemma.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, (flags, samplers) in RUNS.items():
+    for name, (pixel_flags, latent_flags, samplers) in RUNS.items():
+        flags = latent_flags if setting == "latents64" and not tiny else pixel_flags
         if tiny and name == "ddpm":  # 20 diffusion steps, DDIM 5: the same code paths in seconds
             flags, samplers = [*flags, "--n_steps", "20"], [("ddpm", None), ("ddim", 5)]
         seconds = train(out / name, flags, common, steps)
         for sampler, sampler_steps in samplers:
             key = name + (f"_{sampler}{sampler_steps or ''}" if sampler else "")
             if key not in results:
-                results[key] = {**row(out / name, sampler, sampler_steps, n, features, size, 4 if tiny else 100),
-                                "train_seconds": seconds}
+                results[key] = {**row(out / name, sampler, sampler_steps, n, features, data, 4 if tiny else TIMED),
+                                "train_seconds": seconds, "run": name, "sampler": sampler,
+                                "sampler_steps": sampler_steps}
                 out.mkdir(parents=True, exist_ok=True)
-                results_path.write_text(json.dumps(results, indent=2))
-    print(f"32x32 shapes, labels, {steps} steps x batch 32 each, N = {n}, features {features.name}" if not tiny
-          else f"tiny: {steps} steps, N = {n}")
+                write_json(results_path, results)
+    return results
+
+
+def retime(out: Path, results: dict, n: int) -> None:
+    for r in results.values():
+        r["calls"], r["seconds_per_image"] = speed(out / r["run"], r["sampler"], r["sampler_steps"], n)
+        r["timed_alone"] = True
+    write_json(out / "trilemma.json", results)
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def report(results: dict, setting: str, steps: int, n: int, features: str, tiny: bool) -> None:
+    batch = 64 if setting == "latents64" else 32
+    print(f"tiny: {steps} steps, N = {n}" if tiny else
+          f"{setting}: {steps} steps x batch {batch} each, N = {n}, features {features}, guidance 1, "
+          f"{torch.get_num_threads()} threads")
     print("| model | FID | KID | precision | recall | attributes right (mean) | network calls | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
@@ -119,7 +200,8 @@ def measure(out: Path, steps: int, n: int, features_spec: str, size: int, widths
         print(f"| {key} | {r['fid']:.4f} | {r['kid']:.2e} | {r['precision']:.3f} | {r['recall']:.3f} | {adherence} | "
               f"{r['calls']} | {r['seconds_per_image']:.4f} |")
     first = next(iter(results.values()))
-    print(f"floor (real vs real): FID {first['floor_fid']:.4f}, recall {first['floor_recall']:.3f}")
+    print(f"| floor (real vs real) | {first['floor_fid']:.4f} | {first['floor_kid']:.2e} | "
+          f"{first['floor_precision']:.3f} | {first['floor_recall']:.3f} | | | |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from cclddg.encoders import load_embedder
 from cclddg.evaluation.fidelity import load_features
 from cclddg.evaluation.generated import evaluate_fidelity, evaluate_model, random_requests, request_texts
 from cclddg.pipeline import SamplingConfig, load_generator, run_text_prior, sample
-from cclddg.training.checkpoint import list_checkpoints
+from cclddg.run_folder import list_checkpoints
 
 # name -> (flags of the pixel run, flags of the latent run, its samplers: (name, steps), None = the run's own)
 RUNS = {

@@ -218,7 +218,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from cclddg.priors import flow_prior_path
     from cclddg.run_config import train_config
-    from cclddg.training.checkpoint import list_checkpoints
+    from cclddg.run_folder import list_checkpoints
     from cclddg.training.trainer import Trainer
 
     out = output_folder(args.out, "--out")
@@ -247,7 +247,7 @@ def run_small_trainer(args: argparse.Namespace, config_cls: type, trainer_cls: t
 
     Returns the trainer's final report (`Stopped` when interrupted: the message said how to resume)."""
     from cclddg.run_config import small_run_config
-    from cclddg.training.checkpoint import list_checkpoints
+    from cclddg.run_folder import list_checkpoints
 
     out = output_folder(args.out, "--out")
     cfg = small_run_config(config_cls, vars(args), out, args.resume, args.font, command)
@@ -302,7 +302,7 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     from cclddg.config import PriorTrainConfig
     from cclddg.priors import flow_prior_path
     from cclddg.run_config import small_run_config
-    from cclddg.training.checkpoint import load_config, resolve_checkpoint
+    from cclddg.run_folder import load_config, resolve_checkpoint
     from cclddg.training.data import run_embedding_pairs
     from cclddg.training.prior_trainer import PriorTrainer, prior_finished
 
@@ -650,7 +650,7 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     """Measure the text priors' statistics (modality gap, image bank) into a run trained without them."""
     from cclddg.encoders import load_embedder
     from cclddg.priors.stats import measure_stats, stats_path
-    from cclddg.training.checkpoint import load_config, resolve_checkpoint
+    from cclddg.run_folder import load_config, resolve_checkpoint
 
     cfg = load_config(resolve_checkpoint(Path(args.run)))
     if cfg.cond != "embedding":

@@ -27,7 +27,7 @@ from cclddg.latents import LatentSpace, load_latent_space
 from cclddg.models import UNet
 from cclddg.priors import PriorSettings, TextPrior, text_prior_of
 from cclddg.storage import load_model
-from cclddg.training.checkpoint import load_config, resolve_checkpoint
+from cclddg.run_folder import load_config, resolve_checkpoint
 
 
 def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device) -> Tensor:

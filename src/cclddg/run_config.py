@@ -22,7 +22,7 @@ from cclddg.config import (
     TEXT_PRIORS,
     TrainConfig,
 )
-from cclddg.data.latent_cache import read_cache_meta
+from cclddg.data.latent_cache import is_cache_spec, read_cache_meta
 from cclddg.data.shapes import format_holdout
 from cclddg.data.sources import parse_data_spec, with_font
 from cclddg.diffusion import SCHEDULE_KINDS
@@ -77,11 +77,11 @@ def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
     needs_latents = values.pop("needs_latents", False)
     values.update(given)
-    if is_cache(values.get("data", "shapes")):
+    if is_cache_spec(values.get("data", "shapes")):
         values.update(cache_values(values, given))
     else:
         values.update(source_values(values, given))
-    if not is_cache(values.get("data", "shapes")) and needs_latents and values.get("autoencoder", "pixels") == "pixels":
+    if not is_cache_spec(values.get("data", "shapes")) and needs_latents and values.get("autoencoder", "pixels") == "pixels":
         raise UserError(f"--preset {preset} trains in a latent space: give --autoencoder (e.g. own:runs/ae) "
                         "or a latent cache as --data (made by `cclddg encode`)")
     cfg = TrainConfig.from_dict(values)
@@ -108,11 +108,6 @@ def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, An
             raise UserError(f"--data {data} has no class labels (only shapes do): use --cond embedding "
                             "--encoder SPEC (its images and captions), or --cond none")
     return out
-
-
-def is_cache(data: str) -> bool:
-    """A data spec naming a folder is a latent cache (sources are names like `shapes:64`)."""
-    return Path(data).expanduser().is_dir()
 
 
 def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +169,7 @@ def validate(cfg: TrainConfig) -> None:
                         "(score other runs afterwards with cclddg eval --metrics kid --features SPEC)")
     if cfg.cond == "embedding":
         parse_encoder_spec(cfg.encoder)
-    if cfg.data_size == 0 and not is_cache(cfg.data):
+    if cfg.data_size == 0 and not is_cache_spec(cfg.data):
         if parse_data_spec(cfg.data).procedural:
             raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
                             "give --data_size N")

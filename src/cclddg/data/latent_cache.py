@@ -386,6 +386,12 @@ def shards_done(out: Path) -> int:
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+def is_cache_spec(data: str) -> bool:
+    """A data spec that names a folder is a latent cache (sources are names like `shapes:64` or `folder:PATH`);
+    an unfinished one is refused, with what to run, when it is read (`read_cache_meta`)."""
+    return Path(data).expanduser().is_dir()
+
+
 def read_cache_meta(path: Path, autoencoder: str | None = None, encoder: str | None = None) -> dict[str, Any]:
     """A complete cache's metadata, checked (format, fields, and the autoencoder/encoder specs if given);
     reads cache.json only, so run settings can be taken from a cache without opening its shards."""

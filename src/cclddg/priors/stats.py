@@ -128,10 +128,10 @@ def measure_stats(embedder, data: str, img_size: int, n: int = 5000, seed: int =
                   progress: bool = True) -> EmbeddingStats:
     """Embedding statistics of a latent cache (its stored embeddings, which must be this embedder's) or of the
     first n examples of a captioned source, embedded now (`cclddg embedding-stats`)."""
-    from cclddg.data.latent_cache import LatentCache
+    from cclddg.data.latent_cache import LatentCache, is_cache_spec
     from cclddg.data.sources import load_uint8, parse_data_spec
 
-    if Path(data).expanduser().is_dir() and (Path(data).expanduser() / "cache.json").is_file():
+    if is_cache_spec(data):
         cache = LatentCache(Path(data).expanduser())
         if cache.embed_dim != embedder.dim:
             raise UserError(f"the cache {data} holds {cache.embed_dim}-d embeddings, the run's encoder gives "

@@ -26,10 +26,10 @@ import torch
 from cclddg.atomic import write_text_atomic
 from cclddg.config import TrainConfig
 from cclddg.errors import UserError
+from cclddg.run_folder import CONFIG_FILE, list_checkpoints
 from cclddg.storage import read_config_json, safetensors_os_errors
 
 STATE_FILE = "training_state.pt"
-CONFIG_FILE = "train_config.json"
 KEEP_LAST = 2
 
 
@@ -141,33 +141,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder from a run folder (its latest checkpoint) or a checkpoint folder itself."""
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        ckpt = path / "checkpoints" / latest.read_text().strip()
-        if (ckpt / CONFIG_FILE).is_file():
-            return ckpt
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    raise UserError(f"{path} is neither a run folder with checkpoints, a checkpoint folder nor a model folder "
-                    f"(no {CONFIG_FILE}, no model_index.json found); point --checkpoint at a run made by "
-                    "`cclddg train` or a folder made by `cclddg export`")
-
-
 def load_state(folder: Path) -> dict[str, Any]:
     """The training state, loaded without running pickled code."""
     path = folder / STATE_FILE
@@ -177,10 +150,6 @@ def load_state(folder: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__})") from exc
-
-
-def load_config(folder: Path) -> TrainConfig:
-    return read_config_json(folder / CONFIG_FILE, TrainConfig, "checkpoint config")
 
 
 def read_run_config(path: Path) -> TrainConfig:

@@ -18,7 +18,7 @@ from torch import Tensor
 from cclddg import conditioning
 from cclddg.config import TrainConfig
 from cclddg.data.embedding_cache import cache_key, dataset_embeddings
-from cclddg.data.latent_cache import LatentCache, encode_dataset
+from cclddg.data.latent_cache import LatentCache, encode_dataset, is_cache_spec
 from cclddg.data.preprocess import SkipLog
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.encoders import default_cache_dir, load_embedder
@@ -26,7 +26,6 @@ from cclddg.latents import load_latent_space
 from cclddg.priors.pairs import EmbeddingPairs
 from cclddg.priors.stats import EmbeddingStats, load_stats, stats_path
 from cclddg.errors import UserError
-from cclddg.run_config import is_cache, with_cache
 
 
 class TrainingData:
@@ -34,8 +33,9 @@ class TrainingData:
     the others then read them)."""
 
     def __init__(self, cfg: TrainConfig, accelerator, out: Path, progress: bool = True):
-        """`self.cfg` is the run's settled config: `cfg`, with what the latent cache decides when the run encodes
-        its own source (`run_config.with_cache`)."""
+        """`cfg` is the run's config as resolved from its flags; a run that encodes its own source learns the
+        latent facts from the cache it opens (`self.cache.meta`), which the trainer settles the config with
+        (`run_config.with_cache`)."""
         self.cfg, self.accelerator, self.out, self.progress = cfg, accelerator, Path(out), progress
         self.device = accelerator.device
         self.embedded = cfg.cond == "embedding"  # conditioned on an embedder's vectors (else labels or none)
@@ -46,7 +46,7 @@ class TrainingData:
         self._stats_to_write = False
         self.cache = self.data = self.space = None
         self._perm, self._perm_epoch = None, None  # the cache's order in the current epoch (_cache_order)
-        if is_cache(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
+        if is_cache_spec(cfg.data) or cfg.autoencoder != "pixels" or not parse_data_spec(cfg.data).procedural:
             self.embed_dim = self._open_cache()
         else:
             length = cfg.data_size if self.embedded else None
@@ -61,11 +61,11 @@ class TrainingData:
 
     def _open_cache(self) -> int:
         """Open the latent cache (`--data CACHE`, or the one this run's source is encoded into) and the
-        autoencoder that decodes the grids; the run's config takes the cache's facts."""
+        autoencoder that decodes the grids, at the cache's latent scale."""
         cfg, acc = self.cfg, self.accelerator
         self.space = load_latent_space(cfg.autoencoder, self.device)  # loaded once: encodes a source, decodes grids
         embedder = load_embedder(cfg.encoder, self.device) if self.embedded else None
-        if is_cache(cfg.data):
+        if is_cache_spec(cfg.data):
             path = Path(cfg.data)
         else:
             if acc.is_main_process:  # one process encodes, the others then read the finished cache
@@ -74,9 +74,8 @@ class TrainingData:
             if not acc.is_main_process:
                 path = self._encode_source(embedder, progress=False)
         self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
-        self.cfg = cfg = with_cache(cfg, self.cache.meta)
         self.cache.check_fits(cfg.cond, cfg.flip)
-        self.space = self.space.with_scale(cfg.latent_scale)  # grids decode the cache's latents
+        self.space = self.space.with_scale(float(self.cache.meta["scale"]))  # grids decode the cache's latents
         if embedder is None:
             return 0
         self._text_prior_setup(embedder, EmbeddingPairs.of_cache(self.cache), source=str(path))
@@ -125,7 +124,7 @@ class TrainingData:
 
     def _cache_order(self, positions: range) -> list[int]:
         """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
-        n = self.cfg.data_size
+        n = len(self.cache)
         out = []
         for p in positions:
             epoch, k = divmod(p, n)

@@ -18,6 +18,7 @@ from cclddg import preemption
 from cclddg.cpu import tune_cpu
 from cclddg.data.sources import check_source
 from cclddg.errors import UserError
+from cclddg.run_folder import list_checkpoints, resolve_checkpoint
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training.loop import TrainingLoop
 
@@ -111,9 +112,9 @@ class SmallTrainer(TrainingLoop):
 
     def resume_from_latest(self) -> None:
         """Continue from the run's latest checkpoint, if it has one."""
-        if not ckpt_io.list_checkpoints(self.out):
+        if not list_checkpoints(self.out):
             return
-        folder = ckpt_io.resolve_checkpoint(self.out)
+        folder = resolve_checkpoint(self.out)
         self.load_models(folder)
         state = ckpt_io.load_state(folder)
         for name, obj in self.optimizers().items():

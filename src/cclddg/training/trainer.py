@@ -51,6 +51,7 @@ from cclddg.pipeline import (
     diffusion_sample,
 )
 from cclddg.priors import PriorSettings, TextPrior, load_flow_prior, make_text_prior
+from cclddg.run_config import with_cache
 from cclddg.storage import load_model
 from cclddg.training import checkpoint as ckpt_io
 from cclddg.training import precision
@@ -134,7 +135,9 @@ class Trainer(TrainingLoop):
         if acc.is_main_process:  # refuse a bad --out before any slow setup (the main process
             prepare_run_dir(self.out, cfg, resume, write=False)  # alone: the others would see its config.json)
         self.inputs = TrainingData(cfg, acc, self.out, progress)  # the data, its caches and the conditions
-        self.cfg = cfg = self.inputs.cfg  # settled: with what an encoded cache decides; nothing changes it now
+        if self.inputs.cache is not None:  # settled with what the cache decides; nothing changes it after this
+            cfg = with_cache(cfg, self.inputs.cache.meta)
+        self.cfg = cfg
         embed_dim = self.inputs.embed_dim
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -209,3 +209,22 @@ def test_a_checkpoint_without_its_weights_is_our_one_line_only(label_run, tmp_pa
 def test_zero_steps_are_refused_before_a_run_folder_is_made(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--n_batches", "0", "--no_progress"]) == 2
     assert "--n_batches must be >= 1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_an_encoder_of_another_width_is_one_line_in_sample_and_eval(tiny_runs, tmp_path, capsys):
+    """The generator's forward refuses a wrong width with a ValueError (a caller's mistake); a user's --encoder of
+    another width is named before sampling, in one line."""
+    from conftest import TINY_CLOOB
+
+    other = tmp_path / "cloob8"
+    flags = list(TINY_CLOOB)
+    flags[flags.index("--dim") + 1] = "8"
+    assert main(["train-cloob", "--out", str(other), *flags]) == 0
+    run = str(tiny_runs / "text")
+    for argv in (["sample", "--checkpoint", run, "--prompt", "a red circle", "-o", str(tmp_path / "x.png")],
+                 ["eval", "--checkpoint", run, "--n", "4"]):
+        capsys.readouterr()
+        assert main([*argv, "--encoder", f"cloob-tiny:{other}", "--no_progress"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "gives 8-d embeddings but the generator expects 16-d" in err[0], err
+        assert not (tmp_path / "x.png").exists()

@@ -537,12 +537,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report.update(zero_shot_report(embedder, args.n, data.size))
     else:
         from cclddg.conditioning import PromptConditioner
-        from cclddg.pipeline import SamplingConfig, load_generator, run_text_prior
+        from cclddg.pipeline import SamplingConfig, load_fitting_embedder, load_generator, run_text_prior
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
         conditioner = None
         if cfg.cond == "embedding":
-            embedder = load_embedder(args.encoder or cfg.encoder)
+            embedder = load_fitting_embedder(args.encoder or cfg.encoder, model)
             conditioner = PromptConditioner(embedder, run_text_prior(args.checkpoint, cfg, embedder.dim,
                                                                      **prior_flags(args)))
         elif args.prompts != "text":

@@ -321,6 +321,15 @@ def prompt_image(image: Any) -> Tensor:
     raise UserError(f"an image prompt is a PIL image, a file path or a (3, H, W) tensor, not {type(image).__name__}")
 
 
+def load_fitting_embedder(spec: str, model: torch.nn.Module, device: torch.device | str = "cpu"):
+    """The embedder of `spec`, refused in one line unless its width is the generator's condition width."""
+    embedder = load_embedder(spec, device)
+    if embedder.dim != model.config.cond_dim:
+        raise UserError(f"the encoder {spec} gives {embedder.dim}-d embeddings but the generator expects "
+                        f"{model.config.cond_dim}-d: give the run's own --encoder")
+    return embedder
+
+
 def run_text_prior(path: str | Path, cfg: "TrainConfig | SamplingConfig", dim: int, **overrides) -> TextPrior:
     """A run's (or model folder's) text prior, its settings overridden where given (`cclddg sample/eval --text_prior
     ... --prior_guidance ...`: `overrides` by the config's names, None = not given)."""
@@ -354,9 +363,7 @@ class PromptPipeline:
                             "trained with --encoder (use --attrs for label-conditioned shapes runs)")
         if not model.config.cond_dim:
             raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
-        embedder = load_embedder(encoder or cfg.encoder, device)
-        if embedder.dim != model.config.cond_dim:
-            raise UserError(f"the encoder gives {embedder.dim}-d embeddings but the generator expects {model.config.cond_dim}")
+        embedder = load_fitting_embedder(encoder or cfg.encoder, model, device)
         prior = run_text_prior(path, cfg, embedder.dim, **prior_overrides)
         return cls(model, cfg, embedder, device, prior)
 

@@ -131,16 +131,16 @@ def check_common(
 
 
 def check_spatial(x: torch.Tensor, image_channels: int, levels: int, name: str = "x") -> None:
-    """Forward-time check of an NCHW input against the model's config."""
+    """Forward-time check of an NCHW input against the model's config (a caller's mistake: ValueError)."""
     if x.ndim != 4:
-        raise UserError(f"{name} must be a 4-D tensor (B, C, H, W); got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a 4-D tensor (B, C, H, W); got shape {tuple(x.shape)}")
     if x.shape[1] != image_channels:
-        raise UserError(
+        raise ValueError(
             f"{name} has {x.shape[1]} channels but the model was built with image_channels={image_channels}"
         )
     f = 2 ** (levels - 1)
     if x.shape[2] % f or x.shape[3] % f:
-        raise UserError(
+        raise ValueError(
             f"{name} is {x.shape[2]}x{x.shape[3]}, but with {levels} levels H and W must be divisible by {f}:"
             f" pad/crop the input or use fewer ch_mults"
         )
@@ -152,18 +152,18 @@ def vector_or_null(
     """Check a (B, dim) conditioning input; None means the null embedding (zeros)."""
     if dim == 0:
         if v is not None:
-            raise UserError(f"{name} was given but the model was built with {knob}=0: pass {name}=None")
+            raise ValueError(f"{name} was given but the model was built with {knob}=0: pass {name}=None")
         return None
     if v is None:
         return like.new_zeros(batch, dim)
     if v.ndim != 2 or v.shape[1] != dim:
         feats = v.shape[-1] if v.ndim else 0
-        raise UserError(
+        raise ValueError(
             f"{name} has shape {tuple(v.shape)} ({feats} features) but the model was built with {knob}={dim}:"
             f" pass a (batch, {dim}) tensor"
         )
     if v.shape[0] != batch:
-        raise UserError(f"{name} has batch size {v.shape[0]} but x has {batch}")
+        raise ValueError(f"{name} has batch size {v.shape[0]} but x has {batch}")
     return v.to(dtype=like.dtype)
 
 
@@ -175,7 +175,7 @@ def steps_tensor(t: torch.Tensor | int, batch: int, device: torch.device) -> tor
     if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
         return t.reshape(1).expand(batch)
     if t.ndim != 1 or t.shape[0] != batch:
-        raise UserError(f"t has shape {tuple(t.shape)}: pass an int or a (batch,)=({batch},) tensor of steps")
+        raise ValueError(f"t has shape {tuple(t.shape)}: pass an int or a (batch,)=({batch},) tensor of steps")
     return t
 
 

@@ -106,7 +106,7 @@ class Discriminator(ModelMixin, ConfigMixin):
         cfg = self.config
         check_spatial(x_prev, cfg.image_channels, self.levels, "x_prev")
         if x_t.shape != x_prev.shape:
-            raise UserError(f"x_t has shape {tuple(x_t.shape)} but x_prev has {tuple(x_prev.shape)}: they must match")
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)} but x_prev has {tuple(x_prev.shape)}: they must match")
         b = x_prev.shape[0]
         t = steps_tensor(t, b, x_prev.device)
         c = vector_or_null(c, cfg.cond_dim, "c", "cond_dim", b, x_prev)

@@ -221,10 +221,11 @@ def test_an_encoder_of_another_width_is_one_line_in_sample_and_eval(tiny_runs, t
     flags[flags.index("--dim") + 1] = "8"
     assert main(["train-cloob", "--out", str(other), *flags]) == 0
     run = str(tiny_runs / "text")
-    for argv in (["sample", "--checkpoint", run, "--prompt", "a red circle", "-o", str(tmp_path / "x.png")],
+    for argv in (["sample", "--checkpoint", run, "--prompt", "a red circle", "-o", str(tmp_path / "x.png"),
+                  "--no_progress"],
                  ["eval", "--checkpoint", run, "--n", "4"]):
         capsys.readouterr()
-        assert main([*argv, "--encoder", f"cloob-tiny:{other}", "--no_progress"]) == 2, argv
+        assert main([*argv, "--encoder", f"cloob-tiny:{other}"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "gives 8-d embeddings but the generator expects 16-d" in err[0], err
         assert not (tmp_path / "x.png").exists()

@@ -16,24 +16,21 @@ from pathlib import Path
 import pytest
 
 from cclddg.cli import PATH_METAVARS, build_parser, main
+from tiny import AE, CLOOB, TRAIN, with_flags
 
 NUMBERS = ("0", "-1", "nan", "inf", "1e30", "abc")
 PATH_CASES = ("missing", "file", "folder", "unwritable")
 UNWRITABLE = "/proc/cclddg-no-such-place/x"  # refused even to root
 
-TINY_TRAIN = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
-              "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-              "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress"]
-TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "64", "--batch_size", "16",
-              "--eval_size", "8", "--n_batches", "2", "--warmup", "1", "--text_tower", "bpe", "--no_progress"]
-TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--train_size", "16", "--eval_size", "4",
-           "--batch_size", "4", "--n_batches", "2", "--crop", "0", "--no_progress"]
+TINY_CLOOB = with_flags(CLOOB, "--eval_size", "8", "--n_batches", "2", "--warmup", "1", "--text_tower", "bpe")
+TINY_AE = with_flags(AE, "--train_size", "16", "--eval_size", "4", "--batch_size", "4", "--n_batches", "2",
+                     drop=("--latent_channels",))
 
 
 @pytest.fixture(scope="module")
 def label_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bad_input") / "run"
-    assert main(["train", "--out", str(out), *TINY_TRAIN, "--n_batches", "2"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "2"]) == 0
     return out
 
 
@@ -49,7 +46,7 @@ def base_command(command: str, run: Path, new: Path, text_run: Path) -> list[str
         return ["train-prior", str(fresh_text_run(text_run, new)), "--n_batches", "2", "--batch_size", "8",
                 "--eval_size", "2", "--width", "16", "--no_progress"]
     return {
-        "train": ["train", "--out", str(new), *TINY_TRAIN, "--n_batches", "1"],
+        "train": ["train", "--out", str(new), *TRAIN, "--n_batches", "1"],
         "train-cloob": ["train-cloob", "--out", str(new), *TINY_CLOOB],
         "train-ae": ["train-ae", "--out", str(new), *TINY_AE],
         "encode": ["encode", "--data", "shapes:16", "--n", "8", "--autoencoder", "pixels", "--out", str(new),
@@ -214,12 +211,8 @@ def test_zero_steps_are_refused_before_a_run_folder_is_made(tmp_path, capsys):
 def test_an_encoder_of_another_width_is_one_line_in_sample_and_eval(tiny_runs, tmp_path, capsys):
     """The generator's forward refuses a wrong width with a ValueError (a caller's mistake); a user's --encoder of
     another width is named before sampling, in one line."""
-    from conftest import TINY_CLOOB
-
     other = tmp_path / "cloob8"
-    flags = list(TINY_CLOOB)
-    flags[flags.index("--dim") + 1] = "8"
-    assert main(["train-cloob", "--out", str(other), *flags]) == 0
+    assert main(["train-cloob", "--out", str(other), *with_flags(CLOOB, "--dim", "8")]) == 0
     run = str(tiny_runs / "text")
     for argv in (["sample", "--checkpoint", run, "--prompt", "a red circle", "-o", str(tmp_path / "x.png"),
                   "--no_progress"],

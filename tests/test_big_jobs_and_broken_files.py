@@ -22,10 +22,8 @@ from cclddg.errors import TrainingError, UserError
 from cclddg.paths import undone_if_failed
 from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
+from tiny import TRAIN
 
-TINY = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
-        "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-        "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -35,7 +33,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("robust") / "run"
-    assert main(["train", "--out", str(out), *TINY, "--n_batches", "4", "--save_models_every", "2"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "4", "--save_models_every", "2"]) == 0
     return out
 
 
@@ -113,7 +111,7 @@ def test_resume_after_a_nonfinite_stop_accepts_the_advised_changes(tmp_path):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *TINY, "--n_batches", "4", "--save_models_every", "2"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "4", "--save_models_every", "2"]) == 0
     weights = out / "checkpoints" / "step_0000004" / "generator" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
     result = cli("train", "--out", str(out), "--resume", "--n_batches", "6", "--no_progress")
@@ -126,7 +124,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
 
 def test_no_intact_checkpoint_is_one_line(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *TINY, "--n_batches", "2"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "2"]) == 0
     (out / "checkpoints" / "step_0000002" / "training_state.pt").write_bytes(b"")
     result = cli("train", "--out", str(out), "--resume", "--n_batches", "4", "--no_progress")
     assert result.returncode == 2 and "no intact checkpoint" in result.stderr
@@ -135,7 +133,7 @@ def test_no_intact_checkpoint_is_one_line(tmp_path):
 
 def test_leftovers_of_killed_writes_and_deletions_are_cleaned_on_resume(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *TINY, "--n_batches", "2"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "2"]) == 0
     ckpts = out / "checkpoints"
     leftovers = [ckpts / ".tmp-del-step_0000001", ckpts / ".tmp-step_0000003", ckpts / ".latest.4242.tmp",
                  out / ".config.json.4242.tmp"]
@@ -157,7 +155,7 @@ def test_leftovers_of_killed_writes_and_deletions_are_cleaned_on_resume(tmp_path
 ])
 def test_a_malformed_run_config_is_one_line(tmp_path, text, expected):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *TINY, "--n_batches", "1"]) == 0
+    assert main(["train", "--out", str(out), *TRAIN, "--n_batches", "1"]) == 0
     if text == "__config_with_a_string_number__":
         values = json.loads((out / "config.json").read_text())
         text = json.dumps({**values, "lr_gen": "fast"})
@@ -171,7 +169,7 @@ def test_a_folder_of_something_else_is_not_called_a_run(tmp_path):
     out = tmp_path / "other"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({f"setting_{i}": i for i in range(100)}))
-    result = cli("train", "--out", str(out), *TINY)
+    result = cli("train", "--out", str(out), *TRAIN)
     assert result.returncode == 2 and "holds no cclddg run" in result.stderr and "another run" not in result.stderr
     result = cli("train", "--out", str(out), "--resume")
     assert result.returncode == 2 and len(result.stderr) < 400

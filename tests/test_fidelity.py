@@ -161,7 +161,7 @@ def test_training_logs_kid_on_its_own_features_and_plot_draws_it(tiny_runs, tmp_
     import json
     import math
 
-    from conftest import TINY_GEN
+    from tiny import GEN as TINY_GEN
 
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *TINY_GEN, "--n_batches", "4", "--autoencoder", f"own:{tiny_runs / 'ae'}",
@@ -175,7 +175,7 @@ def test_training_logs_kid_on_its_own_features_and_plot_draws_it(tiny_runs, tmp_
 
 
 def test_training_kid_needs_an_embedding_run(tmp_path, capsys):
-    from conftest import TINY_GEN
+    from tiny import GEN as TINY_GEN
 
     assert main(["train", "--out", str(tmp_path / "run"), *TINY_GEN, "--kid_every", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

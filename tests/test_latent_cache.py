@@ -16,12 +16,12 @@ from cclddg.data.sources import ShapesSource, open_dataset
 from cclddg.encoders import load_embedder, weights_fingerprint
 from cclddg.errors import UserError
 from cclddg.latents import PixelSpace
+from tiny import CLOOB, with_flags
 
 SIZE, COUNT, DATA = 16, 20, "shapes:16"
 FP16 = dict(atol=3e-3, rtol=2e-3)
-TINY_CLOOB = ["--text_tower", "bpe", "--n_batches", "4", "--train_size", "128", "--batch_size", "32",
-              "--eval_size", "16", "--img_size", str(SIZE), "--widths", "8,16", "--dim", "16", "--save_every", "4",
-              "--log_every", "4", "--warmup", "1", "--no_progress"]
+TINY_CLOOB = with_flags(CLOOB, "--text_tower", "bpe", "--train_size", "128", "--batch_size", "32",
+                        "--img_size", str(SIZE), "--save_every", "4", "--log_every", "4", "--warmup", "1")
 
 
 class StopAfter:

@@ -14,16 +14,14 @@ from cclddg.data.latent_cache import LatentCache
 from cclddg.errors import UserError
 from cclddg.pipeline import PromptPipeline, load_generator, sample
 from cclddg.run_config import resolve
+from tiny import AE, CLOOB, NETS, with_flags
 
-TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--crop", "8", "--train_size", "128",
-           "--batch_size", "16", "--eval_size", "16", "--n_batches", "40", "--warmup", "5", "--no_progress"]
-TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "128", "--batch_size", "32",
-              "--eval_size", "16", "--n_batches", "20", "--warmup", "2", "--no_progress"]
+TINY_AE = with_flags(AE, "--crop", "8", "--train_size", "128", "--batch_size", "16", "--eval_size", "16",
+                     "--n_batches", "40", "--warmup", "5", drop=("--latent_channels",))
+TINY_CLOOB = with_flags(CLOOB, "--train_size", "128", "--batch_size", "32", "--n_batches", "20")
 # nets for 8x8x4 latents (16 px images, factor 2)
-TINY_GEN = ["--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0", "--n_channels_disc", "8",
-            "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4", "--z_dim", "4",
-            "--n_z_channels", "8", "--n_cond_channels", "8", "--cond_map_size", "4", "--log_images_every", "3",
-            "--save_models_every", "3", "--n_batches", "3", "--prior_steps", "5", "--no_progress"]
+TINY_GEN = [*NETS, "--batch_size", "4", "--cond_map_size", "4", "--log_images_every", "3", "--save_models_every", "3",
+            "--n_batches", "3", "--prior_steps", "5", "--no_progress"]
 
 
 @pytest.fixture(scope="module")

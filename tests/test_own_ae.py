@@ -14,10 +14,10 @@ from cclddg.errors import UserError
 from cclddg.latents import load_latent_space
 from cclddg.latents.own_ae import find_model_folder
 from cclddg.training.ae_trainer import AETrainer
+from tiny import AE, with_flags
 
-TINY_AE = ["--img_size", "16", "--widths", "8,16", "--norm_groups", "4", "--crop", "8", "--train_size", "256",
-           "--batch_size", "16", "--eval_size", "32", "--log_every", "10", "--save_every", "40", "--warmup", "5",
-           "--no_progress"]
+TINY_AE = with_flags(AE, "--crop", "8", "--train_size", "256", "--batch_size", "16", "--eval_size", "32",
+                     "--log_every", "10", "--save_every", "40", "--warmup", "5", drop=("--latent_channels", "--n_batches"))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ from cclddg.cli import main
 from cclddg.encoders import load_embedder, parse_encoder_spec
 from cclddg.encoders.own_cloob import cloob_loss, info_loob
 from cclddg.errors import UserError
+from tiny import CLOOB, with_flags
 
-TINY_CLOOB = ["--img_size", "16", "--widths", "16,32", "--dim", "32", "--train_size", "512", "--batch_size", "64",
-              "--eval_size", "128", "--log_every", "25", "--save_every", "50", "--warmup", "5", "--no_progress"]
+TINY_CLOOB = with_flags(CLOOB, "--widths", "16,32", "--dim", "32", "--train_size", "512", "--batch_size", "64",
+                        "--eval_size", "128", "--log_every", "25", "--save_every", "50", "--warmup", "5",
+                        drop=("--n_batches",))
 
 
 def numpy_cloob(x: np.ndarray, y: np.ndarray, inv_tau: float, beta: float) -> float:

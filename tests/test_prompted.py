@@ -18,14 +18,10 @@ from cclddg.encoders import load_embedder
 from cclddg.pipeline import PromptPipeline
 from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
+from tiny import CLOOB, GEN, with_flags
 
-TINY_CLOOB = ["--img_size", "16", "--widths", "8,16", "--dim", "16", "--train_size", "128", "--batch_size", "32",
-              "--eval_size", "16", "--n_batches", "20", "--warmup", "2",
-              "--no_progress"]
-TINY_GEN = ["--preset", "fast", "--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
-            "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-            "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--cond_map_size", "4",
-            "--data_size", "64", "--no_progress"]
+TINY_CLOOB = with_flags(CLOOB, "--train_size", "128", "--batch_size", "32", "--n_batches", "20")
+TINY_GEN = with_flags(GEN, "--cond_map_size", "4", "--data_size", "64", drop=("--n_batches",))
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,9 @@ from cclddg.models import Discriminator
 from cclddg.run_config import resolve
 from cclddg.training import precision
 from cclddg.training.trainer import Trainer
+from tiny import TRAIN, with_flags
 
-TINY = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
-        "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-        "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress", "--tensorboard", "false"]
+TINY = with_flags(TRAIN, "--tensorboard", "false")
 TINY_CFG = dict(img_size=16, n_channels_unet=8, ch_mults=(1, 2), is_attn=(False, False), n_channels_disc=8,
                 ch_mults_disc=(1, 2), is_attn_disc=(False, False), batch_size=4, z_dim=4, n_z_channels=8,
                 n_cond_channels=8, log_images_every=1000, tensorboard=False)

@@ -17,10 +17,8 @@ from cclddg.cli import main
 from cclddg.errors import TrainingError
 from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
+from tiny import TRAIN
 
-TINY = ["--img_size", "16", "--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0",
-        "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--batch_size", "4",
-        "--z_dim", "4", "--n_z_channels", "8", "--n_cond_channels", "8", "--no_progress"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +27,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def train(out: Path, *extra: str) -> int:
-    return main(["train", "--out", str(out), *TINY, *extra])
+    return main(["train", "--out", str(out), *TRAIN, *extra])
 
 
 def test_train_writes_the_documented_run_folder(tmp_path):
@@ -153,9 +151,9 @@ def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     assert train(out, "--n_batches", "2") == 0
     before = (out / "config.json").read_bytes(), (out / "log.jsonl").read_bytes()
-    result = run_cli("train", "--out", str(out), *TINY, "--n_batches", "2")
+    result = run_cli("train", "--out", str(out), *TRAIN, "--n_batches", "2")
     assert result.returncode != 0 and "holds another run" in result.stderr
-    result = run_cli("train", "--out", str(out), *TINY, "--n_batches", "4", "--z_dim", "3", "--resume")
+    result = run_cli("train", "--out", str(out), *TRAIN, "--n_batches", "4", "--z_dim", "3", "--resume")
     assert result.returncode != 0 and "cannot resume" in result.stderr and "z_dim" in result.stderr
     assert ((out / "config.json").read_bytes(), (out / "log.jsonl").read_bytes()) == before
 
@@ -177,7 +175,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cclddg.cli", "train", "--out", str(out), *TINY,
+    proc = subprocess.Popen([sys.executable, "-m", "cclddg.cli", "train", "--out", str(out), *TRAIN,
                              "--n_batches", "100000", "--log_every", "1", "--log_images_every", "100000",
                              "--save_models_every", "100000"], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even run in the background

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cclddg.encoders.sentence import FILES as SENTENCE_FILES
 from cclddg.errors import UserError
-from cclddg.storage import WEIGHTS_FILE as WEIGHTS, pickled_format
+from cclddg.storage import WEIGHTS_FILE as WEIGHTS, pickled_format, read_json_object
 
 PIPELINE_CLASS = "CCLDDGPipeline"
 INDEX_FILE = "model_index.json"
@@ -86,15 +86,9 @@ def check_model_folder(folder: str | Path) -> dict:
 
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from a model folder; missing, unreadable or not an object is one line."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} ({what}) is missing: the model folder is incomplete; {EXPORT_AGAIN}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"{path} ({what}) is not readable JSON ({type(exc).__name__}); {EXPORT_AGAIN}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} ({what}) is not a JSON object; {EXPORT_AGAIN}")
-    return value
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{path} ({what}) is missing: the model folder is incomplete; {EXPORT_AGAIN}")
+    return read_json_object(path, what, EXPORT_AGAIN)
 
 
 def check_safetensors(path: Path, what: str) -> None:

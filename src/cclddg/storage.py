@@ -69,6 +69,21 @@ def load_model(cls: type, folder: Path) -> torch.nn.Module:
         raise UserError(f"could not load the model in {folder}: it is missing or damaged ({first})") from exc
 
 
+def read_json_object(path: Path, what: str, remedy: str) -> dict:
+    """A JSON file that must hold an object (a config, a cache's or a model folder's metadata): missing,
+    unreadable, not JSON (or nested past the parser's depth) or not an object is one line naming the file, what
+    it is, and `remedy` (what to do about it)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} ({what}) is missing; {remedy}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{path} ({what}) is not readable JSON ({type(exc).__name__}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} ({what}) is not a JSON object; {remedy}")
+    return value
+
+
 def read_config_json(path: Path, config_cls: type, what: str = "run config") -> Any:
     """A config.json read back into `config_cls`; unreadable JSON, a list or a string where a number goes is one
     line that names the file (the keys and types are checked by `from_dict`)."""

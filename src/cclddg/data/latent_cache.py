@@ -36,6 +36,7 @@ from cclddg.encoders.base import Embedder
 from cclddg.errors import UserError
 from cclddg.latents import absolute_autoencoder_spec
 from cclddg.latents.base import LatentSpace, measure_scale
+from cclddg.storage import read_json_object
 
 FORMAT = 2
 META_FILE = "cache.json"
@@ -68,14 +69,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"could not read {path}: it is damaged ({type(exc).__name__}); "
-                        f"delete {path.parent} and encode it again") from exc
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a latent cache's metadata; delete {path.parent} and encode it again")
-    return value
+    return read_json_object(path, "a latent cache's metadata", f"delete {path.parent} and encode it again")
 
 
 # ---- the per-batch work ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from cclddg.errors import UserError
 from cclddg.latents.vae import DiffusersVAE
-from cclddg.storage import pickled_format
+from cclddg.storage import pickled_format, read_json_object
 
 KL_F8_CONFIG = Path(__file__).with_name("kl_f8_config.json")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -115,13 +115,7 @@ def _model_folder(path: Path) -> Path | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable JSON config: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} is not a diffusers config (a JSON object)")
-    return cfg
+    return read_json_object(path, "a diffusers config", "give the folder diffusers' save_pretrained wrote")
 
 
 def _config_beside(path: Path) -> dict[str, Any] | None:

@@ -271,13 +271,14 @@ class Demo:
     def evaluate_named(self) -> None:
         """Real captioned data: one sample per held-out caption; the samples' CLOOB score and caption
         retrieval (does a sample find its own prompt among all the captions?) next to the real images'."""
+        from cclddg.data.images import uint8_to_unit
         from cclddg.data.sources import load_held_out
         from cclddg.evaluation.retrieval import retrieval_report
         from cclddg.pipeline import PromptPipeline
 
         images, captions = load_held_out(self.spec, 64, self.settings.eval_n, 0)
         pipe = PromptPipeline.from_run(self.out / "gen")
-        results: dict[str, Any] = {"real": retrieval_report(pipe.embedder, images.float() / 127.5 - 1, captions)}
+        results: dict[str, Any] = {"real": retrieval_report(pipe.embedder, uint8_to_unit(images), captions)}
         for g in self.settings.guidances:
             start = time.perf_counter()
             samples = torch.cat([pipe.generate(pipe.condition(captions[i:i + 100], seed=i), 1, g, seed=i).cpu()

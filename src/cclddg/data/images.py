@@ -22,8 +22,9 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 channels-first images (a saved file's pixels) -> float32 in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
+    """uint8 channels-first images (a saved file's pixels) -> float32 in [-1, 1]: the one mapping every reader
+    of pixels uses (array_to_tensor is its numpy twin for one HWC image), in one new tensor."""
+    return images.to(torch.float32, copy=True).mul_(1 / 127.5).sub_(1.0)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

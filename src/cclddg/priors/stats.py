@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cclddg.atomic import atomic_path
+from cclddg.data.images import uint8_to_unit
 from cclddg.errors import UserError
 from cclddg.priors.ann import ANN_MIN_ROWS, INDEX_FILE, AnnIndex, faiss_available
 from cclddg.priors.bank import EmbeddingBank, calibrate_inv_temperature
@@ -140,7 +141,7 @@ def measure_stats(embedder, data: str, img_size: int, n: int = 5000, seed: int =
     parsed = parse_data_spec(data)
     images, captions = load_uint8(data, parsed.size or img_size, seed, n, workers=0 if parsed.procedural else 2,
                                   progress=progress)
-    image_emb = torch.cat([embedder.embed_images(images[i:i + 256].float() / 127.5 - 1).cpu()
+    image_emb = torch.cat([embedder.embed_images(uint8_to_unit(images[i:i + 256])).cpu()
                            for i in range(0, len(images), 256)])
     text_emb = embedder.embed_texts([c if c.strip() else "." for c in captions]).cpu()
     captioned = torch.tensor([bool(c.strip()) for c in captions])

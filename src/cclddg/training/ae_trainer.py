@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from cclddg.atomic import write_text_atomic
 from cclddg.config import AETrainConfig
+from cclddg.data.images import uint8_to_unit
 from cclddg.data.sources import load_held_out, load_training_set
 from cclddg.latents.base import measure_scale
 from cclddg.latents.own_ae import build_autoencoder
@@ -82,7 +83,7 @@ class AETrainer(SmallTrainer):
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.from_numpy(rng.integers(0, len(self.images), cfg.batch_size))
-        x = self.images[idx].float() / 127.5 - 1
+        x = uint8_to_unit(self.images[idx])
         if cfg.crop and cfg.crop < cfg.img_size:
             top, left = (rng.integers(0, (cfg.img_size - cfg.crop) // cfg.factor + 1, 2) * cfg.factor).tolist()
             x = x[:, :, top:top + cfg.crop, left:left + cfg.crop]
@@ -127,12 +128,12 @@ class AETrainer(SmallTrainer):
     def evaluate(self) -> dict:
         """Held-out reconstruction PSNR (posterior mean) and the scale factor of the training latents."""
         space = DiffusersVAE(self.ae)
-        held_out = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, HELD_OUT_SEED,
-                                 workers=self.cfg.workers)[0].float() / 127.5 - 1
+        held_out = uint8_to_unit(load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, HELD_OUT_SEED,
+                                               workers=self.cfg.workers)[0])
         rec = space.decode(space.encode(held_out))
         report = {"step": self.step, "psnr_held_out": round(psnr(rec, held_out), 3),
                   "l1_held_out": round(float((rec - held_out).abs().mean()), 5),
-                  "scale": measure_scale(space, self.images[:512].float() / 127.5 - 1),
+                  "scale": measure_scale(space, uint8_to_unit(self.images[:512])),
                   "factor": self.cfg.factor, "latent_channels": self.cfg.latent_channels}
         self.ae.train().requires_grad_(True)
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=2))

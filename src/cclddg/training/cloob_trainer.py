@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from cclddg.atomic import write_text_atomic
 from cclddg.config import CLOOBTrainConfig
+from cclddg.data.images import uint8_to_unit
 from cclddg.data.sources import (
     load_held_out,
     load_training_set,
@@ -96,7 +97,7 @@ class CLOOBTrainer(SmallTrainer):
 
     def train_step(self) -> dict[str, float]:
         idx = self.batch_indices(self.step)
-        images = self.images[idx].float() / 127.5 - 1
+        images = uint8_to_unit(self.images[idx])
         lr = self.cfg.lr * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -114,7 +115,7 @@ class CLOOBTrainer(SmallTrainer):
             images, captions = load_held_out(self.cfg.data, self.cfg.img_size, self.cfg.eval_size, 0,
                                              workers=self.cfg.workers)
 
-            images = images.float() / 127.5 - 1
+            images = uint8_to_unit(images)
             report = {"step": self.step, **retrieval_report(self.embedder, images, captions)}
             if self.cfg.data.split(":")[0] == "emoji":
                 report["paraphrase_retrieval"] = paraphrase_retrieval(self.embedder, images, captions, EMOJI_PARAPHRASES)

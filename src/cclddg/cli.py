@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from cclddg.atomic import write_text_atomic
 from cclddg.config import (
     DERIVED_FIELDS,
+    DIFFUSION_SAMPLERS,
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
@@ -26,7 +27,7 @@ from cclddg.config import (
     TEXT_PRIORS,
     TrainConfig,
 )
-from cclddg.data.sources import with_font
+from cclddg.data.sources import SOURCES_HELP, with_font
 from cclddg.errors import OneLineWarning, SamplingInterrupted, TrainingError, UserError
 from cclddg.options import (
     ANY,
@@ -119,9 +120,6 @@ def optional_str(text: str) -> str | None:
 # each kind with a missing path, a file, a folder and an unwritable place).
 PATH_METAVARS = ("FILE", "RUN", "OUT_FILE", "OUT_FOLDER", "DATA", "ENCODER", "AUTOENCODER")
 
-SPEC_HELP_SOURCES = ("shapes[:SIZE], emoji, folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
-                     "imagewoof[:PATH], cc12m")
-
 
 def add_font_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--font", default=None, metavar="FILE", help="colour emoji font for --data emoji (default: Noto Color Emoji)")
@@ -208,7 +206,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             kwargs = dict(type=config_flag_type(TrainConfig, f))
         if f.name == "data":
             p.add_argument("--data", dest="data", default=None, metavar="DATA",
-                           help=f"data source ({SPEC_HELP_SOURCES}) or a latent cache folder from `cclddg encode`")
+                           help=f"data source ({SOURCES_HELP}) or a latent cache folder from `cclddg encode`")
             add_font_flag(p)
             continue
         p.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=None, help=helps.get(f.name),
@@ -741,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
     smp.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     add_text_prior_flags(smp)
-    smp.add_argument("--sampler", choices=("ddpm", "ddim"), help="for diffusion models (default ddim, 50 steps)")
+    smp.add_argument("--sampler", choices=DIFFUSION_SAMPLERS, help="for diffusion models (default ddim, 50 steps)")
     smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=64)
     smp.add_argument("--no_ema", action="store_true", help="use the raw generator weights, not the EMA")
@@ -761,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples to score (default 500; at most 10^6: eval keeps one reading per sample)")
     ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)
     ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
-    ev.add_argument("--sampler", choices=("ddpm", "ddim"))
+    ev.add_argument("--sampler", choices=DIFFUSION_SAMPLERS)
     ev.add_argument("--steps", type=parse_number(int, Range(1, 100_000)))
     ev.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=100)
     ev.add_argument("--threads", type=parse_number(int, THREADS), default=0)
@@ -796,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     enc = sub.add_parser("encode", help="encode a dataset once into a latent cache (latents + embeddings)")
     enc.add_argument("--data", "--dataset", dest="data", default="shapes", metavar="DATA",
-                     help=f"data source (default shapes): {SPEC_HELP_SOURCES}")
+                     help=f"data source (default shapes): {SOURCES_HELP}")
     enc.add_argument("--img_size", type=parse_number(int, Range(1, 8192)), default=None, help="image size when --data has none (default 64)")
     enc.add_argument("--n", type=parse_number(int, AT_LEAST_1), default=None,
                      help="good examples to encode, from the start of the source (default: all; shapes: required)")

@@ -28,6 +28,7 @@ from cclddg.options import (
 )
 
 OBJECTIVES = ("ddgan", "diffusion")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")  # a diffusion model samples with either; a DDGAN with its own T steps
 STEP_KINDS = ("posterior", "renoise")
 CONDS = ("labels", "embedding", "none")
 # How a text prompt's embedding becomes a condition at sampling (priors/__init__.py).

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cclddg import diffusion, objectives
 from cclddg.conditioning import PromptConditioner, PromptConditions, null_like
-from cclddg.config import TrainConfig
+from cclddg.config import DIFFUSION_SAMPLERS, TrainConfig
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import Schedule
 from cclddg.encoders import load_embedder
@@ -155,8 +155,8 @@ def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[in
             noise = randn(shape, rng, device)
             x = diffusion.ddpm_step(sched, x, t, eps, noise=noise, clip_x0=clip_x0)
         return x
-    if sampler != "ddim":
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if sampler not in DIFFUSION_SAMPLERS:
+        raise ValueError(f"sampler must be one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
     steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or min(DEFAULT_DDIM_STEPS, sched.n_steps))
     for i, step in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else 0

@@ -22,8 +22,9 @@ from cclddg.errors import UserError
 
 KINDS = ("shapes", "emoji", "folder", "hf", "wds")
 ALIASES = ("celeba", "imagewoof", "cc12m")
-SPEC_HELP = ("shapes[:SIZE][:holdout=COLOR-SHAPE,...], emoji[:FONT], folder:PATH, hf:NAME_OR_PATH[:SPLIT], wds:PATTERN, celebA[:PATH], "
-             "imagewoof[:PATH], cc12m, or a latent cache folder")
+SOURCES_HELP = ("shapes[:SIZE][:holdout=COLOR-SHAPE,...], emoji[:FONT], folder:PATH, hf:NAME_OR_PATH[:SPLIT], "
+                "wds:PATTERN, celebA[:PATH], imagewoof[:PATH], cc12m")  # the one list of sources (parse_data_spec)
+SPEC_HELP = f"{SOURCES_HELP}, or a latent cache folder"
 SPLIT_SEED = 0  # the fixed shuffle that splits a real source into held-out and training examples
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -53,13 +54,22 @@ TIMED = 100  # images in the timed batch
 
 
 def train(out: Path, flags: list[str], common: list[str], steps: int) -> float:
-    """Train (or finish) one run; returns the seconds this call trained."""
+    """Train (or finish) one run; returns the seconds this call trained. A run another process is training
+    (`--train_only`, its lock file names its pid) is waited for, never trained twice at once."""
+    lock = out.with_name(out.name + ".training")
+    while lock.is_file() and Path(f"/proc/{lock.read_text().strip()}").exists():
+        time.sleep(10)
     done = list_checkpoints(out)
     if done and done[-1].name.endswith(f"{steps:07d}"):
         return 0.0
     start = time.perf_counter()
     resume = ["--resume"] if done else []
-    assert cclddg(["train", "--out", str(out), *flags, *common, *resume]) == 0, f"training {out} failed"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    try:
+        assert cclddg(["train", "--out", str(out), *flags, *common, *resume]) == 0, f"training {out} failed"
+    finally:
+        lock.unlink(missing_ok=True)
     return time.perf_counter() - start
 
 
@@ -129,6 +139,8 @@ def main() -> None:
     parser.add_argument("--demo", default="runs/demo", help="a finished `cclddg demo` folder (its CLOOB and cache)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--timing", action="store_true", help="measure every row's seconds per image again, alone")
+    parser.add_argument("--train_only", choices=tuple(RUNS), help="train this run only (e.g. beside the main job, "
+                        "which then finds it trained); no metrics")
     parser.add_argument("--tiny", action="store_true", help="16 px, 3 steps, N 20, a tiny CLOOB: a smoke run")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
@@ -149,20 +161,30 @@ def main() -> None:
                    "--log_images_every", "100000", "--save_models_every", "300", "--no_progress"]
         if args.threads:
             common += ["--threads", str(args.threads)]
+        if args.train_only:
+            train(out / args.train_only, run_flags(args.train_only, args.setting, args.tiny)[0], common, args.steps)
+            return
         results = measure(out, args.steps, args.n, load_features(features), common, data, args.tiny, args.setting)
         if args.timing:
             retime(out, results, 4 if args.tiny else TIMED)
         report(results, args.setting, args.steps, args.n, features, args.tiny)
 
 
+def run_flags(name: str, setting: str, tiny: bool) -> tuple[list[str], list[tuple[str | None, int | None]]]:
+    """(the flags that make run `name` in this setting, its samplers)."""
+    pixel_flags, latent_flags, samplers = RUNS[name]
+    flags = latent_flags if setting == "latents64" and not tiny else pixel_flags
+    if tiny and name == "ddpm":  # 20 diffusion steps, DDIM 5: the same code paths in seconds
+        flags, samplers = [*flags, "--n_steps", "20"], [("ddpm", None), ("ddim", 5)]
+    return flags, samplers
+
+
 def measure(out: Path, steps: int, n: int, features, common: list[str], data: str, tiny: bool,
             setting: str) -> dict:
     results_path = out / "trilemma.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, (pixel_flags, latent_flags, samplers) in RUNS.items():
-        flags = latent_flags if setting == "latents64" and not tiny else pixel_flags
-        if tiny and name == "ddpm":  # 20 diffusion steps, DDIM 5: the same code paths in seconds
-            flags, samplers = [*flags, "--n_steps", "20"], [("ddpm", None), ("ddim", 5)]
+    for name in RUNS:
+        flags, samplers = run_flags(name, setting, tiny)
         seconds = train(out / name, flags, common, steps)
         for sampler, sampler_steps in samplers:
             key = name + (f"_{sampler}{sampler_steps or ''}" if sampler else "")

@@ -171,6 +171,17 @@ class TrainConfig(JsonConfig):
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # What follows from the fields, in one place (never flags, never in config.json).
+    @property
+    def latent_size(self) -> int:
+        """The generator's spatial size: the image size over the autoencoder's downsampling."""
+        return self.img_size // self.latent_factor
+
+    @property
+    def generator_z_dim(self) -> int:
+        """The latent z the generator takes: a DDGAN's z_dim; a diffusion model has none."""
+        return self.z_dim if self.objective == "ddgan" else 0
+
     KIND: ClassVar[str] = "train config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas")
     RANGES: ClassVar[dict[str, Range]] = {

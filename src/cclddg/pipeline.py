@@ -102,8 +102,8 @@ class SamplingConfig:
         if isinstance(cfg, SamplingConfig):
             return cfg
         return cls(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps, beta_min=cfg.beta_min,
-                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
-                   latent_size=cfg.img_size // cfg.latent_factor, autoencoder=cfg.autoencoder,
+                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.generator_z_dim,
+                   latent_size=cfg.latent_size, autoencoder=cfg.autoencoder,
                    latent_scale=cfg.latent_scale, cond=cfg.cond, img_size=cfg.img_size, encoder=cfg.encoder,
                    text_prior=cfg.text_prior, prior_k=cfg.prior_k, prior_guidance=cfg.prior_guidance,
                    prior_guidance_start=cfg.prior_guidance_start, holdout=cfg.holdout)

@@ -78,17 +78,13 @@ class BadCheckpointWarning(OneLineWarning):
     """A damaged checkpoint was passed over on --resume (the CLI prints it as one line)."""
 
 
-def latent_size(cfg: TrainConfig) -> int:
-    return cfg.img_size // cfg.latent_factor
-
-
 def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
     cond_dim = conditioning.width(cfg.cond, embed_dim) if cfg.use_cloob_unet else 0
     return UNet(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
-                n_blocks=cfg.n_blocks, z_dim=cfg.z_dim if cfg.objective == "ddgan" else 0,
+                n_blocks=cfg.n_blocks, z_dim=cfg.generator_z_dim,
                 n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
                 n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
-                injection=cfg.injection, sample_size=latent_size(cfg), coord_channels=cfg.coord_channels,
+                injection=cfg.injection, sample_size=cfg.latent_size, coord_channels=cfg.coord_channels,
                 cond_map_size=cfg.cond_map_size, cond_scale=conditioning.scale(cfg.cond, embed_dim),
                 narrow_before_upsample=cfg.narrow_before_upsample)
 
@@ -99,7 +95,7 @@ def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
     return Discriminator(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
                          is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
                          n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
-                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=latent_size(cfg),
+                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.latent_size,
                          coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim),
                          mid_block=cfg.mid_block_disc)
 
@@ -421,7 +417,7 @@ class Trainer(TrainingLoop):
 
     def _oom_message(self) -> str:
         cfg = self.cfg
-        size = f"{cfg.img_size}px" + (f" (latent {latent_size(cfg)}x{latent_size(cfg)})" if cfg.latent_factor > 1 else "")
+        size = f"{cfg.img_size}px" + (f" (latent {cfg.latent_size}x{cfg.latent_size})" if cfg.latent_factor > 1 else "")
         where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
         half = "" if cfg.mixed_precision != "no" else ", --mixed_precision bf16 (fp16 on GPUs without bf16)"
         return (f"out of memory at step {self.step + 1} on {self.device} with --batch_size {cfg.batch_size} per "
@@ -455,7 +451,7 @@ class Trainer(TrainingLoop):
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)
-        size = latent_size(self.cfg)
+        size = self.cfg.latent_size
         shape = (rows * cols, self.cfg.latent_channels, size, size)
         if self.cfg.objective == "ddgan":
             images = ddgan_sample(self.ema, self.schedule, shape, cond=cond, step_kind=self.cfg.step_kind,

@@ -7,9 +7,9 @@ unit embedding for the whole batch), all on the SAME UNet: the `cclddg` preset's
 own autoencoder's 16x16x4 latents (`--n_channels` overrides its width). Random weights: the cost does
 not depend on training. Every variant ends with the autoencoder's decode of its latents.
 
-- ``ddgan-4``    ``cclddg.pipeline.ddgan_sample`` on the preset's schedule (vp, T=4), with z;
-- ``ddim-50``    ``diffusion_sample(sampler="ddim", n_sample_steps=50)`` on a linear T=1000 schedule;
-- ``ddpm-1000``  ``diffusion_sample(sampler="ddpm")``: EXTRAPOLATED from its first ``--ddpm_slice`` steps
+- ``ddgan-4``    ``cclddg.samplers.sample_ddgan`` on the preset's schedule (vp, T=4), with z;
+- ``ddim-50``    ``sample_ddim(steps=50)`` on a linear T=1000 schedule;
+- ``ddpm-1000``  ``sample_ddpm``: EXTRAPOLATED from its first ``--ddpm_slice`` steps
                  (every step costs the same), times 1000/slice, plus one decode.
 
 Rounds interleave the variants (a drift in load hits them alike); medians per variant; the ratios
@@ -31,7 +31,7 @@ import torch
 from cclddg import diffusion
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
-from cclddg.pipeline import ddgan_sample, diffusion_sample
+from cclddg.samplers import Guided, sample_ddgan, sample_ddim, sample_ddpm
 from cclddg.run_config import resolve
 from cclddg.training.trainer import build_generator
 
@@ -88,15 +88,15 @@ def main() -> None:
     linear = diffusion.make_schedule("linear", 1000)
 
     def ddgan() -> None:
-        space.decode(ddgan_sample(gen, ddgan_sched, shape, cond=cond, guidance=2.0, step_kind=cfg.step_kind,
+        space.decode(sample_ddgan(Guided(gen, cond, 2.0), torch.randn(shape), ddgan_sched, step_kind=cfg.step_kind,
                                   z_dim=cfg.z_dim))
 
     def ddim() -> None:
-        space.decode(diffusion_sample(gen_eps, linear, shape, cond=cond, guidance=2.0, sampler="ddim", n_sample_steps=50))
+        space.decode(sample_ddim(Guided(gen_eps, cond, 2.0), torch.randn(shape), linear, steps=50))
 
     def ddpm_slice_run() -> None:
         try:
-            diffusion_sample(StopAfter(gen_eps, ddpm_slice), linear, shape, cond=cond, guidance=2.0, sampler="ddpm")
+            sample_ddpm(Guided(StopAfter(gen_eps, ddpm_slice), cond, 2.0), torch.randn(shape), linear)
         except StopIteration:
             pass
 

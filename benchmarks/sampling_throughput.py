@@ -6,15 +6,15 @@ Images per second of the library's samplers on UNets of the same widths (random 
 does not depend on training), all with classifier-free guidance on (guidance 3, one shapes
 conditioning label vector from ``cclddg.data.shapes.attrs_to_label`` for the whole batch):
 
-- ``ddgan-4``          ``cclddg.pipeline.ddgan_sample`` with the ddgan preset's schedule (vp, T=4)
+- ``ddgan-4``          ``cclddg.samplers.sample_ddgan`` with the ddgan preset's schedule (vp, T=4)
                        and its generator (``build_generator`` of the resolved ddgan config, with z);
-- ``ddgan-4 sep-cfg``  the same with ``batched_cfg=False``: two forwards of B instead of one of 2B;
-- ``ddim-50``          ``cclddg.pipeline.diffusion_sample(sampler="ddim", n_sample_steps=50)`` on a
+- ``ddgan-4 sep-cfg``  the same with ``Guided(batched=False)``: two forwards of B instead of one of 2B;
+- ``ddim-50``          ``cclddg.samplers.sample_ddim(steps=50)`` on a
                        ``linear`` schedule with T=1000 and the diffusion preset's UNet (no z);
-- ``ddpm-1000``        ``diffusion_sample(sampler="ddpm")``, ancestral over all 1000 steps.
+- ``ddpm-1000``        ``sample_ddpm``, ancestral over all 1000 steps.
 
 DDPM-1000 is too slow to run whole every repeat, so by default it is EXTRAPOLATED: the real
-``diffusion_sample`` loop runs until the model has been called ``--ddpm_slice`` times (a wrapper
+``sample_ddpm`` loop runs until the model has been called ``--ddpm_slice`` times (a wrapper
 around the UNet stops the loop with an exception at the next call), i.e. the first K steps
 ``t = 1000..1001-K`` including their ``ddpm_step`` updates, and that time is scaled by
 ``1000 / K``. Every DDPM step does the same work whatever ``t`` is, so this is the per-step cost
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cclddg.data.shapes import attrs_to_label
     from cclddg.diffusion import make_schedule
     from cclddg.models import count_parameters
-    from cclddg.pipeline import ddgan_sample, diffusion_sample
+    from cclddg.samplers import Guided, randn, sample_ddgan, sample_ddim, sample_ddpm
     from cclddg.run_config import resolve
     from cclddg.training.trainer import build_generator
 
@@ -155,16 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.Generator(device=device).manual_seed(0)
 
     def ddgan(batched: bool):
-        return lambda: ddgan_sample(gen, sched_g, shape, cond=cond, guidance=args.guidance, step_kind=cfg_g.step_kind,
-                                    z_dim=cfg_g.z_dim, rng=rng(), device=device, batched_cfg=batched)
+        def run():
+            g = rng()
+            return sample_ddgan(Guided(gen, cond, args.guidance, batched=batched), randn(shape, g, device), sched_g,
+                                rng=g, step_kind=cfg_g.step_kind, z_dim=cfg_g.z_dim)
+        return run
 
     def ddim(model=eps_net):
-        return diffusion_sample(model, sched_d, shape, cond=cond, guidance=args.guidance, sampler="ddim",
-                                n_sample_steps=S, rng=rng(), device=device)
+        g = rng()
+        return sample_ddim(Guided(model, cond, args.guidance), randn(shape, g, device), sched_d, steps=S, rng=g)
 
     def ddpm(model=eps_net):
-        return diffusion_sample(model, sched_d, shape, cond=cond, guidance=args.guidance, sampler="ddpm", rng=rng(),
-                                device=device)
+        g = rng()
+        return sample_ddpm(Guided(model, cond, args.guidance), randn(shape, g, device), sched_d, rng=g)
 
     # name -> (callable timed each round, factor from measured seconds to seconds per full batch,
     #          UNet calls per full batch, images per UNet call)

@@ -97,7 +97,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cclddg.model_folder", "cclddg.scheduler"),
     ("cclddg.training", "cclddg.evaluation"),
     ("cclddg.run_config",),
-    ("cclddg.pipeline",),
+    ("cclddg.pipeline", "cclddg.samplers"),
     ("cclddg.conditioning",),
     ("cclddg.priors",),
     ("cclddg.data", "cclddg.encoders", "cclddg.latents", "cclddg.folder_check"),

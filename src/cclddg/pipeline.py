@@ -15,11 +15,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cclddg import diffusion, objectives
-from cclddg.conditioning import PromptConditioner, PromptConditions, null_like
+from cclddg import diffusion
+from cclddg.conditioning import PromptConditioner, PromptConditions
 from cclddg.config import DIFFUSION_SAMPLERS, TrainConfig
 from cclddg.data.images import image_to_tensor, tensor_to_image
-from cclddg.diffusion import Schedule
 from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
 from cclddg.folder_check import check_model_folder, present, read_json
@@ -28,47 +27,10 @@ from cclddg.models import UNet
 from cclddg.priors import PriorSettings, TextPrior, text_prior_of
 from cclddg.storage import load_model
 from cclddg.run_folder import load_config, resolve_checkpoint
+from cclddg.samplers import DEFAULT_DDIM_STEPS, SAMPLERS, Callback, Guided, randn
 
 
-def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device) -> Tensor:
-    """Gaussian noise drawn on the generator's device, so a CPU generator gives the same images on any device."""
-    gen_device = rng.device if rng is not None else device
-    return torch.randn(shape, generator=rng, device=gen_device).to(device)
-
-
-def guided_forward(model: torch.nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float,
-                   z: Tensor | None = None, batched: bool = True, uncond: Tensor | None = None) -> Tensor:
-    """The model's prediction with classifier-free guidance `guidance` (1 = plain conditional).
-
-    `uncond` replaces the null embedding as the point guidance pushes away from (a negative prompt).
-    """
-    dtype = getattr(model, "dtype", x.dtype)  # a model in half precision (an exported pipeline's torch_dtype)
-    if dtype != x.dtype:
-        model = _in_dtype(model, dtype, x.dtype)
-    if cond is None or guidance == 1.0:
-        return model(x, t, cond, z)
-    null = null_like(cond) if uncond is None else uncond.expand_as(cond).to(cond)
-    if guidance == 0.0:
-        return model(x, t, null, z)
-    if batched:
-        zz = None if z is None else torch.cat([z, z])
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), zz)
-        pred_c, pred_u = both.chunk(2)
-    else:
-        pred_c, pred_u = model(x, t, cond, z), model(x, t, null, z)
-    return pred_u + guidance * (pred_c - pred_u)
-
-
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype, out_dtype: torch.dtype):
-    """The model called with its inputs cast to `dtype` and its output cast back (sampling steps stay float32)."""
-    def call(x: Tensor, t: Tensor, cond: Tensor | None, z: Tensor | None) -> Tensor:
-        cast = [None if v is None else v.to(dtype) for v in (x, cond, z)]
-        return model(cast[0], t, cast[1], cast[2]).to(out_dtype)
-    return call
-
-
-DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) ...
-DEFAULT_DDIM_STEPS = 50  # ... over 50 evenly spaced steps (all of them, when a schedule has fewer)
+DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) over DEFAULT_DDIM_STEPS
 
 
 @dataclass(frozen=True)
@@ -117,74 +79,22 @@ class SamplingConfig:
         return sampler, self.n_steps if sampler == "ddpm" else steps or min(DEFAULT_DDIM_STEPS, self.n_steps)
 
 
-@torch.no_grad()
-def ddgan_sample(generator: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], *,
-                 cond: Tensor | None = None, guidance: float = 1.0, step_kind: str = "posterior", z_dim: int = 0,
-                 rng: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 batched_cfg: bool = True, uncond: Tensor | None = None,
-                 z_rng: torch.Generator | None = None) -> Tensor:
-    """x_T ~ N(0, I); for t = T..1 predict x̂_0 with a fresh z and step to x_{t-1} (the training's fake step);
-    return the last x̂_0. `z_rng` draws the z's (default: `rng`), so z alone can be varied with the rest fixed."""
-    device = torch.device(device)
-    sched = schedule.to(device)
-    x = randn(shape, rng, device)
-    x0 = x
-    for step in range(sched.n_steps, 0, -1):
-        t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-        z = randn((shape[0], z_dim), rng if z_rng is None else z_rng, device) if z_dim else None
-        x0 = guided_forward(generator, x, t, cond, guidance, z, batched=batched_cfg, uncond=uncond)
-        if step > 1:
-            x = objectives.fake_step(sched, step_kind, x, x0, t, noise=randn(shape, rng, device))
-    return x0
-
-
-@torch.no_grad()
-def diffusion_sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], *,
-                     cond: Tensor | None = None, guidance: float = 1.0, sampler: str = "ddpm",
-                     n_sample_steps: int | None = None, rng: torch.Generator | None = None,
-                     device: torch.device | str = "cpu", clip_x0: float | None = 1.0, batched_cfg: bool = True,
-                     uncond: Tensor | None = None) -> Tensor:
-    """Ancestral DDPM over every step, or DDIM (eta 0) over `n_sample_steps` evenly spaced steps."""
-    device = torch.device(device)
-    sched = schedule.to(device)
-    x = randn(shape, rng, device)
-    if sampler == "ddpm":
-        for step in range(sched.n_steps, 0, -1):
-            t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-            eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg, uncond=uncond)
-            noise = randn(shape, rng, device)
-            x = diffusion.ddpm_step(sched, x, t, eps, noise=noise, clip_x0=clip_x0)
-        return x
-    if sampler not in DIFFUSION_SAMPLERS:
-        raise ValueError(f"sampler must be one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
-    steps = diffusion.ddim_timesteps(sched.n_steps, n_sample_steps or min(DEFAULT_DDIM_STEPS, sched.n_steps))
-    for i, step in enumerate(steps):
-        prev = steps[i + 1] if i + 1 < len(steps) else 0
-        t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-        t_prev = torch.full((shape[0],), prev, dtype=torch.long, device=device)
-        eps = guided_forward(model, x, t, cond, guidance, batched=batched_cfg, uncond=uncond)
-        x = diffusion.ddim_step(sched, x, t, t_prev, eps, eta=0.0, clip_x0=clip_x0)
-    return x
-
-
 def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *, cond: Tensor | None = None,
            guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
            rng: torch.Generator | None = None, device: torch.device | str = "cpu",
            uncond: Tensor | None = None, space: LatentSpace | None = None,
-           z_rng: torch.Generator | None = None) -> Tensor:
+           z_rng: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
     """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
-    `SamplingConfig` or a run's config); a latent run's samples are decoded by its autoencoder (`space`, or the
-    one the config names)."""
+    `SamplingConfig` or a run's config), through the sampler it names (`samplers.SAMPLERS`); a latent run's
+    samples are decoded by its autoencoder (`space`, or the one the config names)."""
     config = SamplingConfig.of(config)
     schedule = diffusion.make_schedule(config.schedule, config.n_steps, config.beta_min, config.beta_max)
-    shape = (n, model.config.image_channels, config.latent_size, config.latent_size)
+    device = torch.device(device)
+    x = randn((n, model.config.image_channels, config.latent_size, config.latent_size), rng, device)
     name, calls = config.sampler(sampler, steps)
-    if name == "ddgan":
-        x = ddgan_sample(model, schedule, shape, cond=cond, guidance=guidance, step_kind=config.step_kind,
-                         z_dim=config.z_dim, rng=rng, device=device, uncond=uncond, z_rng=z_rng)
-    else:
-        x = diffusion_sample(model, schedule, shape, cond=cond, guidance=guidance, sampler=name, n_sample_steps=calls,
-                             rng=rng, device=device, uncond=uncond)
+    options = {"step_kind": config.step_kind, "z_dim": config.z_dim, "z_rng": z_rng} if name == "ddgan" else {}
+    denoiser = Guided(model, cond, guidance, uncond)
+    x = SAMPLERS[name](denoiser, x, schedule, steps=calls, rng=rng, callback=callback, **options)
     if space is None and config.autoencoder == "pixels":
         return x.clamp(-1, 1)
     if space is None:

@@ -44,12 +44,7 @@ from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.encoders import load_embedder
 from cclddg.errors import OneLineWarning, TrainingError, UserError, first_line
 from cclddg.models import Discriminator, UNet
-from cclddg.pipeline import (
-    DEFAULT_DDIM_STEPS,
-    DEFAULT_SAMPLER,
-    ddgan_sample,
-    diffusion_sample,
-)
+from cclddg.pipeline import sample
 from cclddg.priors import PriorSettings, TextPrior, load_flow_prior, make_text_prior
 from cclddg.run_config import with_cache
 from cclddg.storage import load_model
@@ -451,16 +446,9 @@ class Trainer(TrainingLoop):
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)
-        size = self.cfg.latent_size
-        shape = (rows * cols, self.cfg.latent_channels, size, size)
-        if self.cfg.objective == "ddgan":
-            images = ddgan_sample(self.ema, self.schedule, shape, cond=cond, step_kind=self.cfg.step_kind,
-                                  z_dim=self.cfg.z_dim, rng=rng, device=self.device)
-        else:
-            images = diffusion_sample(self.ema, self.schedule, shape, cond=cond, sampler=DEFAULT_SAMPLER,
-                                      n_sample_steps=min(DEFAULT_DDIM_STEPS, self.cfg.n_steps), rng=rng,
-                                      device=self.device)
-        grids = {"samples": make_grid(self.to_pixels(images).cpu(), nrow=cols)}
+        images = sample(self.ema, self.cfg, rows * cols, cond=cond, rng=rng, device=self.device,
+                        space=self.inputs.space)
+        grids = {"samples": make_grid(images.cpu(), nrow=cols)}
         if self.cfg.objective == "ddgan":
             grids["reconstruction"] = self.reconstruction_grid()
         folder = self.out / "samples"

@@ -140,6 +140,32 @@ def test_eval_reports_the_metrics_of_a_run_with_the_features_named(tiny_runs, tm
     assert again["fid"] == report["fid"]  # the same seed, the cached real features
 
 
+def test_a_folder_with_some_captions_asks_with_captions_and_image_embeddings(tiny_runs, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Real images are read a batch at a time; an image without a caption asks with its image embedding, one with
+    a caption through the text prior; a folder with fewer than 2N images is one line before sampling."""
+    import json
+
+    from cclddg.data.shapes import make_sample
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        example = make_sample(i, seed=5, size=16)
+        example.image.save(folder / f"{i:02d}.png")
+        if i % 2:
+            (folder / f"{i:02d}.txt").write_text(example.caption)
+    monkeypatch.setenv("CCLDDG_CACHE", str(tmp_path / "cache"))
+    args = ["eval", "--checkpoint", str(tiny_runs / "text"), "--data", f"folder:{folder}", "--metrics", "kid",
+            "--batch_size", "4"]
+    assert main([*args, "--n", "6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["asked_with"] == "captions and image embeddings" and report["n"] == 6
+    assert main([*args, "--n", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 12 usable images" in err[0] and "--n 6 or less" in err[0], err
+
+
 @pytest.mark.parametrize("extra,words", [(["--n", "10"], "FID needs more images than the feature width"),
                                          (["--metrics", "fid,is"], "--metrics takes"),
                                          (["--features", "inception:/nonexistent.pt"], "no such file")])

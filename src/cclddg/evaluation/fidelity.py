@@ -203,21 +203,36 @@ class _Given(torch.nn.Module):
 
 
 # ---- real features, cached --------------------------------------------------------------------------------
-def cached_real_features(key: dict[str, Any], compute: Callable[[], Tensor], cache_dir: Path) -> Tensor:
-    """Real features for `key` (source, size, features, N, seed): read from cache_dir, or computed and stored
-    atomically (a user scores many checkpoints against one reference set)."""
+def _features_path(key: dict[str, Any], cache_dir: Path) -> Path:
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / f"real-features-{name}.npy"
+    return cache_dir / f"real-features-{name}.npy"
+
+
+def load_cached_features(key: dict[str, Any], cache_dir: Path) -> Tensor | None:
+    """The real features stored for `key` (source, size, features, N, seed), or None (a damaged file is removed)."""
+    path = _features_path(key, cache_dir)
     if path.is_file():
         try:
             return torch.from_numpy(np.load(path))
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # a damaged cache file is computed again
-    features = compute()
+    return None
+
+
+def store_cached_features(key: dict[str, Any], features: Tensor, cache_dir: Path) -> None:
+    """Store real features for `key`, atomically (a user scores many checkpoints against one reference set)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(_features_path(key, cache_dir)) as tmp, open(tmp, "wb") as f:
         np.save(f, features.numpy())
-    return features
+
+
+def cached_real_features(key: dict[str, Any], compute: Callable[[], Tensor], cache_dir: Path) -> Tensor:
+    """Real features for `key`: read from cache_dir, or computed and stored."""
+    found = load_cached_features(key, cache_dir)
+    if found is None:
+        found = compute()
+        store_cached_features(key, found, cache_dir)
+    return found
 
 
 def quantize(images: Tensor) -> Tensor:

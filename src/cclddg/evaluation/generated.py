@@ -10,6 +10,7 @@ between each generated image's image embedding and its request's text embedding.
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ from cclddg.errors import UserError
 from cclddg.evaluation.fidelity import (
     METRICS,
     Features,
-    batched_features,
-    cached_real_features,
+    load_cached_features,
+    store_cached_features,
     check_sizes,
     distribution_metrics,
     features_cache_dir,
@@ -248,8 +249,9 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
     beside the same metrics of n other real images (`floor`: what a perfect model would score at this n).
 
     Each generated image is asked for what one of those other real images shows: its caption through the run's
-    text prior (an embedding run; a source without captions: its image embedding), its labels (a label run), or
-    nothing. The real features are cached per (source, size, features, n, seed)."""
+    text prior (an embedding run; an image without a caption: its image embedding), its labels (a label run), or
+    nothing. The real images are read once, a batch at a time (memory does not grow with n), and their features
+    are cached per (source, size, features, n, seed)."""
     from cclddg.data.sources import open_source, parse_data_spec
     from cclddg.data.stream import iter_examples
 
@@ -260,46 +262,93 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
                         "it never saw (another folder or split), or shapes (its held-out seed)")
     if cfg.cond == "embedding" and conditioner is None:
         raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
-    source = open_source(spec, cfg.img_size, seed=HELD_OUT_SEED, length=2 * n)
-    examples = list(iter_examples(source, cfg.img_size, limit=2 * n))  # n to compare with, n more for the floor
-    if len(examples) < 2 * n:
-        raise UserError(f"--data {data} has {len(examples)} usable images; the metrics at --n {n} need {2 * n} "
-                        f"(n to compare with and n for the finite-sample floor): give --n {len(examples) // 2} or less")
-    def batches(part: list) -> list[torch.Tensor]:
-        return [torch.stack([torch.as_tensor(e.image) for e in part[i:i + batch_size]])
-                for i in range(0, len(part), batch_size)]
-
-    # Real set A is compared with; the samples are asked what set B shows, and B itself against A is the floor
-    # (asking for A's own captions would pair each sample with its reference image and flatter the model).
-    reference, examples = examples[:n], examples[n:]
-    real_images = batches(examples)
     key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": 2 * n, "seed": HELD_OUT_SEED}
-    both = cached_real_features(key, lambda: batched_features(features, batches(reference) + real_images),
-                                cache_dir or features_cache_dir())
+    cache_dir = cache_dir or features_cache_dir()
+    cached = load_cached_features(key, cache_dir)
+    # One pass over 2n real images, a batch at a time (no image is kept): set A is compared with; the samples are
+    # asked what set B shows, and B itself against A is the floor (asking for A's own captions would pair each
+    # sample with its reference image and flatter the model).
+    source = open_source(spec, cfg.img_size, seed=HELD_OUT_SEED, length=2 * n)
+    stream = iter_examples(source, cfg.img_size, limit=2 * n)
+    real_parts, asks, seen = [], [], 0
+    for part in (0, 1):
+        for chunk in _chunks(stream, n, batch_size):
+            seen += len(chunk)
+            images = torch.stack([torch.as_tensor(e.image) for e in chunk])
+            if cached is None:
+                real_parts.append(features(images))
+            if part == 1:
+                asks.append(_asks(cfg, chunk, images, conditioner, data))
+    if seen < 2 * n:
+        raise UserError(f"--data {data} has {seen} usable images; the metrics at --n {n} need {2 * n} "
+                        f"(n to compare with and n for the finite-sample floor): give --n {seen // 2} or less")
+    both = cached if cached is not None else torch.cat(real_parts)
+    if cached is None:
+        store_cached_features(key, both, cache_dir)
     real, other_real = both[:n], both[n:]
-    captions = [e.caption for e in examples]
-    asked = "none"
-    if cfg.cond == "embedding":
-        asked = "captions" if all(c.strip() for c in captions) else "image embeddings"
-    elif cfg.cond == "labels":
-        if any(e.labels is None for e in examples):
-            raise UserError(f"this model is conditioned on labels and --data {data} has none: give shapes data")
-        asked = "labels"
+    kinds = {kind for ask in asks for kind in ask["kinds"]}
+    asked = " and ".join(sorted(kinds)) if kinds else "none"
     rng, prior_rng = torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed)
     fake = []
-    for i, batch in enumerate(tqdm(real_images, desc="fidelity", disable=not progress)):
-        chunk = examples[i * batch_size:(i + 1) * batch_size]
-        cond = None
-        if asked == "captions":
-            cond = conditioner.texts([e.caption for e in chunk], prior_rng)
-        elif asked == "image embeddings":
-            cond = conditioner.images(uint8_to_unit(batch))
-        elif asked == "labels":
-            cond = torch.from_numpy(np.stack([np.asarray(e.labels, np.float32) for e in chunk]))
-        images = sample(model, cfg, len(chunk), cond=None if cond is None else cond.to(device), guidance=guidance,
+    for ask in tqdm(asks, desc="fidelity", disable=not progress):
+        cond = _condition(ask, conditioner, prior_rng)
+        images = sample(model, cfg, ask["rows"], cond=None if cond is None else cond.to(device), guidance=guidance,
                         sampler=sampler, steps=n_sample_steps, rng=rng, device=device).cpu()
         fake.append(features(quantize(images)))  # the uint8 path a saved sample takes, as the real files do
     report = distribution_metrics(real, torch.cat(fake), metrics)
     report["floor"] = distribution_metrics(real, other_real, metrics)  # n real vs n other real: what 0 looks like
     report.update({"features": features.name, "n": n, "real": data, "asked_with": asked})
     return report
+
+
+def _chunks(stream, n: int, size: int):
+    """The next n items of `stream`, in lists of at most `size`."""
+    left = n
+    while left > 0:
+        chunk = list(itertools.islice(stream, min(size, left)))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _asks(cfg: TrainConfig, chunk: list, images: torch.Tensor, conditioner: PromptConditioner | None,
+          data: str) -> dict[str, Any]:
+    """What a batch of set B's images asks the samples for: each one's caption (an embedding run; its image
+    embedding where it has none), its labels (a label run), or nothing."""
+    ask: dict[str, Any] = {"rows": len(chunk), "kinds": set()}
+    if cfg.cond == "embedding":
+        captions = [e.caption if e.caption and e.caption.strip() else None for e in chunk]
+        ask["captions"] = captions
+        if any(c is None for c in captions):
+            ask["image_cond"] = conditioner.images(uint8_to_unit(images)).cpu()
+            ask["kinds"].add("image embeddings")
+        if any(c is not None for c in captions):
+            ask["kinds"].add("captions")
+    elif cfg.cond == "labels":
+        if any(e.labels is None for e in chunk):
+            raise UserError(f"this model is conditioned on labels and --data {data} has none: give shapes data")
+        ask["labels"] = torch.from_numpy(np.stack([np.asarray(e.labels, np.float32) for e in chunk]))
+        ask["kinds"].add("labels")
+    return ask
+
+
+def _condition(ask: dict[str, Any], conditioner: PromptConditioner | None,
+               prior_rng: torch.Generator) -> torch.Tensor | None:
+    """The rows' conditions: captions through the text prior (image embeddings where a row has no caption),
+    label vectors, or None."""
+    if "labels" in ask:
+        return ask["labels"]
+    if "captions" not in ask:
+        return None
+    captions = ask["captions"]
+    if all(c is None for c in captions):
+        return ask["image_cond"]
+    texts = conditioner.texts([c for c in captions if c is not None], prior_rng)
+    if "image_cond" not in ask:
+        return texts
+    out, k = ask["image_cond"].clone(), 0
+    for i, c in enumerate(captions):
+        if c is not None:
+            out[i], k = texts[k], k + 1
+    return out

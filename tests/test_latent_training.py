@@ -12,7 +12,8 @@ from PIL import Image
 from cclddg.cli import main
 from cclddg.data.latent_cache import LatentCache
 from cclddg.errors import UserError
-from cclddg.pipeline import PromptPipeline, load_generator, sample
+from cclddg.model_folder import CCLDDGPipeline
+from cclddg.pipeline import load_generator, sample
 from cclddg.run_config import resolve
 from tiny import AE, CLOOB, NETS, with_flags
 
@@ -52,11 +53,11 @@ def test_cclddg_preset_trains_from_a_cache_and_samples_pixels(models, tmp_path):
     assert recon.width >= 4 * 16 and recon.height >= 9 * 16  # batch 4 columns; rows x_0, then x_t and x̂_0 for T=4
     model, run_cfg = load_generator(out)
     assert model.config.image_channels == 4 and model.config.sample_size == 8
-    pipe = PromptPipeline.from_run(out)
-    images = pipe(["a red circle in the top left"], n=2, guidance=2.0)
+    pipe = CCLDDGPipeline.from_run(out)
+    images = pipe(prompt=["a red circle in the top left"], num_images_per_prompt=2, guidance_scale=2.0).images
     assert [i.size for i in images] == [(16, 16), (16, 16)]
     # sampling decodes through the run's autoencoder with the cache's scale
-    x = sample(model, run_cfg, 2, cond=pipe.condition(["a blue square"]).repeat(2, 1), guidance=1.0,
+    x = sample(model, run_cfg, 2, cond=pipe.conditioner()(["a blue square"]).repeat(2, 1), guidance=1.0,
                rng=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
 

@@ -14,7 +14,6 @@ from cclddg import CCLDDGPipeline
 from cclddg.cli import main
 from cclddg.errors import UserError
 from cclddg.model_folder import export_run
-from cclddg.pipeline import PromptPipeline
 
 PROMPT = "a red circle in the top left"
 
@@ -48,8 +47,9 @@ def test_a_moved_folder_samples_the_runs_images_bit_for_bit(tiny_runs, tiny_mode
     pipe = CCLDDGPipeline.from_pretrained(tiny_models["text"])
     got = pipe(prompt=[PROMPT, "a blue square"], num_images_per_prompt=3, guidance_scale=2.0, output_type="pt",
                generator=torch.Generator().manual_seed(5)).images
-    run = PromptPipeline.from_run(tiny_runs / "text")
-    want = (run.generate(run.condition([PROMPT, "a blue square"], n=3, seed=5), guidance=2.0, seed=5) + 1) / 2
+    run = CCLDDGPipeline.from_run(tiny_runs / "text")
+    want = run(prompt=[PROMPT, "a blue square"], num_images_per_prompt=3, guidance_scale=2.0, output_type="pt",
+               generator=torch.Generator().manual_seed(5)).images
     assert got.shape == (6, 3, 16, 16) and torch.equal(got, want)
     again = pipe(prompt=[PROMPT, "a blue square"], num_images_per_prompt=3, guidance_scale=2.0, output_type="pt",
                  generator=torch.Generator().manual_seed(5)).images

@@ -15,6 +15,7 @@ from cclddg.cli import main
 from cclddg.data.embedding_cache import cache_file, cache_key, dataset_embeddings
 from cclddg.data.shapes import ShapesDataset
 from cclddg.encoders import load_embedder
+from cclddg.model_folder import CCLDDGPipeline
 from cclddg.pipeline import PromptPipeline
 from cclddg.run_config import resolve
 from cclddg.training.trainer import Trainer
@@ -108,21 +109,37 @@ def test_prompt_grid_layout_and_reproducibility(tmp_path, gen_run):
 
 
 def test_pipeline_api_negative_prompt_and_image_mixing(gen_run, tmp_path):
-    pipe = PromptPipeline.from_run(gen_run)
-    images = pipe("a red circle", n=3, guidance=3.0, seed=1)
+    pipe = CCLDDGPipeline.from_run(gen_run)
+
+    def call(**options):
+        return pipe(prompt="a red circle", num_images_per_prompt=3, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(1), **options).images
+
+    images = call()
     assert len(images) == 3 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in images)
-    again = pipe("a red circle", n=3, guidance=3.0, seed=1)
+    again = call()
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, again))
-    negative = pipe("a red circle", n=3, guidance=3.0, seed=1, negative_prompt="a blue square")
+    negative = call(negative_prompt="a blue square")
     assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, negative))
     # mixing: weight 0 is the prompt alone, weight 1 the image alone
     picture = ShapesDataset(size=16, seed=9).get_batch([0])[0][0]
-    text_only = pipe.condition(["a red circle"])
-    image_only = pipe.condition(images=[picture])
-    torch.testing.assert_close(pipe.condition(["a red circle"], [picture], 0.0), text_only)
-    torch.testing.assert_close(pipe.condition(["a red circle"], [picture], 1.0), image_only)
-    mixed = pipe.condition(["a red circle"], [picture], 0.5)
+    prompts = pipe.conditioner()
+    text_only = prompts(["a red circle"])
+    image_only = prompts(images=[picture])
+    torch.testing.assert_close(prompts(["a red circle"], [picture], 0.0), text_only)
+    torch.testing.assert_close(prompts(["a red circle"], [picture], 1.0), image_only)
+    mixed = prompts(["a red circle"], [picture], 0.5)
     torch.testing.assert_close(mixed.norm(dim=-1), torch.ones(1))
+
+
+def test_prompt_pipeline_is_a_deprecated_way_to_the_same_images(gen_run):
+    """The old class warns, and still gives CCLDDGPipeline's images for the same prompt and seed."""
+    with pytest.warns(FutureWarning, match="CCLDDGPipeline"):
+        old = PromptPipeline.from_run(gen_run)
+    got = old("a red circle", n=2, guidance=3.0, seed=4)
+    want = CCLDDGPipeline.from_run(gen_run)(prompt="a red circle", num_images_per_prompt=2, guidance_scale=3.0,
+                                            generator=torch.Generator().manual_seed(4)).images
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(got, want))
 
 
 def test_image_prompt_from_a_file(gen_run, tmp_path):

@@ -432,22 +432,28 @@ def check_sample_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | 
 def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], n: int, grid: Path | None,
                     singles: Path | None) -> int:
     """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
-    from cclddg.pipeline import PromptPipeline, read_image
+    import torch
+
+    from cclddg.pipeline import load_prompted, read_image, sample_batches
     from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
-    pipe = PromptPipeline.from_run(args.checkpoint, ema=not args.no_ema, encoder=args.encoder, **prior_flags(args))
-    cond = pipe.prompts.lazy(args.prompt, images, args.image_weight, n=n, seed=args.seed)  # made batch by batch
-    negative = pipe.negative(args.negative_prompt)
+    model, cfg, prompts = load_prompted(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
+                                        **prior_flags(args))
+    cond = prompts.lazy(args.prompt, images, args.image_weight, n=n, seed=args.seed)  # made batch by batch
+    negative = prompts.negative(args.negative_prompt)
     cols = len(cfgs) * n
 
     def cell_of(gi: int) -> Callable[[int], int]:
         return lambda j: (j // n) * cols + gi * n + j % n  # row j // n, guidance gi, sample j % n
 
+    def batches(job: SampleJob):  # every guidance scale from the same noise
+        return sample_batches(model, cfg, len(job.cond), cond=job.cond, batch_size=args.batch_size,
+                              rng=torch.Generator().manual_seed(args.seed), guidance=job.guidance,
+                              sampler=args.sampler, steps=args.steps, uncond=negative)
+
     jobs = [SampleJob(g, len(cond), cond, cell_of(gi)) for gi, g in enumerate(cfgs)]
-    run_sample_jobs(jobs, lambda job: pipe.batches(job.cond, 1, job.guidance, args.seed, negative, args.sampler,
-                                                   args.steps, args.batch_size),
-                    cols, pipe.cfg.img_size, grid, singles, not args.no_progress)
+    run_sample_jobs(jobs, batches, cols, cfg.img_size, grid, singles, not args.no_progress)
     return 0
 
 

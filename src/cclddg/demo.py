@@ -45,6 +45,14 @@ VARIETY_PROMPTS = ("a black triangle at the bottom", "a red circle", "a square")
 VARIETY_SAMPLES = 16
 
 
+
+def generate(model: torch.nn.Module, cfg: Any, cond: torch.Tensor, guidance: float, seed: int) -> torch.Tensor:
+    """One sample per row of `cond` (in [-1, 1], on the CPU), through `pipeline.sample_batches` from one seed."""
+    from cclddg.pipeline import sample_batches
+
+    rng = torch.Generator().manual_seed(seed)
+    return torch.cat(list(sample_batches(model, cfg, len(cond), cond=cond, rng=rng, guidance=guidance)))
+
 @dataclass
 class DemoSettings:
     ae_steps: int = 2000
@@ -205,13 +213,13 @@ class Demo:
 
     def sample_grid(self, prompts: tuple[str, ...] | None = None, name: str = "prompts.png") -> None:
         from cclddg.data.images import make_grid, save_image_atomic
-        from cclddg.pipeline import PromptPipeline
+        from cclddg.pipeline import load_prompted
 
-        pipe = PromptPipeline.from_run(self.out / "gen")
+        model, cfg, conditioner = load_prompted(self.out / "gen")
         prompts = prompts or self.prompts
         n, guidances = 4, self.settings.guidances
-        cond = pipe.condition(list(prompts), n=n, seed=0)
-        per = [pipe.generate(cond, 1, g, seed=0).cpu().view(len(prompts), n, 3, 64, 64) for g in guidances]
+        cond = conditioner(list(prompts), n=n, seed=0)
+        per = [generate(model, cfg, cond, g, seed=0).view(len(prompts), n, 3, 64, 64) for g in guidances]
         grid = torch.stack(per, dim=1).flatten(0, 2)  # rows: prompts; columns: n samples per guidance
         save_image_atomic(make_grid(grid, nrow=n * len(guidances)), self.out / name)
 
@@ -219,11 +227,11 @@ class Demo:
         """Prompts that leave attributes open (rows), VARIETY_SAMPLES samples each at guidance 1: what the prior and
         the generator make of what a prompt does not say."""
         from cclddg.data.images import make_grid, save_image_atomic
-        from cclddg.pipeline import PromptPipeline
+        from cclddg.pipeline import load_prompted
 
-        pipe = PromptPipeline.from_run(self.out / "gen")
-        cond = pipe.condition(list(VARIETY_PROMPTS), n=VARIETY_SAMPLES, seed=0)
-        images = pipe.generate(cond, 1, 1.0, seed=0).cpu()
+        model, cfg, conditioner = load_prompted(self.out / "gen")
+        cond = conditioner(list(VARIETY_PROMPTS), n=VARIETY_SAMPLES, seed=0)
+        images = generate(model, cfg, cond, 1.0, seed=0)
         save_image_atomic(make_grid(images, nrow=VARIETY_SAMPLES), self.out / "variety.png")
 
     @property
@@ -274,16 +282,17 @@ class Demo:
         from cclddg.data.images import uint8_to_unit
         from cclddg.data.sources import load_held_out
         from cclddg.evaluation.retrieval import retrieval_report
-        from cclddg.pipeline import PromptPipeline
+        from cclddg.pipeline import load_prompted
 
         images, captions = load_held_out(self.spec, 64, self.settings.eval_n, 0)
-        pipe = PromptPipeline.from_run(self.out / "gen")
-        results: dict[str, Any] = {"real": retrieval_report(pipe.embedder, uint8_to_unit(images), captions)}
+        model, cfg, conditioner = load_prompted(self.out / "gen")
+        embedder = conditioner.embedder
+        results: dict[str, Any] = {"real": retrieval_report(embedder, uint8_to_unit(images), captions)}
         for g in self.settings.guidances:
             start = time.perf_counter()
-            samples = torch.cat([pipe.generate(pipe.condition(captions[i:i + 100], seed=i), 1, g, seed=i).cpu()
+            samples = torch.cat([generate(model, cfg, conditioner(captions[i:i + 100], seed=i), g, seed=i)
                                  for i in range(0, len(captions), 100)])
-            results[str(g)] = {**retrieval_report(pipe.embedder, samples, captions),
+            results[str(g)] = {**retrieval_report(embedder, samples, captions),
                                "seconds": round(time.perf_counter() - start, 1)}
         self._write_json("eval.json", results)
 

@@ -7,6 +7,7 @@ Guidance runs the conditional and the unconditional prediction in ONE batched fo
 from __future__ import annotations
 
 import functools
+import warnings
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,36 +247,44 @@ def run_text_prior(path: str | Path, cfg: "TrainConfig | SamplingConfig", dim: i
     return text_prior_of(path, PriorSettings.of(cfg, **overrides), dim)
 
 
+def load_prompted(path: str | Path, *, ema: bool = True, encoder: str | None = None,
+                  device: torch.device | str = "cpu", **prior_overrides) -> tuple[torch.nn.Module, TrainConfig,
+                                                                                PromptConditioner]:
+    """(generator, config, conditioner) of an embedding-conditioned run or model folder: what `sample_batches`
+    needs to sample for prompts. The encoder is the run's (or `encoder`, a spec of the same space); `text_prior=`,
+    `prior_k=`, `prior_guidance=`, `prior_guidance_start=` override the run's text prior."""
+    model, cfg = load_generator(path, ema=ema, device=device)
+    if cfg.cond != "embedding":
+        raise UserError(f"{path} was trained with --cond {cfg.cond}, not on embeddings: prompts need a run "
+                        "trained with --encoder (use --attrs for label-conditioned shapes runs)")
+    if not model.config.cond_dim:
+        raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
+    embedder = load_fitting_embedder(encoder or cfg.encoder, model, device)
+    return model, cfg, PromptConditioner(embedder, run_text_prior(path, cfg, embedder.dim, **prior_overrides))
+
+
 class PromptPipeline:
-    """Text- and image-prompted sampling from an embedding-conditioned run; returns PIL images.
+    """Deprecated: sample with `CCLDDGPipeline` (`CCLDDGPipeline.from_run(RUN)` or `.from_pretrained(FOLDER)`),
+    or with `load_prompted` and `sample_batches`. Kept, warning, for code written against it:
 
         pipe = PromptPipeline.from_run("runs/text2img")
         images = pipe(["a red circle in the top left"], n=4, guidance=3.0, seed=0)
-
-    Text prompts go through the run's text prior (`cfg.text_prior`, or `text_prior=` here; conditioning.py).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, embedder, device: torch.device | str = "cpu",
                  prior: TextPrior | None = None):
-
+        warnings.warn("PromptPipeline is deprecated: use cclddg.CCLDDGPipeline.from_run(run) (or from_pretrained) "
+                      "and call it with prompt=, num_images_per_prompt=, guidance_scale=, generator=",
+                      FutureWarning, stacklevel=2)
         self.model, self.cfg, self.embedder, self.device = model, cfg, embedder, torch.device(device)
         self.prompts = PromptConditioner(embedder, prior)
 
     @classmethod
     def from_run(cls, path: str | Path, device: torch.device | str = "cpu", ema: bool = True,
                  encoder: str | None = None, **prior_overrides) -> "PromptPipeline":
-        """Load a run's generator, the encoder it was trained with (or `encoder`, a spec of the same space) and
-        its text prior; `text_prior=`, `prior_k=`, `prior_guidance=`, `prior_guidance_start=` override the run's."""
-
-        model, cfg = load_generator(path, ema=ema, device=device)
-        if cfg.cond != "embedding":
-            raise UserError(f"{path} was trained with --cond {cfg.cond}, not on embeddings: prompts need a run "
-                            "trained with --encoder (use --attrs for label-conditioned shapes runs)")
-        if not model.config.cond_dim:
-            raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
-        embedder = load_fitting_embedder(encoder or cfg.encoder, model, device)
-        prior = run_text_prior(path, cfg, embedder.dim, **prior_overrides)
-        return cls(model, cfg, embedder, device, prior)
+        """The deprecated way to `load_prompted`."""
+        model, cfg, prompts = load_prompted(path, ema=ema, encoder=encoder, device=device, **prior_overrides)
+        return cls(model, cfg, prompts.embedder, device, prompts.prior)
 
     def condition(self, prompts: Sequence[str] | None = None, images: Sequence[Tensor] | None = None,
                   image_weight: float = 0.5, n: int = 1, seed: int = 0) -> Tensor:

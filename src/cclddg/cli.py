@@ -561,17 +561,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not data:
                 raise UserError("--metrics compares with real images: give --data SOURCE (a model folder does not "
                                 "name its training data)")
-            report = evaluate_fidelity(model, cfg, data, args.n, features, metrics, args.cfg,
-                                       args.sampler, args.steps, args.seed, args.batch_size,
-                                       conditioner=conditioner)
+            report = evaluate_fidelity(model, cfg, data, args.n, features, metrics=metrics, guidance=args.cfg,
+                                       sampler=args.sampler, n_sample_steps=args.steps, seed=args.seed,
+                                       batch_size=args.batch_size, conditioner=conditioner)
         else:
-            report = evaluate_model(model, cfg, args.n, args.cfg, args.sampler, args.steps, args.seed,
-                                    args.batch_size, conditioner=conditioner, prompts=args.prompts)
+            report = evaluate_model(model, cfg, args.n, guidance=args.cfg, sampler=args.sampler,
+                                    n_sample_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                                    conditioner=conditioner, prompts=args.prompts)
         if args.variety:
             from cclddg.evaluation.generated import evaluate_variety
 
-            report["variety"] = evaluate_variety(model, cfg, args.variety_n, args.variety_requests, args.cfg,
-                                                 args.seed, args.batch_size, conditioner=conditioner)
+            report["variety"] = evaluate_variety(model, cfg, args.variety_n, requests_per_group=args.variety_requests,
+                                                 guidance=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                                                 conditioner=conditioner)
         if conditioner is not None and not args.metrics:
             report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
         sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)

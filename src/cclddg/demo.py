@@ -262,7 +262,7 @@ class Demo:
         for kind in ("text", "paraphrase"):
             for g in self.settings.guidances:
                 start = time.perf_counter()
-                report = evaluate_model(model, cfg, self.settings.eval_n, g, conditioner=conditioner, prompts=kind,
+                report = evaluate_model(model, cfg, self.settings.eval_n, guidance=g, conditioner=conditioner, prompts=kind,
                                         progress=self.progress)
                 report = {k: v for k, v in report.items() if not isinstance(v, list)}
                 report["seconds"] = round(time.perf_counter() - start, 1)
@@ -270,8 +270,8 @@ class Demo:
         results["cloob_score_real"] = real_clip_score(embedder, min(self.settings.eval_n, 500), 64)
         start = time.perf_counter()
         s = self.settings
-        results["variety"] = evaluate_variety(model, cfg, s.variety_n, s.variety_requests, 1.0,
-                                              conditioner=conditioner, progress=self.progress)
+        results["variety"] = evaluate_variety(model, cfg, s.variety_n, requests_per_group=s.variety_requests,
+                                              guidance=1.0, conditioner=conditioner, progress=self.progress)
         results["variety"]["seconds"] = round(time.perf_counter() - start, 1)
         self._write_json("eval.json", results)
 

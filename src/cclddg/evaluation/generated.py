@@ -99,7 +99,7 @@ def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, guidance: float = 1.0,
+def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, *, guidance: float = 1.0,
                    sampler: str | None = None, n_sample_steps: int | None = None, seed: int = 0,
                    batch_size: int = 100, device: str | torch.device = "cpu", progress: bool = True,
                    conditioner: PromptConditioner | None = None, prompts: str = "text") -> dict[str, Any]:
@@ -189,7 +189,7 @@ def _report(analyses: list[Analysis], scores: list[float] | None, requests: list
 
 
 @torch.no_grad()
-def evaluate_variety(model: torch.nn.Module, cfg: TrainConfig, n: int = 32, requests_per_group: int = 8,
+def evaluate_variety(model: torch.nn.Module, cfg: TrainConfig, n: int = 32, *, requests_per_group: int = 8,
                      guidance: float = 1.0, seed: int = 0, batch_size: int = 100, device: str | torch.device = "cpu",
                      progress: bool = True, conditioner: PromptConditioner | None = None) -> dict[str, Any]:
     """The variety table of a label or embedding run (evaluation/variety.py): what requests naming 1-3
@@ -240,7 +240,7 @@ def real_clip_score(embedder, n: int = 500, size: int = 32) -> float:
 
 
 @torch.no_grad()
-def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: int, features: Features,
+def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: int, features: Features, *,
                       metrics: tuple[str, ...] = METRICS, guidance: float = 1.0, sampler: str | None = None,
                       n_sample_steps: int | None = None, seed: int = 0, batch_size: int = 100,
                       device: str | torch.device = "cpu", progress: bool = True,

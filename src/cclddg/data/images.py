@@ -22,8 +22,14 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 channels-first images (a saved file's pixels) -> float32 in [-1, 1]: the one mapping every reader
-    of pixels uses (array_to_tensor is its numpy twin for one HWC image), in one new tensor."""
+    """uint8 channels-first images (a saved file's pixels) -> float32 in [-1, 1], as x / 127.5 - 1."""
+    return images.float() / 127.5 - 1.0
+
+
+def batch_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """The training data's mapping (`array_to_tensor`'s, for a stacked uint8 batch): x * (1 / 127.5) - 1, in one
+    new tensor. It differs from `uint8_to_unit` in the last bit for 111 of the 256 values; both are kept so that
+    caches, runs and measurements made before give the same numbers bit for bit."""
     return images.to(torch.float32, copy=True).mul_(1 / 127.5).sub_(1.0)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cclddg.data.images import uint8_to_unit
+from cclddg.data.images import batch_to_unit
 from cclddg.data.preprocess import (
     CROPS,
     DEFAULT_MAX_PIXELS,
@@ -200,7 +200,7 @@ def iter_examples(source: MapSource | StreamSource, size: int, *, workers: int =
 
 
 def collate(examples: list[Example]) -> Batch:
-    images = uint8_to_unit(torch.stack([e.image for e in examples]))
+    images = batch_to_unit(torch.stack([e.image for e in examples]))
     labels = None
     if all(e.labels is not None for e in examples):
         labels = torch.from_numpy(np.stack([np.asarray(e.labels, dtype=np.float32) for e in examples]))

@@ -1,14 +1,14 @@
-"""Inference: few-step DDGAN sampling, DDPM/DDIM sampling, classifier-free guidance, model loading.
+"""Inference: `sample` and `sample_batches` (the function every way of sampling goes through: CCLDDGPipeline,
+the CLI, eval, the demo, the trainer's grids), the small SamplingConfig they read, and model loading.
 
-Guidance runs the conditional and the unconditional prediction in ONE batched forward:
-`x̂ = x̂(∅) + s·(x̂(c) - x̂(∅))`, where ∅ is the null embedding (zeros) used for dropout in training.
+The loops themselves and classifier-free guidance are `samplers.py`'s.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -77,6 +77,8 @@ class SamplingConfig:
         if self.objective == "ddgan":
             return "ddgan", self.n_steps
         sampler = sampler or DEFAULT_SAMPLER
+        if sampler not in DIFFUSION_SAMPLERS:
+            raise ValueError(f"sampler must be one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
         return sampler, self.n_steps if sampler == "ddpm" else steps or min(DEFAULT_DDIM_STEPS, self.n_steps)
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_AE, TINY_CLOOB
-from test_train_cli import TINY
+from tiny import AE, CLOOB, TRAIN
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ENDLESS = "100000"
@@ -75,7 +74,7 @@ def assert_stopped_and_resumable(proc, stderr: str, run: Path, command: str, sig
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_checkpoints_the_step_reached_and_resume_continues(tmp_path, sig):
     run = tmp_path / "run"
-    proc = start("train", "--out", str(run), *TINY, "--n_batches", ENDLESS, "--log_every", "1",
+    proc = start("train", "--out", str(run), *TRAIN, "--n_batches", ENDLESS, "--log_every", "1",
                  "--log_images_every", ENDLESS, "--save_models_every", ENDLESS)
     wait_for(proc, lambda: logged_steps(run / "log.jsonl") >= 3, "three steps")
     _, stderr = stop(proc, sig)
@@ -107,7 +106,7 @@ SIGNAL_IN_CHECKPOINT = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path):
     run = tmp_path / "run"
-    proc = start("train", "--out", str(run), *TINY, "--n_batches", ENDLESS, "--log_every", "1",
+    proc = start("train", "--out", str(run), *TRAIN, "--n_batches", ENDLESS, "--log_every", "1",
                  "--log_images_every", ENDLESS, "--save_models_every", "2", script=SIGNAL_IN_CHECKPOINT)
     _, stderr = proc.communicate(timeout=300)
     assert assert_stopped_and_resumable(proc, stderr, run, f"train --out {run}") == 4  # the second checkpoint
@@ -125,7 +124,7 @@ def test_the_small_trainers_stop_on_a_signal_like_on_ctrl_c(tmp_path, command, t
         folder, resume = run / "prior", f"train-prior {run}"
     else:
         folder = tmp_path / "run"
-        args = [command, "--out", str(folder), *(TINY_CLOOB if command == "train-cloob" else TINY_AE)]
+        args = [command, "--out", str(folder), *(CLOOB if command == "train-cloob" else AE)]
         resume = f"{command} --out {folder}"
     proc = start(*args, "--n_batches", ENDLESS, "--log_every", "1", "--save_every", ENDLESS)
     wait_for(proc, lambda: logged_steps(folder / "log.jsonl") >= 3, "three steps")
@@ -177,7 +176,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
     images, run = tmp_path / "images", tmp_path / "run"
     write_images(images)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "cclddg.cli", "train", "--out", str(run), *TINY, "--data", f"folder:{images}", "--cond", "none",
+                             "-m", "cclddg.cli", "train", "--out", str(run), *TRAIN, "--data", f"folder:{images}", "--cond", "none",
                              "--n_batches", ENDLESS, "--log_every", "1", "--log_images_every", ENDLESS,
                              "--save_models_every", ENDLESS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)

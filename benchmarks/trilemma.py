@@ -212,9 +212,10 @@ def write_json(path: Path, value: dict) -> None:
 
 def report(results: dict, setting: str, steps: int, n: int, features: str, tiny: bool) -> None:
     batch = 64 if setting == "latents64" else 32
+    alone = all(r.get("timed_alone") for r in results.values())
     print(f"tiny: {steps} steps, N = {n}" if tiny else
-          f"{setting}: {steps} steps x batch {batch} each, N = {n}, features {features}, guidance 1, "
-          f"{torch.get_num_threads()} threads")
+          f"{setting}: {steps} steps x batch {batch} each, N = {n}, features {features}, guidance 1; seconds per "
+          + ("image timed alone (--timing)" if alone else "image timed in the run, beside the other jobs"))
     print("| model | FID | KID | precision | recall | attributes right (mean) | network calls | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():

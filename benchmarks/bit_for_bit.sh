@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Behaviour unchanged by a structural change? Trains and samples the same tiny runs (a label DDGAN, a DDPM, the own
-# autoencoder and CLOOB, a latent text run on them) with this tree and with COMMIT's, same flags and seeds, then
-# compares every safetensors tensor, every sample and training grid, and an eval's KID. Exit 1 on any difference.
+# Behaviour unchanged by a structural change? Trains and samples the same tiny runs (a label DDGAN, an unconditional
+# one, a DDPM, the own autoencoder and CLOOB, a latent text run on them) with this tree and with COMMIT's, same flags
+# and seeds, then compares every safetensors tensor, every sample and training grid (from the CLI and from the
+# exported folders through CCLDDGPipeline), and an eval's KID. Exit 1 on any difference.
 #     bash benchmarks/bit_for_bit.sh 4a85361
 set -euo pipefail
 base=${1:?give the commit to compare with}
@@ -17,6 +18,8 @@ run() {  # SRC OUT
              --n_batches 6 --log_images_every 3 --tensorboard false"
     $c train --out $o/gan --preset fast $t --cond_map_size 0 > /dev/null
     $c train --out $o/ddpm --preset diffusion --n_steps 20 $t > /dev/null
+    $c train --out $o/none --preset fast $t --cond none > /dev/null
+    $c sample --checkpoint $o/none --n 4 -o $o/none.png --no_progress > /dev/null
     $c sample --checkpoint $o/gan --attrs color=red --cfg 1,2 --n 4 -o $o/gan.png --no_progress > /dev/null
     $c sample --checkpoint $o/ddpm --attrs color=red --cfg 2 --n 4 --sampler ddpm -o $o/ddpm.png --no_progress > /dev/null
     $c sample --checkpoint $o/ddpm --attrs color=red --cfg 2 --n 4 --sampler ddim --steps 5 -o $o/ddim.png \
@@ -29,6 +32,20 @@ run() {  # SRC OUT
         --encoder cloob-tiny:$o/cloob --cache_dir $o/cache > /dev/null
     $c sample --checkpoint $o/text --prompt "a red circle" --cfg 1,3 --n 3 -o $o/text.png --no_progress > /dev/null
     $c eval --checkpoint $o/text --data shapes:16 --metrics kid --n 20 2> /dev/null | grep '"kid"' > $o/kid.txt
+    for m in gan ddpm none text; do $c export $o/$m $o/$m-model > /dev/null; done
+    python - "$o" <<'PIPE'
+import sys
+import torch
+from cclddg import CCLDDGPipeline
+o = sys.argv[1]
+calls = {"gan": dict(attrs="color=red", guidance_scale=2.0), "gan-noattrs": dict(),
+         "ddpm": dict(attrs="color=red", guidance_scale=2.0, num_inference_steps=5), "none": dict(),
+         "text": dict(prompt="a red circle", negative_prompt="a blue square", guidance_scale=2.0)}
+for name, kwargs in calls.items():
+    pipe = CCLDDGPipeline.from_pretrained(f"{o}/{name.split('-')[0]}-model")
+    images = pipe(num_images_per_prompt=3, generator=torch.Generator().manual_seed(5), output_type="pt", **kwargs)
+    torch.save(images.images, f"{o}/pipe-{name}.pt")
+PIPE
 }
 run "$work/base" "$work/old"
 run "$root" "$work/new"
@@ -41,12 +58,13 @@ from safetensors.torch import load_file
 
 old, new = Path(sys.argv[1]) / "old", Path(sys.argv[1]) / "new"
 bad, files = [], 0
-for a in sorted(p for p in old.rglob("*") if p.suffix in (".png", ".txt", ".safetensors") and "cache" not in p.parts):
+kept = (".png", ".txt", ".safetensors")
+for a in sorted(p for p in old.rglob("*") if (p.suffix in kept or p.name.startswith("pipe-")) and "cache" not in p.parts):
     b, files = new / a.relative_to(old), files + 1
     if not b.is_file():
         bad.append(f"{b} is missing")
-    elif a.suffix == ".safetensors":
-        x, y = load_file(a), load_file(b)
+    elif a.suffix in (".safetensors", ".pt"):  # .pt: a pipeline's images
+        x, y = (load_file(a), load_file(b)) if a.suffix == ".safetensors" else ({0: torch.load(a)}, {0: torch.load(b)})
         if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x):
             bad.append(str(a.relative_to(old)))
     elif a.read_bytes() != b.read_bytes():

@@ -17,7 +17,7 @@ The two ways:
                   caption) by the embedder with `latent_cache.encode_batch`, then the same optimisation step.
 
 Both read the same examples at each step (`Trainer.example_indices`) and condition them the same way
-(`conditioning.training_condition`, then the CFG drop). Rounds alternate the two (a drift in machine load
+(`conditioning.embedding.training_condition`, then the CFG drop). Rounds alternate the two (a drift in machine load
 hits both alike); the ratio of the medians is printed.
 
     python benchmarks/cache_vs_onthefly.py                      # ~2 min on 2 cores
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from cclddg import conditioning
+from cclddg.conditioning.base import drop as drop_to_null
+from cclddg.conditioning.embedding import training_condition
 from cclddg.data.latent_cache import encode_batch, encode_dataset
 from cclddg.data.sources import open_dataset, open_source
 from cclddg.encoders import load_embedder
@@ -87,9 +88,9 @@ def onthefly_batches(trainer: Trainer, data, embedder):
     def batch(step: int, micro: int = 0, drop: bool = True):
         images, _, captions = data.get_batch(trainer.example_indices(step, micro))
         found = encode_batch(images, captions, trainer.inputs.space, embedder)
-        cond = conditioning.training_condition(found["image_emb"], found["text_emb"], cfg.pct_text,
+        cond = training_condition(found["image_emb"], found["text_emb"], cfg.pct_text,
                                                cfg.pseudo_text_xi, random=drop)
-        return found["latents"], conditioning.drop(cond, cfg.pct_zeros) if drop else cond
+        return found["latents"], drop_to_null(cond, cfg.pct_zeros) if drop else cond
     return batch
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cclddg.conditioning import PromptConditioner
+from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.encoders import load_embedder
 from cclddg.evaluation.fidelity import EmbedderFeatures
 from cclddg.evaluation.generated import evaluate_fidelity

@@ -1,7 +1,7 @@
 """GPU figures of the `cclddg` preset: training samples/s at 128 and 256 px (latents 4x16x16 and 4x32x32) in fp32
 and bf16, with and without torch.compile and channels_last; sampling latency of 1 and 16 images; peak GPU memory.
 
-One training step is the DDGAN step of the trainer's objective functions (objectives.py): D on real and fake
+One training step is the DDGAN step of the trainer's objective functions (objectives/ddgan.py): D on real and fake
 pairs with lazy R1 at its real rate, then G through D, Adam on both, on random latents of the right shape (the
 autoencoder and the embedder never run in training: the cache holds their outputs). Sampling is
 pipeline.sample (T steps, classifier-free guidance 2, batched) without decoding. Medians of timed blocks after
@@ -24,10 +24,12 @@ import time
 
 import torch
 
-from cclddg import diffusion, objectives
+from cclddg import diffusion
+from cclddg.objectives import ddgan
+from cclddg.objectives.base import sample_steps
 from cclddg.config import PRESETS, TrainConfig
 from cclddg.pipeline import SamplingConfig, sample
-from cclddg.training.trainer import build_discriminator, build_generator
+from cclddg.training.trainer import build_nets
 
 EMBED_DIM = 512  # the pretrained CLOOB ViT-B/16's width
 
@@ -40,7 +42,8 @@ def nets(size: int, tiny: bool, device: torch.device):
         values.update(n_channels_unet=8, n_channels_disc=8, n_cond_channels=8, n_z_channels=8, z_dim=4,
                       cond_map_size=0)
     cfg = TrainConfig.from_dict(values)
-    return cfg, build_generator(cfg, EMBED_DIM).to(device), build_discriminator(cfg, EMBED_DIM).to(device)
+    gen, disc = build_nets(cfg, EMBED_DIM)
+    return cfg, gen.to(device), disc.to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -80,20 +83,20 @@ def train_variant(size: int, batch: int, dtype: torch.dtype, compiled: bool, cha
 
     def train_step() -> None:
         k = next(step)
-        t = objectives.sample_steps(batch, cfg.n_steps, device)
+        t = sample_steps(batch, cfg.n_steps, device)
         x_prev, x_t = diffusion.q_pair(schedule, x0, t)
         z = torch.randn(batch, cfg.z_dim, device=device)
         with autocast():
             x0_pred = run_gen(x_t, t, cond, z)
-            fake = objectives.fake_step(schedule, cfg.step_kind, x_t, x0_pred, t)
-            loss_d, _ = objectives.discriminator_loss(disc, x_prev, fake, x_t, t, cond,
-                                                      objectives.r1_weight(k, cfg.r1_gamma, cfg.lazy_reg))
+            fake = ddgan.fake_step(schedule, cfg.step_kind, x_t, x0_pred, t)
+            loss_d, _ = ddgan.discriminator_loss(disc, x_prev, fake, x_t, t, cond,
+                                                      ddgan.r1_weight(k, cfg.r1_gamma, cfg.lazy_reg))
         loss_d.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
         disc.requires_grad_(False)
         with autocast():
-            loss_g, _ = objectives.generator_loss(disc, fake, x_t, t, cond, x0_pred, x0, cfg.recon_loss_scale)
+            loss_g, _ = ddgan.generator_loss(disc, fake, x_t, t, cond, x0_pred, x0, cfg.recon_loss_scale)
         loss_g.backward()
         disc.requires_grad_(True)
         opt_g.step()

@@ -33,7 +33,7 @@ from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.samplers import Guided, sample_ddgan, sample_ddim, sample_ddpm
 from cclddg.run_config import resolve
-from cclddg.training.trainer import build_generator
+from cclddg.training.trainer import build_nets
 
 # --tiny: 16x16 pixels through a factor-2 autoencoder (8x8x4 latents) and a UNet of width 8 whose 4x4
 # bottleneck still takes the preset's spatial conditioning map; 16-d embeddings.
@@ -79,7 +79,7 @@ def main() -> None:
         overrides["n_channels_unet"] = args.n_channels
     cfg = resolve("cclddg", overrides)
     dim = 16 if args.tiny else 256
-    gen = build_generator(cfg, dim).eval()
+    gen = build_nets(cfg, dim)[0].eval()
     space = DiffusersVAE(build_autoencoder((8, 16) if args.tiny else (16, 32, 64), 4))
     size = cfg.img_size // cfg.latent_factor
     shape = (batch, cfg.latent_channels, size, size)
@@ -100,10 +100,10 @@ def main() -> None:
         except StopIteration:
             pass
 
-    gen_eps = build_generator(resolve("latent-diffusion", {**overrides, "n_channels_unet": cfg.n_channels_unet,
+    gen_eps = build_nets(resolve("latent-diffusion", {**overrides, "n_channels_unet": cfg.n_channels_unet,
                                                           "ch_mults": cfg.ch_mults, "is_attn": cfg.is_attn,
                                                           "cond": "embedding", "cond_map_size": cfg.cond_map_size,
-                                                          "coord_channels": cfg.coord_channels}), dim).eval()
+                                                          "coord_channels": cfg.coord_channels}), dim)[0].eval()
     timings: dict[str, list[float]] = {"ddgan-4": [], "ddim-50": [], "ddpm-1000": []}
     decode = []
     with torch.no_grad():

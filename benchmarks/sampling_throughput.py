@@ -7,7 +7,7 @@ does not depend on training), all with classifier-free guidance on (guidance 3, 
 conditioning label vector from ``cclddg.data.shapes.attrs_to_label`` for the whole batch):
 
 - ``ddgan-4``          ``cclddg.samplers.sample_ddgan`` with the ddgan preset's schedule (vp, T=4)
-                       and its generator (``build_generator`` of the resolved ddgan config, with z);
+                       and its generator (``build_nets`` of the resolved ddgan config, with z);
 - ``ddgan-4 sep-cfg``  the same with ``Guided(batched=False)``: two forwards of B instead of one of 2B;
 - ``ddim-50``          ``cclddg.samplers.sample_ddim(steps=50)`` on a
                        ``linear`` schedule with T=1000 and the diffusion preset's UNet (no z);
@@ -135,15 +135,15 @@ def main(argv: list[str] | None = None) -> dict:
     from cclddg.models import count_parameters
     from cclddg.samplers import Guided, randn, sample_ddgan, sample_ddim, sample_ddpm
     from cclddg.run_config import resolve
-    from cclddg.training.trainer import build_generator
+    from cclddg.training.trainer import build_nets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = dict(img_size=args.img_size, n_channels_unet=args.n_channels, ch_mults=(1, 2, 2),
                  is_attn=(False, False, False), n_blocks=1)
     cfg_g, cfg_d = resolve("ddgan", sizes), resolve("diffusion", sizes)
     torch.manual_seed(0)
-    gen = build_generator(cfg_g).to(device).eval()
-    eps_net = build_generator(cfg_d).to(device).eval()
+    gen = build_nets(cfg_g)[0].to(device).eval()
+    eps_net = build_nets(cfg_d)[0].to(device).eval()
     sched_g = make_schedule(cfg_g.schedule, cfg_g.n_steps, cfg_g.beta_min, cfg_g.beta_max).to(device)
     sched_d = make_schedule("linear", 1000).to(device)
     b = args.batch

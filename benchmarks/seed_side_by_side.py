@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     from cclddg.latents import load_latent_space
     from cclddg.pipeline import sample
     from cclddg.run_config import resolve
-    from cclddg.training.trainer import build_generator
+    from cclddg.training.trainer import build_nets
 
     size = sizes["img_size"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         # Sampling: the seed preset's generator at T=4 (random weights: the cost does not depend on them).
         cfg = dataclasses.replace(resolve("seed", dict(cclddg_config_overrides(flags), data=str(root / "cache"),
                                                        img_size=size)), n_steps=SAMPLE_STEPS)
-        gen = build_generator(cfg, embedder.dim).eval()
+        gen = build_nets(cfg, embedder.dim)[0].eval()
         taesd = load_latent_space(taesd_spec)
         k = sizes["n_samples"]
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from cclddg.cli import main as cclddg
-from cclddg.conditioning import PromptConditioner, label_condition
+from cclddg.conditioning.labels import label_condition
+from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.encoders import load_embedder
 from cclddg.evaluation.fidelity import load_features
 from cclddg.evaluation.generated import evaluate_fidelity, evaluate_model, random_requests, request_texts

@@ -1,4 +1,4 @@
-"""The conditioning module: pseudo-text, dropout, the text/image mix through a text prior (tests/test_priors.py
+"""The conditioning kinds' parts: pseudo-text, dropout, the text/image mix through a text prior (tests/test_priors.py
 tests the priors themselves)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cclddg import conditioning
-from cclddg.conditioning import PromptConditioner
+from cclddg.conditioning.base import drop
+from cclddg.conditioning.embedding import pseudo_text, training_condition
+from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.errors import UserError
 from cclddg.priors import EmbeddingStats, PriorSettings, make_text_prior
 
@@ -23,27 +24,27 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
 def test_pseudo_text_is_a_unit_vector_at_the_angle_xi_sets(xi):
     c = unit(4000, 256)
     torch.manual_seed(1)  # not unit()'s seed: the noise must not be c itself
-    out = conditioning.pseudo_text(c, xi)
+    out = pseudo_text(c, xi)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(4000))
     # |e/|e|| = 1 and e is nearly orthogonal to c in 256-d: cos(c, c') ~ 1 / sqrt(1 + xi^2)
     assert (c * out).sum(-1).mean().item() == pytest.approx(1 / math.sqrt(1 + xi ** 2), abs=0.01)
-    assert torch.equal(conditioning.pseudo_text(c, 0.0), c)
+    assert torch.equal(pseudo_text(c, 0.0), c)
 
 
 def test_training_condition_mixes_text_and_pseudo_text_and_drop_nulls_rows():
     image, text = unit(2000, 32, seed=1), unit(2000, 32, seed=2)
     torch.manual_seed(0)
-    only_images = conditioning.training_condition(image, text, pct_text=0.0, xi=0.0)
+    only_images = training_condition(image, text, pct_text=0.0, xi=0.0)
     assert torch.equal(only_images, image)
-    assert torch.equal(conditioning.training_condition(image, text, pct_text=1.0, xi=0.5), text)
-    mixed = conditioning.training_condition(image, text, pct_text=0.3, xi=0.0)
+    assert torch.equal(training_condition(image, text, pct_text=1.0, xi=0.5), text)
+    mixed = training_condition(image, text, pct_text=0.3, xi=0.0)
     from_text = (mixed == text).all(-1).float().mean().item()
     assert from_text == pytest.approx(0.3, abs=0.04)
     # fixed grids draw nothing from the RNG
     state = torch.get_rng_state()
-    assert torch.equal(conditioning.training_condition(image, text, 0.5, 1.0, random=False), image)
+    assert torch.equal(training_condition(image, text, 0.5, 1.0, random=False), image)
     assert torch.equal(torch.get_rng_state(), state)
-    dropped = conditioning.drop(image, 0.25)
+    dropped = drop(image, 0.25)
     null = (dropped == 0).all(-1)
     assert null.float().mean().item() == pytest.approx(0.25, abs=0.04)
     assert torch.equal(dropped[~null], image[~null])

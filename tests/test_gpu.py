@@ -26,14 +26,14 @@ def test_training_in_bf16_on_the_gpu_and_sampling_its_checkpoint(tmp_path):
 
 
 def test_r1_through_fused_attention_kernels_on_the_gpu():
-    from cclddg import objectives
+    from cclddg.objectives import ddgan
 
     disc = Discriminator(image_channels=4, n_channels=32, ch_mults=(1, 2, 2), is_attn=(True, True, True),
                          n_blocks=1, cond_dim=0, sample_size=8).cuda()
     x, x_t = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 4, 8, 8, device="cuda")
     t = torch.tensor([1, 2], device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, logs = objectives.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=1.0)
+        loss, logs = ddgan.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=1.0)
     loss.backward()
     assert logs["r1"] >= 0 and torch.isfinite(loss)
 

@@ -108,7 +108,7 @@ def test_half_precision_and_devices(tiny_models):
     (dict(prompt=PROMPT, output_type="latent"), "output_type"),
     (dict(prompt=PROMPT, guidance_scale=float("nan")), "guidance_scale"),
     (dict(prompt=PROMPT, num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(prompt=PROMPT, attrs="color=red"), "label models"),
+    (dict(prompt=PROMPT, attrs="color=red"), "attrs= .* is not for it; give a prompt or an image"),
     (dict(prompt="\x00\x01"), "prompt"),
     (dict(image=3), "an image prompt is"),
 ])

@@ -331,7 +331,7 @@ def test_cond_scale_multiplies_the_conditioning_and_keeps_the_null():
 def test_r1_goes_through_attention_even_at_a_1x1_feature_map(is_attn):
     """R1 differentiates D's input gradient; the fused attention kernels cannot be differentiated twice, so the
     forward pass R1 needs runs attention through the math kernel (the same values)."""
-    from cclddg import objectives
+    from cclddg.objectives import ddgan
 
     torch.manual_seed(0)
     disc = Discriminator(image_channels=4, n_channels=8, ch_mults=(1, 2, 2), is_attn=is_attn, n_blocks=1,
@@ -340,12 +340,12 @@ def test_r1_goes_through_attention_even_at_a_1x1_feature_map(is_attn):
         if isinstance(module, SelfAttention):
             torch.nn.init.normal_(module.out.weight, std=0.5)  # the attention's output is zero at init
     x, x_t, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
-    loss, logs = objectives.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=1.0)
+    loss, logs = ddgan.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=1.0)
     loss.backward()
     assert logs["r1"] > 0
     attention = [m for m in disc.modules() if isinstance(m, SelfAttention)]
     assert attention and all(m.qkv.weight.grad.abs().sum() > 0 for m in attention)
-    _, fused = objectives.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=0.0)
+    _, fused = ddgan.discriminator_loss(disc, x, x.flip(0), x_t, t, None, r1_weight=0.0)
     assert abs(logs["d_real"] - fused["d_real"]) < 1e-6  # the math kernel gives the fused one's values
 
 
@@ -362,7 +362,7 @@ def test_the_seed_preset_builds_the_seeds_networks_within_2_percent():
     from torch.utils.flop_counter import FlopCounterMode
 
     from cclddg.run_config import resolve
-    from cclddg.training.trainer import build_discriminator, build_generator
+    from cclddg.training.trainer import build_nets
 
     cfg = replace(resolve("seed", {"z_dim": 16, "n_channels_unet": 64, "n_steps": 8, "img_size": 128}),
                   latent_channels=4, latent_factor=8, cond="embedding")
@@ -373,8 +373,9 @@ def test_the_seed_preset_builds_the_seeds_networks_within_2_percent():
         return count_parameters(net), counter.get_total_flops()
 
     x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 512)
-    generator = measure(build_generator(cfg, 512), x, t, c, torch.randn(1, 16))
-    discriminator = measure(build_discriminator(cfg, 512), x, x, t, c)
+    gen, disc = build_nets(cfg, 512)
+    generator = measure(gen, x, t, c, torch.randn(1, 16))
+    discriminator = measure(disc, x, x, t, c)
     for ours, seed in ((generator, SEED_GENERATOR), (discriminator, SEED_DISCRIMINATOR)):
         assert abs(ours[0] / seed[0] - 1) < 0.02 and abs(ours[1] / seed[1] - 1) < 0.02, (ours, seed)
 

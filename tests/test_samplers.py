@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cclddg.config import DIFFUSION_SAMPLERS
-from cclddg.diffusion import make_schedule
+from cclddg import objectives
+from cclddg.diffusion import make_schedule, randn
 from cclddg.models import UNet
 from cclddg.pipeline import SamplingConfig, sample
-from cclddg.samplers import SAMPLERS, Guided, randn
+from cclddg.samplers import SAMPLERS, Guided
 from cclddg.scheduler import CCLDDGScheduler
 
 
@@ -20,8 +20,9 @@ def tiny_unet(z_dim: int) -> UNet:
                 n_z_channels=8, cond_dim=6, n_cond_channels=8, sample_size=8).eval()
 
 
-def test_every_diffusion_sampler_the_cli_offers_is_registered():
-    assert set(SAMPLERS) == {"ddgan", *DIFFUSION_SAMPLERS}
+def test_every_sampler_an_objective_names_is_registered_and_every_registered_one_is_named():
+    named = [s for name in objectives.names() for s in objectives.get(name).samplers]
+    assert sorted(named) == sorted(SAMPLERS)
 
 
 def test_guidance_is_the_formula_and_one_batched_call():

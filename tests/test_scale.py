@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cclddg import objectives
+from cclddg.objectives import ddgan
 from cclddg.cli import main
 from cclddg.errors import TrainingError
 from cclddg.models import Discriminator
@@ -89,7 +89,7 @@ def _r1_and_grads(disc: Discriminator, scale: float, mode: str) -> tuple[float, 
     t = torch.tensor([1, 2, 3, 4])
     disc.zero_grad()
     with precision.autocast(mode, torch.device("cpu")):
-        loss, logs = objectives.discriminator_loss(disc, x_prev, fake, x_t, t, None, r1_weight=10.0, grad_scale=scale)
+        loss, logs = ddgan.discriminator_loss(disc, x_prev, fake, x_t, t, None, r1_weight=10.0, grad_scale=scale)
     (loss * scale).backward()
     return logs["r1"], [p.grad / scale for p in disc.parameters()]
 

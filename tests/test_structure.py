@@ -98,13 +98,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cclddg.training", "cclddg.evaluation"),
     ("cclddg.run_config",),
     ("cclddg.pipeline", "cclddg.samplers"),
-    ("cclddg.conditioning",),
+    ("cclddg.conditioning", "cclddg.folder_check"),
     ("cclddg.priors",),
-    ("cclddg.data", "cclddg.encoders", "cclddg.latents", "cclddg.folder_check"),
+    ("cclddg.data", "cclddg.encoders", "cclddg.latents"),
     ("cclddg.models", "cclddg.diffusion", "cclddg.objectives"),
     ("cclddg.config", "cclddg.paths", "cclddg.run_folder"),
     ("cclddg.storage", "cclddg.options"),
-    ("cclddg.errors", "cclddg.atomic", "cclddg.cpu", "cclddg.preemption"),
+    ("cclddg.errors", "cclddg.atomic", "cclddg.cpu", "cclddg.preemption", "cclddg.registry"),
 )
 
 

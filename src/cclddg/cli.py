@@ -16,11 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cclddg import conditioning, objectives
 from cclddg.atomic import write_text_atomic
 from cclddg.config import (
     DERIVED_FIELDS,
-    DIFFUSION_SAMPLERS,
-    OBJECTIVES,
     PRECISIONS,
     PRESETS,
     PRIOR_SOURCES,
@@ -165,7 +164,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "ch_mults_disc": dict(type=number_list(int, "1,2,2", TrainConfig.RANGES["ch_mults_disc"])),
         "is_attn": dict(type=bool_list), "is_attn_disc": dict(type=bool_list),
         "adam_betas": dict(type=number_pair(TrainConfig.RANGES["adam_betas"])), "wandb_project": dict(type=optional_str),
-        "objective": dict(choices=OBJECTIVES), "encoder": dict(type=str, metavar="ENCODER"),
+        "objective": dict(choices=objectives.names()), "cond": dict(choices=conditioning.names()),
+        "encoder": dict(type=str, metavar="ENCODER"),
         "cache_dir": dict(type=str, metavar="OUT_FOLDER"), "autoencoder": dict(type=str, metavar="AUTOENCODER"),
         "mixed_precision": dict(choices=PRECISIONS), "text_prior": dict(choices=TEXT_PRIORS),
     }
@@ -306,8 +306,9 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     cfg = load_config(resolve_checkpoint(run))
-    if cfg.cond != "embedding":
-        raise UserError(f"{run} is conditioned on {cfg.cond}, not on embeddings: it takes no text prompts, so it "
+    kind = conditioning.get(cfg.cond)
+    if not kind.uses_encoder:
+        raise UserError(f"{run} is {kind.described}, not on embeddings: it takes no text prompts, so it "
                         "needs no text prior")
     out = flow_prior_path(run)
     if prior_finished(run):
@@ -374,6 +375,8 @@ def add_train_ae_args(p: argparse.ArgumentParser) -> None:
     add_small_trainer_args(p, AETrainConfig, "runs/ae", helps)
 
 
+SAMPLER_HELP = ("the sampler of a model that has several: a diffusion model's ddim (the default, over --steps, 50 "
+                "unless given) or ddpm (every step); a DDGAN samples in its own T steps")
 TEXT_PRIOR_HELP = ("how text prompts are mapped for a generator trained on image embeddings: none, gap (the "
                    "modality-gap shift), retrieval (one of the prior_k nearest training image embeddings), posterior "
                    "(a training image embedding drawn from the calibrated softmax over all of them) or flow (a sample "
@@ -434,14 +437,17 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], n: int, g
     """Rows: prompts and/or images; columns: n samples for each guidance scale (same noise per column group)."""
     import torch
 
-    from cclddg.pipeline import load_prompted, read_image, sample_batches
+    from cclddg.conditioning.base import Request
+    from cclddg.pipeline import SamplingConfig, load_prompted, read_image, sample_batches
     from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     images = [read_image(p) for p in args.image or []]  # unreadable images stop us before the model loads
     model, cfg, prompts = load_prompted(args.checkpoint, ema=not args.no_ema, encoder=args.encoder,
                                         **prior_flags(args))
-    cond = prompts.lazy(args.prompt, images, args.image_weight, n=n, seed=args.seed)  # made batch by batch
-    negative = prompts.negative(args.negative_prompt)
+    SamplingConfig.of(cfg).sampler(args.sampler, args.steps)  # one it cannot sample with: one line, now
+    request = Request(prompts=tuple(args.prompt or ()), images=tuple(images), image_weight=args.image_weight,
+                      negative_prompt=args.negative_prompt)
+    cond, negative = conditioning.get(cfg.cond).conditions(request, n, args.seed, lambda: prompts)  # batch by batch
     cols = len(cfgs) * n
 
     def cell_of(gi: int) -> Callable[[int], int]:
@@ -481,9 +487,10 @@ def sample_grid_shape(args: argparse.Namespace, n: int, cfgs: tuple[float, ...])
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from cclddg.conditioning import request_condition
+    from cclddg.conditioning.base import CLI_NAMES, Request
     from cclddg.data.images import GridCanvas
-    from cclddg.pipeline import image_size_of, load_generator, sample_batches
+    from cclddg.data.shapes import parse_attrs
+    from cclddg.pipeline import SamplingConfig, image_size_of, load_generator, sample_batches
     from cclddg.sample_writer import SampleJob, run_sample_jobs
 
     grid, singles = check_sample_outputs(args)
@@ -499,7 +506,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if prompted:
         return sample_prompted(args, cfgs, n, grid, singles)
     model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
-    cond = request_condition(cfg.cond, args.attrs, n, guided=bool(args.cfg))  # one row, sliced batch by batch
+    SamplingConfig.of(cfg).sampler(args.sampler, args.steps)  # one it cannot sample with: one line, now
+    kind = conditioning.get(cfg.cond)
+    request = Request(attrs=() if args.attrs is None else (parse_attrs(args.attrs),))
+    kind.check_request(request, CLI_NAMES)
+    cond, _ = kind.conditions(request, n, args.seed, conditioner=None)  # one row, sliced batch by batch
+    if args.cfg and cond is None:
+        raise UserError(f"this model is {kind.described}: --cfg has nothing to guide; drop it" if not kind.conditional
+                        else f"--cfg guides towards a request: {kind.how_to_ask(CLI_NAMES)}, or drop --cfg")
     nrow = sample_grid_shape(args, n, cfgs)[1]
     if len(cfgs) == 1:
         jobs = [SampleJob(cfgs[0], n, cond, lambda j: j)]
@@ -540,12 +554,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report["cloob_score_real"] = real_clip_score(embedder, args.n, data.size)
             report.update(zero_shot_report(embedder, args.n, data.size))
     else:
-        from cclddg.conditioning import PromptConditioner
+        from cclddg.conditioning.prompts import PromptConditioner
         from cclddg.pipeline import SamplingConfig, load_fitting_embedder, load_generator, run_text_prior
 
         model, cfg = load_generator(args.checkpoint, ema=not args.no_ema)
+        sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)  # one it can't: a line, now
         conditioner = None
-        if cfg.cond == "embedding":
+        if conditioning.get(cfg.cond).uses_encoder:
             embedder = load_fitting_embedder(args.encoder or cfg.encoder, model)
             conditioner = PromptConditioner(embedder, run_text_prior(args.checkpoint, cfg, embedder.dim,
                                                                      **prior_flags(args)))
@@ -576,7 +591,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                  conditioner=conditioner)
         if conditioner is not None and not args.metrics:
             report["cloob_score_real"] = real_clip_score(conditioner.embedder, min(args.n, 500), cfg.img_size)
-        sampler, steps = SamplingConfig.of(cfg).sampler(args.sampler, args.steps)
         report.update({"checkpoint": str(args.checkpoint), "cfg": args.cfg, "sampler": sampler, "steps": steps})
     report = {k: v for k, v in report.items() if not isinstance(v, list)}
     text = json.dumps(report, indent=2, default=str)
@@ -659,8 +673,9 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     from cclddg.run_folder import load_config, resolve_checkpoint
 
     cfg = load_config(resolve_checkpoint(Path(args.run)))
-    if cfg.cond != "embedding":
-        raise UserError(f"{args.run} is conditioned on {cfg.cond}, not on embeddings: it takes no text prompts")
+    kind = conditioning.get(cfg.cond)
+    if not kind.uses_encoder:
+        raise UserError(f"{args.run} is {kind.described}, not on embeddings: it takes no text prompts")
     embedder = load_embedder(args.encoder or cfg.encoder)
     stats = measure_stats(embedder, args.data or cfg.data, cfg.img_size, args.n, cfg.seed, not args.no_progress)
     path = stats_path(Path(args.run))
@@ -747,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--negative_prompt", help="guide away from this prompt instead of the null embedding")
     smp.add_argument("--encoder", metavar="ENCODER", help="embedder spec if the run's own has moved (it must be the same model)")
     add_text_prior_flags(smp)
-    smp.add_argument("--sampler", choices=DIFFUSION_SAMPLERS, help="for diffusion models (default ddim, 50 steps)")
+    smp.add_argument("--sampler", metavar="NAME", help=SAMPLER_HELP)
     smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=64)
     smp.add_argument("--no_ema", action="store_true", help="use the raw generator weights, not the EMA")
@@ -767,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples to score (default 500; at most 10^6: eval keeps one reading per sample)")
     ev.add_argument("--seed", type=parse_number(int, SEEDS), default=0)
     ev.add_argument("--cfg", type=parse_number(float, GUIDANCE), default=1.0)
-    ev.add_argument("--sampler", choices=DIFFUSION_SAMPLERS)
+    ev.add_argument("--sampler", metavar="NAME", help=SAMPLER_HELP)
     ev.add_argument("--steps", type=parse_number(int, Range(1, 100_000)))
     ev.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=100)
     ev.add_argument("--threads", type=parse_number(int, THREADS), default=0)

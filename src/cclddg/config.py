@@ -27,10 +27,7 @@ from cclddg.options import (
     check_fields,
 )
 
-OBJECTIVES = ("ddgan", "diffusion")
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")  # a diffusion model samples with either; a DDGAN with its own T steps
 STEP_KINDS = ("posterior", "renoise")
-CONDS = ("labels", "embedding", "none")
 # How a text prompt's embedding becomes a condition at sampling (priors/__init__.py).
 TEXT_PRIORS = ("none", "gap", "retrieval", "posterior", "flow")
 PRIOR_SOURCES = ("captions", "pseudo-text")  # what the learned prior is trained on (priors/flow.py)
@@ -96,7 +93,7 @@ class TrainConfig(JsonConfig):
     # caption's text embedding instead of their image embedding, and which nets see the embedding
     encoder: str | None = None
     pct_text: float = 0.0
-    # language-free training and text prompts (conditioning.py): LAFITE's pseudo-text noise on image
+    # language-free training and text prompts (conditioning/embedding.py): LAFITE's pseudo-text noise on image
     # embeddings in training, and how a text prompt's embedding is mapped at sampling (none, gap, retrieval)
     pseudo_text_xi: float = 0.0
     text_prior: str = "none"
@@ -176,11 +173,6 @@ class TrainConfig(JsonConfig):
     def latent_size(self) -> int:
         """The generator's spatial size: the image size over the autoencoder's downsampling."""
         return self.img_size // self.latent_factor
-
-    @property
-    def generator_z_dim(self) -> int:
-        """The latent z the generator takes: a DDGAN's z_dim; a diffusion model has none."""
-        return self.z_dim if self.objective == "ddgan" else 0
 
     KIND: ClassVar[str] = "train config"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("ch_mults", "is_attn", "ch_mults_disc", "is_attn_disc", "adam_betas")

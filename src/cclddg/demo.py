@@ -249,7 +249,7 @@ class Demo:
     def evaluate(self) -> None:
         if not self.shapes:
             return self.evaluate_named()
-        from cclddg.conditioning import PromptConditioner
+        from cclddg.conditioning.prompts import PromptConditioner
         from cclddg.encoders import load_embedder
         from cclddg.evaluation.generated import evaluate_model, evaluate_variety, real_clip_score
         from cclddg.pipeline import load_generator, run_text_prior

@@ -213,6 +213,12 @@ def _noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generat
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device, so a CPU generator gives the same images on any device."""
+    gen_device = rng.device if rng is not None else device
+    return torch.randn(shape, generator=rng, device=gen_device).to(device)
+
+
 def _same_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")

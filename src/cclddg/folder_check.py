@@ -15,7 +15,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from cclddg import conditioning, objectives
 from cclddg.encoders.sentence import FILES as SENTENCE_FILES
 from cclddg.errors import UserError
 from cclddg.storage import WEIGHTS_FILE as WEIGHTS, pickled_format, read_json_object
@@ -37,18 +39,19 @@ class Component:
     weights: tuple[str, ...] = (WEIGHTS,)
     keys: tuple[str, ...] = ()
     required: bool = False
+    choices: tuple[tuple[str, Callable[[], tuple[str, ...]]], ...] = ()  # keys whose value is one of these names
 
 
 COMPONENTS: dict[str, Component] = {
     "unet": Component((("cclddg.models.unet", "UNet"),), required=True),
     "scheduler": Component((("cclddg.scheduler", "CCLDDGScheduler"),), config="scheduler_config.json", weights=(),
-                           keys=("objective", "schedule", "n_steps"), required=True),
+                           keys=("objective", "schedule", "n_steps"), required=True,
+                           choices=(("objective", objectives.names),)),
     "vae": Component((("diffusers", "AutoencoderKL"), ("diffusers", "AutoencoderTiny")), keys=("scaling_factor",)),
     "embedder": Component((("cclddg.encoders.component", "EmbedderModel"),), weights=(), keys=("kind",)),
     "prior": Component((("cclddg.priors.flow", "FlowPrior"),)),
 }
 INDEX_KEYS = ("cond", "img_size")  # what sampling reads from model_index.json without a default
-CONDS = ("embedding", "labels", "none")
 # The embedder's files, by its kind (encoders/component.py); with a sentence encoder also sentence/SENTENCE_FILES.
 EMBEDDER_FILES = {"cloob-tiny": ("cloob/config.json", f"cloob/{WEIGHTS}"), "cloob-vit-b16": ("cloob.safetensors",)}
 
@@ -65,8 +68,7 @@ def check_model_folder(folder: str | Path) -> dict:
     for key in INDEX_KEYS:
         if key not in index:
             raise UserError(f"{folder / INDEX_FILE} has no {key!r}: the folder is incomplete; {EXPORT_AGAIN}")
-    if index["cond"] not in CONDS:
-        raise UserError(f"{folder / INDEX_FILE}: cond {index['cond']!r} is not one of {', '.join(CONDS)}")
+    _check_choice(folder / INDEX_FILE, index, "cond", conditioning.names)
     if not (isinstance(index["img_size"], int) and 0 < index["img_size"] <= 4096):
         raise UserError(f"{folder / INDEX_FILE}: img_size {index['img_size']!r} is not a size in pixels")
     for name, value in index.items():
@@ -76,7 +78,7 @@ def check_model_folder(folder: str | Path) -> dict:
                         "does not have; a model folder's code is never loaded")
     for name, part in COMPONENTS.items():
         _check_component(folder, index, name, part)
-    if index["cond"] == "embedding" and not present(index.get("embedder")):
+    if conditioning.get(index["cond"]).uses_encoder and not present(index.get("embedder")):
         raise UserError(f"{folder / INDEX_FILE}: a model prompted by embeddings has no embedder; {EXPORT_AGAIN}")
     stats = folder / "embedding_stats.safetensors"
     if stats.exists():
@@ -133,6 +135,8 @@ def _check_component(folder: Path, index: dict, name: str, part: Component) -> N
     for key in part.keys:
         if key not in config:
             raise UserError(f"{folder / name / part.config} ({what}) has no {key!r}; {EXPORT_AGAIN}")
+    for key, names in part.choices:
+        _check_choice(folder / name / part.config, config, key, names)
     files = part.weights
     if name == "embedder":
         files = EMBEDDER_FILES.get(config["kind"])
@@ -147,6 +151,11 @@ def _check_component(folder: Path, index: dict, name: str, part: Component) -> N
             check_safetensors(path, f"the {name}'s weights")
         else:
             read_json(path, f"the {name}'s {file}")
+
+
+def _check_choice(path: Path, config: dict, key: str, names: Callable[[], tuple[str, ...]]) -> None:
+    if not (isinstance(config[key], str) and config[key] in names()):
+        raise UserError(f"{path}: {key} {config[key]!r} is not one of {', '.join(names())}")
 
 
 def _check_links_and_pickles(folder: Path) -> None:

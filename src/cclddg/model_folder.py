@@ -19,6 +19,7 @@ samples with, so the same seed gives the run's images bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,9 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from cclddg.atomic import write_text_atomic
-from cclddg.conditioning import PromptConditioner, RepeatedRows, request_conditions
+from cclddg import conditioning, objectives
+from cclddg.conditioning.base import PIPELINE_NAMES, Request
+from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.data.images import tensor_to_image
 from cclddg.data.shapes import parse_attrs
 from cclddg.encoders import load_embedder
@@ -100,8 +103,9 @@ class CCLDDGPipeline(DiffusionPipeline):
         if cfg.autoencoder != "pixels":
             vae = load_latent_space(cfg.autoencoder, scale=cfg.latent_scale).vae
             vae.register_to_config(scaling_factor=float(cfg.latent_scale))
-        embedder = EmbedderModel.wrap(load_embedder(cfg.encoder)) if cfg.cond == "embedding" else None
-        prior = load_flow_prior(run) if cfg.cond == "embedding" else None
+        uses_encoder = conditioning.get(cfg.cond).uses_encoder
+        embedder = EmbedderModel.wrap(load_embedder(cfg.encoder)) if uses_encoder else None
+        prior = load_flow_prior(run) if uses_encoder else None
         pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, prior=prior, cond=cfg.cond,
                    img_size=cfg.img_size, text_prior=cfg.text_prior, prior_k=cfg.prior_k,
                    prior_guidance=cfg.prior_guidance, prior_guidance_start=cfg.prior_guidance_start,
@@ -154,9 +158,8 @@ class CCLDDGPipeline(DiffusionPipeline):
     def conditioner(self, **prior_overrides) -> PromptConditioner:
         """Prompts -> conditions through the model's text prior (`text_prior=`, `prior_k=`, `prior_guidance=`,
         `prior_guidance_start=` override the model's; None: not given)."""
-        if self.embedder is None:
-            raise UserError(f"this model is conditioned on {self.config.cond}, not on embeddings: "
-                            + ("give attrs=" if self.config.cond == "labels" else "give no prompt"))
+        if self.embedder is None:  # the kind's own words: a prompt is not for it, and what to give instead
+            conditioning.get(self.config.cond).check_request(Request(prompts=("",)), PIPELINE_NAMES)
         prior = make_text_prior(PriorSettings.of(self.config, **prior_overrides), self.stats, self.prior,
                                 self.embedder.embedder.dim, "this model")
         return PromptConditioner(self.embedder.embedder, prior)
@@ -166,7 +169,7 @@ class CCLDDGPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
                  image: Any = None, image_weight: float = 0.5, attrs: str | dict | Sequence | None = None,
                  guidance_scale: float | None = None, num_images_per_prompt: int = 1,
-                 num_inference_steps: int | None = None, generator: torch.Generator | None = None,
+                 num_inference_steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil", batch_size: int = 64, text_prior: str | None = None,
                  prior_guidance: float | None = None, prior_guidance_start: float | None = None,
                  return_dict: bool = True) -> CCLDDGPipelineOutput | tuple:
@@ -174,7 +177,8 @@ class CCLDDGPipeline(DiffusionPipeline):
         (shapes models: "color=red,shape=circle" or a dict, one per row), or unconditional ones.
 
         `num_images_per_prompt` per prompt/image/request, prompt-major. `num_inference_steps`: a diffusion
-        model's DDIM steps; a DDGAN samples in the T steps it was trained with. `generator` seeds the noise and
+        model's DDIM steps; a DDGAN samples in the T steps it was trained with. `sampler`: a diffusion model's
+        (ddim, the default, or ddpm). `generator` seeds the noise and
         the retrieval prior (a CPU generator gives the same images on any device)."""
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type {output_type!r} is not valid; choose one of {', '.join(OUTPUT_TYPES)}")
@@ -186,7 +190,7 @@ class CCLDDGPipeline(DiffusionPipeline):
         if problem:
             raise UserError(f"guidance_scale {problem}")
         guidance = float(guidance)
-        steps = self._steps(config, num_inference_steps)
+        steps = self._steps(config, sampler, num_inference_steps)
         rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
         seed = rng.initial_seed()
         n = num_images_per_prompt
@@ -195,7 +199,7 @@ class CCLDDGPipeline(DiffusionPipeline):
         count = n if cond is None else len(cond)
         device = self._execution_device
         batches = sample_batches(self.unet, config, count, cond=cond, batch_size=batch_size, rng=rng, device=device,
-                                 guidance=guidance if cond is not None else 1.0, steps=steps,
+                                 guidance=guidance if cond is not None else 1.0, sampler=sampler, steps=steps,
                                  uncond=None if negative is None else negative.to(device), space=self.latent_space)
         images = torch.cat(list(batches))  # (B, 3, H, W) in [-1, 1], on the CPU
         out: Any = images
@@ -207,40 +211,31 @@ class CCLDDGPipeline(DiffusionPipeline):
             out = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
         return CCLDDGPipelineOutput(images=out) if return_dict else (out,)
 
-    def _steps(self, config: SamplingConfig, num_inference_steps: int | None) -> int | None:
+    def _steps(self, config: SamplingConfig, sampler: str | None, num_inference_steps: int | None) -> int | None:
+        objectives.get(config.objective).sampler(config.n_steps, sampler, num_inference_steps)  # what it can't: a line
         if num_inference_steps is None:
             return None
-        if config.objective == "ddgan" and num_inference_steps != config.n_steps:
-            raise UserError(f"this DDGAN samples in the {config.n_steps} steps it was trained with; "
-                            f"num_inference_steps {num_inference_steps} cannot change that (drop it)")
         if not (isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= config.n_steps):
             raise UserError(f"num_inference_steps must be an integer in 1..{config.n_steps}, got {num_inference_steps!r}")
         return num_inference_steps
 
     def _conditions(self, prompt, negative_prompt, image, image_weight, attrs, n: int, seed: int,
                     prior: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
-        """(conditions, one per image, made batch by batch; the negative prompt's embedding) of this call."""
-        kind = self.config.cond
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
-        if kind == "embedding":
-            if attrs is not None:
-                raise UserError("this model is prompted with text or images; attrs= is for label models")
-            if not prompts and not images:
-                raise UserError("give a prompt or an image")
-            prompts_in = self.conditioner(**prior)
-            cond = prompts_in.lazy(prompts, [prompt_image(i) for i in images], image_weight, n=n, seed=seed)
-            return cond, prompts_in.negative(negative_prompt)
-        if prompts or images or negative_prompt:
-            raise UserError(f"this model is conditioned on {kind}, not on prompts: "
-                            + ("give attrs= (e.g. \"color=red,shape=circle\")" if kind == "labels" else "give none"))
-        if kind == "none":
-            if attrs is not None:
-                raise UserError("this model is unconditional; drop attrs=")
-            return None, None
-        requests = [attrs] if isinstance(attrs, (str, dict)) else list(attrs or [{}])
-        parsed = [parse_attrs(a) if isinstance(a, str) else dict(a) for a in requests]
-        return RepeatedRows(request_conditions(kind, parsed), n), None
+        """(conditions, one per image, made batch by batch; the negative prompt's condition) of this call, as the
+        model's conditioning kind makes them."""
+        kind = conditioning.get(self.config.cond)
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt or ())
+        images = () if image is None else (tuple(image) if isinstance(image, (list, tuple)) else (image,))
+        if attrs is None:  # a label model asked for nothing names no attribute
+            requests = ({},) if "attrs" in kind.asks else ()
+        else:
+            requests = tuple(parse_attrs(a) if isinstance(a, str) else dict(a)
+                             for a in ([attrs] if isinstance(attrs, (str, dict)) else list(attrs)))
+        request = Request(prompts=prompts, images=images, image_weight=image_weight,
+                          negative_prompt=negative_prompt, attrs=requests)
+        kind.check_request(request, PIPELINE_NAMES)
+        request = dataclasses.replace(request, images=tuple(prompt_image(i) for i in images))
+        return kind.conditions(request, n, seed, lambda: self.conditioner(**prior))
 
 
 def export_run(run: str | Path, out: str | Path, ema: bool = True, guidance_scale: float = 1.0) -> Path:

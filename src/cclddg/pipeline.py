@@ -16,9 +16,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cclddg import diffusion
-from cclddg.conditioning import PromptConditioner, PromptConditions
-from cclddg.config import DIFFUSION_SAMPLERS, TrainConfig
+from cclddg import conditioning, diffusion, objectives
+from cclddg.conditioning.base import CLI_NAMES
+from cclddg.conditioning.prompts import PromptConditioner, PromptConditions
+from cclddg.config import TrainConfig
+from cclddg.diffusion import randn
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
@@ -28,10 +30,7 @@ from cclddg.models import UNet
 from cclddg.priors import PriorSettings, TextPrior, text_prior_of
 from cclddg.storage import load_model
 from cclddg.run_folder import load_config, resolve_checkpoint
-from cclddg.samplers import DEFAULT_DDIM_STEPS, SAMPLERS, Callback, Guided, randn
-
-
-DEFAULT_SAMPLER = "ddim"  # a diffusion model's sampler unless asked: DDIM (eta 0) over DEFAULT_DDIM_STEPS
+from cclddg.samplers import SAMPLERS, Callback, Guided
 
 
 @dataclass(frozen=True)
@@ -65,21 +64,16 @@ class SamplingConfig:
         if isinstance(cfg, SamplingConfig):
             return cfg
         return cls(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps, beta_min=cfg.beta_min,
-                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=cfg.generator_z_dim,
+                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=objectives.get(cfg.objective).z_dim(cfg),
                    latent_size=cfg.latent_size, autoencoder=cfg.autoencoder,
                    latent_scale=cfg.latent_scale, cond=cfg.cond, img_size=cfg.img_size, encoder=cfg.encoder,
                    text_prior=cfg.text_prior, prior_k=cfg.prior_k, prior_guidance=cfg.prior_guidance,
                    prior_guidance_start=cfg.prior_guidance_start, holdout=cfg.holdout)
 
     def sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
-        """(sampler, network calls) this config samples with: DDGAN's own T steps, or a diffusion sampler (DDPM
-        over every step, DDIM over `steps`; defaults DEFAULT_SAMPLER, DEFAULT_DDIM_STEPS)."""
-        if self.objective == "ddgan":
-            return "ddgan", self.n_steps
-        sampler = sampler or DEFAULT_SAMPLER
-        if sampler not in DIFFUSION_SAMPLERS:
-            raise ValueError(f"sampler must be one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
-        return sampler, self.n_steps if sampler == "ddpm" else steps or min(DEFAULT_DDIM_STEPS, self.n_steps)
+        """(sampler, network calls) this config samples with: the objective's (objectives/), as asked (None: its
+        default); one it cannot sample with is one line."""
+        return objectives.get(self.objective).sampler(self.n_steps, sampler, steps)
 
 
 def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: int, *, cond: Tensor | None = None,
@@ -95,7 +89,7 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
     device = torch.device(device)
     x = randn((n, model.config.image_channels, config.latent_size, config.latent_size), rng, device)
     name, calls = config.sampler(sampler, steps)
-    options = {"step_kind": config.step_kind, "z_dim": config.z_dim, "z_rng": z_rng} if name == "ddgan" else {}
+    options = objectives.get(config.objective).sampler_options(config.step_kind, config.z_dim, z_rng)
     denoiser = Guided(model, cond, guidance, uncond)
     x = SAMPLERS[name](denoiser, x, schedule, steps=calls, rng=rng, callback=callback, **options)
     if space is None and config.autoencoder == "pixels":
@@ -160,11 +154,11 @@ def folder_sampling_config(index: dict, scheduler: dict, unet: dict, vae: dict |
                            encoder: str | None = None) -> SamplingConfig:
     """The SamplingConfig of a model folder from its configs (model_index.json, the scheduler's, the UNet's and the
     autoencoder's, whose scaling_factor is the latent scale)."""
-    ddgan = scheduler["objective"] == "ddgan"
+    takes_z = objectives.get(scheduler["objective"]).takes_z
     return SamplingConfig(objective=scheduler["objective"], schedule=scheduler["schedule"],
                           n_steps=scheduler["n_steps"], beta_min=scheduler.get("beta_min"),
                           beta_max=scheduler.get("beta_max"), step_kind=scheduler.get("step_kind", "posterior"),
-                          z_dim=unet.get("z_dim", 0) if ddgan else 0,
+                          z_dim=unet.get("z_dim", 0) if takes_z else 0,
                           latent_size=unet.get("sample_size") or index["img_size"],
                           autoencoder="pixels" if vae is None else autoencoder,
                           latent_scale=1.0 if vae is None else float(vae["scaling_factor"]),
@@ -256,9 +250,10 @@ def load_prompted(path: str | Path, *, ema: bool = True, encoder: str | None = N
     needs to sample for prompts. The encoder is the run's (or `encoder`, a spec of the same space); `text_prior=`,
     `prior_k=`, `prior_guidance=`, `prior_guidance_start=` override the run's text prior."""
     model, cfg = load_generator(path, ema=ema, device=device)
-    if cfg.cond != "embedding":
-        raise UserError(f"{path} was trained with --cond {cfg.cond}, not on embeddings: prompts need a run "
-                        "trained with --encoder (use --attrs for label-conditioned shapes runs)")
+    kind = conditioning.get(cfg.cond)
+    if not kind.uses_encoder:
+        raise UserError(f"{path} is {kind.described}, not on embeddings: prompts need a run trained with "
+                        f"--encoder; {kind.how_to_ask(CLI_NAMES)}")
     if not model.config.cond_dim:
         raise UserError(f"{path}: its generator never saw the embedding (--use_cloob_unet false); it cannot follow prompts")
     embedder = load_fitting_embedder(encoder or cfg.encoder, model, device)

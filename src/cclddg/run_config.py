@@ -12,9 +12,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cclddg import conditioning, objectives
 from cclddg.config import (
-    CONDS,
-    OBJECTIVES,
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
@@ -26,7 +25,7 @@ from cclddg.data.latent_cache import is_cache_spec, read_cache_meta
 from cclddg.data.shapes import format_holdout
 from cclddg.data.sources import parse_data_spec, with_font
 from cclddg.diffusion import SCHEDULE_KINDS
-from cclddg.encoders import absolute_spec, parse_encoder_spec
+from cclddg.encoders import absolute_spec
 from cclddg.errors import UserError
 from cclddg.latents import absolute_autoencoder_spec, parse_autoencoder_spec
 from cclddg.models.blocks import INJECTIONS, check_bool_tuple
@@ -101,12 +100,9 @@ def source_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, An
                             "drop one of them")
         out["img_size"] = spec.size
     out["holdout"] = format_holdout(spec.holdout)
-    if not spec.procedural:
-        if "data_size" not in given:
-            out["data_size"] = 0
-        if values.get("cond", "labels") == "labels":
-            raise UserError(f"--data {data} has no class labels (only shapes do): use --cond embedding "
-                            "--encoder SPEC (its images and captions), or --cond none")
+    if not spec.procedural and "data_size" not in given:
+        out["data_size"] = 0
+    conditioning.get(values.get("cond", "labels")).check_source(data, spec.procedural)
     return out
 
 
@@ -120,7 +116,7 @@ def cache_values(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
     if "img_size" in given and given["img_size"] != img_size:
         raise UserError(f"--img_size {given['img_size']} but the cache {path} holds {img_size}px images; drop --img_size")
     out = {"data": str(path), "autoencoder": meta["autoencoder"], "img_size": img_size, **cache_facts(meta)}
-    if values.get("cond", "labels") == "embedding":
+    if conditioning.get(values.get("cond", "labels")).uses_encoder:
         out["encoder"] = meta["encoder"]
     return out
 
@@ -150,25 +146,15 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings before a model is built or a file is written."""
-    _choice("objective", cfg.objective, OBJECTIVES)
     _choice("step_kind", cfg.step_kind, STEP_KINDS)
     _choice("schedule", cfg.schedule, SCHEDULE_KINDS)
-    _choice("cond", cfg.cond, CONDS)
     _choice("injection", cfg.injection, INJECTIONS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
     check_fields(cfg)
     _choice("text_prior", cfg.text_prior, TEXT_PRIORS)
-    if cfg.cond == "embedding" and not cfg.encoder:
-        raise UserError("--cond embedding needs --encoder, e.g. --encoder cloob-tiny:runs/cloob "
-                        "(train one with `cclddg train-cloob`)")
-    if cfg.cond != "embedding" and cfg.encoder:
-        raise UserError(f"--encoder is only used with --cond embedding (this run has --cond {cfg.cond})")
-    if cfg.kid_every and cfg.cond != "embedding":
-        raise UserError("--kid_every measures KID on the run's own embedder's features: it needs --cond embedding "
-                        "(score other runs afterwards with cclddg eval --metrics kid --features SPEC)")
-    if cfg.cond == "embedding":
-        parse_encoder_spec(cfg.encoder)
+    objective = objectives.get(cfg.objective)  # an unknown name is one line
+    conditioning.get(cfg.cond).check_config(cfg)
     if cfg.data_size == 0 and not is_cache_spec(cfg.data):
         if parse_data_spec(cfg.data).procedural:
             raise UserError("--data_size 0 (all of the source) is for a finite source; shapes are endless: "
@@ -182,5 +168,4 @@ def validate(cfg: TrainConfig) -> None:
             where = f" (x{cfg.latent_factor} by the autoencoder)" if cfg.latent_factor > 1 else ""
             raise UserError(f"--img_size {cfg.img_size} is not divisible by {factor}, the downsampling of "
                             f"{len(mults)} levels in --{flag}{where}; use a multiple of {factor} or fewer levels")
-    if cfg.objective == "diffusion" and cfg.n_steps < 2:
-        raise UserError("--objective diffusion needs --n_steps >= 2 (1000 is usual)")
+    objective.check(cfg)

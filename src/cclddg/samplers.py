@@ -21,21 +21,17 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from cclddg import diffusion, objectives
-from cclddg.conditioning import null_like
-from cclddg.diffusion import Schedule
+from cclddg import diffusion
+from cclddg.conditioning.base import null_like
+from cclddg.diffusion import Schedule, randn
+from cclddg.objectives.ddgan import fake_step
+from cclddg.objectives.diffusion import DEFAULT_DDIM_STEPS
 
 Callback = Callable[[dict[str, Any]], None]
 
 
 class Denoiser(Protocol):
     def __call__(self, x: Tensor, t: Tensor, z: Tensor | None = None) -> Tensor: ...
-
-
-def randn(shape: tuple[int, ...], rng: torch.Generator | None, device: torch.device | str) -> Tensor:
-    """Gaussian noise drawn on the generator's device, so a CPU generator gives the same images on any device."""
-    gen_device = rng.device if rng is not None else device
-    return torch.randn(shape, generator=rng, device=gen_device).to(device)
 
 
 class Guided:
@@ -94,7 +90,7 @@ def sample_ddgan(model: Denoiser, x: Tensor, schedule: Schedule, *, steps: int |
         if callback is not None:
             callback({"i": i, "t": step, "x": x, "prediction": x0})
         if step > 1:
-            x = objectives.fake_step(sched, step_kind, x, x0, t, noise=randn(tuple(x.shape), rng, x.device))
+            x = fake_step(sched, step_kind, x, x0, t, noise=randn(tuple(x.shape), rng, x.device))
     return x0
 
 
@@ -131,5 +127,4 @@ def sample_ddim(model: Denoiser, x: Tensor, schedule: Schedule, *, steps: int | 
     return x
 
 
-DEFAULT_DDIM_STEPS = 50  # a diffusion model's DDIM steps unless asked (all of them, when a schedule has fewer)
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddgan": sample_ddgan, "ddpm": sample_ddpm, "ddim": sample_ddim}

@@ -16,7 +16,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from cclddg import diffusion, objectives
-from cclddg.samplers import randn
 
 
 @dataclass
@@ -41,38 +40,23 @@ class CCLDDGScheduler(SchedulerMixin, ConfigMixin):
         self.set_timesteps()
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
-        """The steps `step` will be called with, from T down: a DDGAN's T (it has no other), a diffusion model's T
-        (ancestral DDPM) or `num_inference_steps` of them (DDIM)."""
-        n_steps = self.config.n_steps
-        if self.config.objective == "ddgan" and num_inference_steps not in (None, n_steps):
-            raise ValueError(f"a DDGAN samples with its {n_steps} steps, not {num_inference_steps}")
-        steps = num_inference_steps or n_steps
-        self.ancestral = steps == n_steps
-        grid = list(range(n_steps, 0, -1)) if self.ancestral else diffusion.ddim_timesteps(n_steps, steps)
+        """The steps `step` will be called with, from T down, as the objective samples: a DDGAN's T (it has no
+        other), a diffusion model's T (ancestral DDPM) or `num_inference_steps` of them (DDIM)."""
+        grid = self.objective.timesteps(self.config.n_steps, num_inference_steps)
         self.timesteps = torch.tensor(grid, dtype=torch.long, device=device)
         self.num_inference_steps = len(grid)
+
+    @property
+    def objective(self):
+        return objectives.get(self.config.objective)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """x_{t-1} from x_t (`sample`) and the network's output at t: x̂_0 for a DDGAN, ε̂ for a diffusion model.
         The noise is drawn from `generator` on its device, as `samplers.py` draws it."""
-        t_int = int(timestep)
         sched = self.schedule.to(sample.device)
-        t = torch.full((sample.shape[0],), t_int, dtype=torch.long, device=sample.device)
-        if self.config.objective == "ddgan":
-            x0 = model_output
-            prev = x0 if t_int == 1 else objectives.fake_step(sched, self.config.step_kind, sample, x0, t,
-                                                               noise=randn(tuple(sample.shape), generator, sample.device))
-        elif self.ancestral:
-            x0 = diffusion.predict_x0_from_eps(sched, sample, t, model_output).clamp(-1, 1)
-            prev = diffusion.ddpm_step(sched, sample, t, model_output, clip_x0=1.0,
-                                       noise=randn(tuple(sample.shape), generator, sample.device))
-        else:
-            grid = self.timesteps.tolist()
-            i = grid.index(t_int)
-            t_prev = torch.full_like(t, grid[i + 1] if i + 1 < len(grid) else 0)
-            x0 = diffusion.predict_x0_from_eps(sched, sample, t, model_output).clamp(-1, 1)
-            prev = diffusion.ddim_step(sched, sample, t, t_prev, model_output, eta=0.0, clip_x0=1.0)
+        prev, x0 = self.objective.scheduler_step(sched, self.timesteps.tolist(), model_output, int(timestep), sample,
+                                                 generator, self.config.step_kind)
         if not return_dict:
             return (prev, x0)
         return CCLDDGSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from cclddg import conditioning
 from cclddg.data.images import make_grid
 from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
 from cclddg.errors import OneLineWarning, UserError
@@ -70,6 +71,7 @@ class Generator:
 
     def __init__(self, pipe: CCLDDGPipeline, name: str):
         self.pipe, self.name = pipe, name
+        self.kind = conditioning.get(pipe.config.cond)  # what a request may carry (its `asks`)
         self.jobs: queue.Queue[tuple[dict[str, Any], Future]] = queue.Queue()
 
     def work(self, stop: threading.Event | None = None) -> None:
@@ -87,11 +89,11 @@ class Generator:
                 future.set_exception(exc)
 
     def info(self) -> dict[str, Any]:
-        c = self.pipe.config
-        info = {"name": self.name, "cond": c.cond, "img_size": c.img_size, "guidance": c.guidance_scale,
-                "text_prior": c.text_prior, "limits": {"prompts": MAX_PROMPTS, "n": MAX_IMAGES_PER_PROMPT,
-                                                        "guidances": MAX_GUIDANCES}}
-        if c.cond == "labels":
+        c, kind = self.pipe.config, self.kind
+        info = {"name": self.name, "cond": c.cond, "described": kind.described, "asks": list(kind.asks),
+                "img_size": c.img_size, "guidance": c.guidance_scale, "text_prior": c.text_prior,
+                "limits": {"prompts": MAX_PROMPTS, "n": MAX_IMAGES_PER_PROMPT, "guidances": MAX_GUIDANCES}}
+        if "attrs" in kind.asks:
             info["attrs"] = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
         return info
 
@@ -120,10 +122,10 @@ class Generator:
         for guidance in settings["guidance"]:
             kwargs = dict(guidance_scale=guidance, num_images_per_prompt=settings["n"], output_type="pt",
                           generator=torch.Generator().manual_seed(settings["seed"]))
-            if self.pipe.config.cond == "embedding":
+            if "prompt" in self.kind.asks:
                 kwargs.update(prompt=settings["prompts"] or None, negative_prompt=settings["negative_prompt"],
                               image=settings["image"], image_weight=settings["image_weight"])
-            elif self.pipe.config.cond == "labels":
+            if "attrs" in self.kind.asks:
                 kwargs.update(attrs=settings["attrs"])
             columns.append(self.pipe(**kwargs).images)
         return columns
@@ -132,15 +134,15 @@ class Generator:
         """The request's settings, checked (a bad value is one line the page shows)."""
         if not isinstance(request, dict):
             raise UserError("the request must be a JSON object")
-        cond = self.pipe.config.cond
+        asks = self.kind.asks
         prompts = [p.strip() for p in _list(request.get("prompts"), "prompts") if isinstance(p, str) and p.strip()]
         if len(prompts) > MAX_PROMPTS:
             raise UserError(f"at most {MAX_PROMPTS} prompts at once, got {len(prompts)}")
         image = _image(request.get("image"))
         attrs = None
-        if cond == "embedding" and not prompts and image is None:
+        if "prompt" in asks and not prompts and image is None:
             raise UserError("type a prompt (one per line) or choose an image")
-        if cond == "labels":
+        if "attrs" in asks:
             attrs = [_attrs(a) for a in _list(request.get("attrs"), "attrs")] or [{}]
             if len(attrs) > MAX_PROMPTS:
                 raise UserError(f"at most {MAX_PROMPTS} requests at once, got {len(attrs)}")

@@ -440,13 +440,8 @@ class LatentCache:
                             "the cache is damaged: encode it again")
         self._starts = np.cumsum([0, *counts])[:-1]
 
-    def check_fits(self, cond: str, flip: bool) -> None:
-        """Refuse a run whose conditioning or flips this cache cannot give."""
-        if cond == "embedding" and not self.embed_dim:
-            raise UserError(f"{self.path} holds no embeddings (encoded without --encoder); encode it with --encoder "
-                            "or train with --cond labels/none")
-        if cond == "labels" and not self.has_labels:
-            raise UserError(f"{self.path} holds no labels; train it with --cond embedding or none")
+    def check_flip(self, flip: bool) -> None:
+        """Refuse a run with --flip that this cache cannot give (what a run's condition needs, its kind checks)."""
         if flip and not self.has_flip:
             raise UserError(f"{self.path} has no flipped latents; encode it with --flip or drop --flip")
 

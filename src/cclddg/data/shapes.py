@@ -293,6 +293,18 @@ def request_prompt(request: Mapping[str, str]) -> str:
     return _caption(attrs, named, np.zeros(3))
 
 
+def grid_requests(rows: int) -> list[dict[str, str]]:
+    """One request per row of a training run's sample grids, the same in every run so a run's grids compare over
+    time."""
+    return [{"color": COLORS[i % len(COLORS)], "shape": SHAPES[i % len(SHAPES)],
+             "position": POSITIONS[(4 * i) % len(POSITIONS)]} for i in range(rows)]
+
+
+def grid_prompts(rows: int) -> list[str]:
+    """The grid requests as captions (embedding runs ask for their grids with these)."""
+    return [request_prompt(r) for r in grid_requests(rows)]
+
+
 def parse_caption(caption: str) -> dict[str, str]:
     """The attributes a caption names (the inverse of the caption templates, also for prompts)."""
     text = " " + caption.lower().replace(",", " ").replace(".", " ") + " "

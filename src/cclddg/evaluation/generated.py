@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cclddg.conditioning import PromptConditioner, label_condition, request_conditions
+from cclddg import conditioning
+from cclddg.conditioning.base import ConditionKind
+from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.config import TrainConfig
 from cclddg.data.images import uint8_to_unit
 from cclddg.data.shapes import (
@@ -98,6 +100,14 @@ def clip_score(embedder, images: torch.Tensor, prompts: list[str]) -> float:
     return float(clip_scores(embedder, images, prompts).mean())
 
 
+def kind_of(cfg: TrainConfig, conditioner: PromptConditioner | None) -> ConditionKind:
+    """The run's conditioning kind; one conditioned on an embedder needs its `conditioner` (one line if missing)."""
+    kind = conditioning.get(cfg.cond)
+    if kind.uses_encoder and conditioner is None:
+        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    return kind
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, *, guidance: float = 1.0,
                    sampler: str | None = None, n_sample_steps: int | None = None, seed: int = 0,
@@ -111,15 +121,14 @@ def evaluate_model(model: torch.nn.Module, cfg: TrainConfig, n: int = 500, *, gu
     requests of the held-out pairs: combinations no training image showed."""
     if prompts not in PROMPT_KINDS:
         raise UserError(f"--prompts {prompts!r} is not valid; choose one of {', '.join(PROMPT_KINDS)}")
-    embedded = cfg.cond == "embedding"  # asked through the embedder (else by label vectors, or nothing)
-    if embedded and conditioner is None:
-        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    kind = kind_of(cfg, conditioner)
+    embedded = kind.uses_encoder  # asked through the embedder (else by the kind's request conditions)
     by_image = embedded and prompts == "image"
-    holdout = run_holdout(cfg) if cfg.cond != "none" else frozenset()
+    holdout = run_holdout(cfg) if kind.conditional else frozenset()
     ask = functools.partial(_sample_and_read, model, cfg, guidance=guidance, sampler=sampler,
                             n_sample_steps=n_sample_steps, seed=seed, batch_size=batch_size, device=device,
                             progress=progress, conditioner=conditioner, prompts=prompts)
-    if cfg.cond == "none":
+    if not kind.conditional:
         requests: list[dict[str, str]] = [{} for _ in range(n)]
     elif by_image:
         prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1)
@@ -151,7 +160,8 @@ def _sample_and_read(model: torch.nn.Module, cfg: TrainConfig, requests: list[di
                      prompts: str) -> tuple[list[Analysis], list[float] | None]:
     """One sample per request, read by the analyzer, batch by batch (memory does not grow with the count); with
     an embedder, each sample's CLOOB score against its request in the captions' wording."""
-    embedded = cfg.cond == "embedding"
+    kind = conditioning.get(cfg.cond)
+    embedded = kind.uses_encoder
     by_image = embedded and prompts == "image"
     prompt_images = ShapesDataset(size=cfg.img_size, seed=HELD_OUT_SEED + 1) if by_image else None
     texts = request_texts(requests, prompts, seed) if embedded and not by_image else []
@@ -166,7 +176,7 @@ def _sample_and_read(model: torch.nn.Module, cfg: TrainConfig, requests: list[di
         elif embedded:
             cond = conditioner.texts(texts[start:start + len(chunk)], prior_rng).to(device)
         else:
-            cond = request_conditions(cfg.cond, chunk)
+            cond = kind.request_conditions(chunk)
             cond = None if cond is None else cond.to(device)
         images = sample(model, cfg, len(chunk), cond=cond, guidance=guidance, sampler=sampler, steps=n_sample_steps,
                         rng=rng, device=device).cpu()
@@ -194,20 +204,19 @@ def evaluate_variety(model: torch.nn.Module, cfg: TrainConfig, n: int = 32, *, r
                      progress: bool = True, conditioner: PromptConditioner | None = None) -> dict[str, Any]:
     """The variety table of a label or embedding run (evaluation/variety.py): what requests naming 1-3
     attributes leave open, beside real images, and what z adds to one fixed condition."""
-    if cfg.cond == "none":
-        raise UserError("variety is measured per request: this model is unconditional (--cond none)")
-    embedded = cfg.cond == "embedding"
-    if embedded and conditioner is None:
-        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    kind = kind_of(cfg, conditioner)
+    if not kind.conditional:
+        raise UserError(f"variety is measured per request: this model is {kind.described}")
+    embedded = kind.uses_encoder
     prior_rng = torch.Generator().manual_seed(seed)
 
     def conditions(requests):
         if embedded:
             return conditioner.texts([request_prompt(r) for r in requests], prior_rng)
-        return request_conditions(cfg.cond, requests)
+        return kind.request_conditions(requests)
 
     def image_condition(image: torch.Tensor, attrs: dict[str, str]):
-        return conditioner.images(image[None]) if embedded else label_condition([attrs])
+        return conditioner.images(image[None]) if embedded else kind.request_conditions([attrs])
 
     def sample_all(cond, count: int, sample_seed: int) -> torch.Tensor:
         rng = torch.Generator().manual_seed(sample_seed)
@@ -260,8 +269,7 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
     if not spec.procedural and data == getattr(cfg, "data", None):
         raise UserError(f"--data {data} is the data the run trained on, which has no held-out part: give images "
                         "it never saw (another folder or split), or shapes (its held-out seed)")
-    if cfg.cond == "embedding" and conditioner is None:
-        raise UserError("an embedding run is evaluated through its embedder: give a PromptConditioner")
+    kind = kind_of(cfg, conditioner)
     key = {"data": data, "size": cfg.img_size, "features": features.fingerprint, "n": 2 * n, "seed": HELD_OUT_SEED}
     cache_dir = cache_dir or features_cache_dir()
     cached = load_cached_features(key, cache_dir)
@@ -278,7 +286,7 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
             if cached is None:
                 real_parts.append(features(images))
             if part == 1:
-                asks.append(_asks(cfg, chunk, images, conditioner, data))
+                asks.append(_asks(kind, chunk, images, conditioner, data))
     if seen < 2 * n:
         raise UserError(f"--data {data} has {seen} usable images; the metrics at --n {n} need {2 * n} "
                         f"(n to compare with and n for the finite-sample floor): give --n {seen // 2} or less")
@@ -312,12 +320,12 @@ def _chunks(stream, n: int, size: int):
         yield chunk
 
 
-def _asks(cfg: TrainConfig, chunk: list, images: torch.Tensor, conditioner: PromptConditioner | None,
+def _asks(kind: ConditionKind, chunk: list, images: torch.Tensor, conditioner: PromptConditioner | None,
           data: str) -> dict[str, Any]:
     """What a batch of set B's images asks the samples for: each one's caption (an embedding run; its image
     embedding where it has none), its labels (a label run), or nothing."""
     ask: dict[str, Any] = {"rows": len(chunk), "kinds": set()}
-    if cfg.cond == "embedding":
+    if kind.uses_encoder:
         captions = [e.caption if e.caption and e.caption.strip() else None for e in chunk]
         ask["captions"] = captions
         if any(c is None for c in captions):
@@ -325,7 +333,7 @@ def _asks(cfg: TrainConfig, chunk: list, images: torch.Tensor, conditioner: Prom
             ask["kinds"].add("image embeddings")
         if any(c is not None for c in captions):
             ask["kinds"].add("captions")
-    elif cfg.cond == "labels":
+    elif kind.uses_labels:
         if any(e.labels is None for e in chunk):
             raise UserError(f"this model is conditioned on labels and --data {data} has none: give shapes data")
         ask["labels"] = torch.from_numpy(np.stack([np.asarray(e.labels, np.float32) for e in chunk]))

@@ -1,7 +1,7 @@
 """What a run trains on: the examples, from a latent cache or a dataset (with its embeddings), and their conditions.
 
 `TrainingData` opens (or builds, once) the caches a run needs, maps global stream positions to examples (a fresh
-seeded permutation of a cache each epoch) and assembles a batch with its conditions (conditioning.py). The
+seeded permutation of a cache each epoch) and assembles a batch with its conditions (the run's conditioning kind). The
 trainer asks it for the examples of a step; which positions a step, rank and micro-batch read is the trainer's.
 """
 
@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from cclddg import conditioning
+from cclddg.conditioning.base import drop as drop_to_null
 from cclddg.config import TrainConfig
 from cclddg.data.embedding_cache import cache_key, dataset_embeddings
 from cclddg.data.latent_cache import LatentCache, encode_dataset, is_cache_spec
 from cclddg.data.preprocess import SkipLog
+from cclddg.data.shapes import grid_prompts
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.encoders import default_cache_dir, load_embedder
 from cclddg.latents import load_latent_space
@@ -38,7 +40,8 @@ class TrainingData:
         (`run_config.with_cache`)."""
         self.cfg, self.accelerator, self.out, self.progress = cfg, accelerator, Path(out), progress
         self.device = accelerator.device
-        self.embedded = cfg.cond == "embedding"  # conditioned on an embedder's vectors (else labels or none)
+        self.kind = conditioning.get(cfg.cond)
+        self.embedded = self.kind.uses_encoder  # conditioned on an embedder's vectors
         self.embeddings: dict[str, Tensor] = {}
         self.grid_text: Tensor | None = None  # embedding runs: the grid prompts' text embeddings
         self.pairs: EmbeddingPairs | None = None  # embedding runs: the (image, caption) embeddings of the data
@@ -74,7 +77,8 @@ class TrainingData:
             if not acc.is_main_process:
                 path = self._encode_source(embedder, progress=False)
         self.cache = LatentCache(path, autoencoder=cfg.autoencoder, encoder=cfg.encoder)
-        self.cache.check_fits(cfg.cond, cfg.flip)
+        self.kind.check_cache(self.cache)
+        self.cache.check_flip(cfg.flip)
         self.space = self.space.with_scale(float(self.cache.meta["scale"]))  # grids decode the cache's latents
         if embedder is None:
             return 0
@@ -120,7 +124,7 @@ class TrainingData:
         if self.stats is None:
             self.stats = EmbeddingStats.measure(pairs, source, seed=self.cfg.seed)
             self._stats_to_write = True
-        self.grid_text = embedder.embed_texts(conditioning.grid_prompts(6)).cpu()
+        self.grid_text = embedder.embed_texts(grid_prompts(6)).cpu()
 
     def _cache_order(self, positions: range) -> list[int]:
         """Cache indices at global stream positions: epoch e reads a permutation seeded by (seed, e)."""
@@ -146,9 +150,8 @@ class TrainingData:
     def batch(self, indices: list[int], drop: bool = True) -> tuple[Tensor, Tensor | None]:
         """The examples at `indices` (on the device) and their conditions.
 
-        Embedding runs condition each example on its image embedding (perturbed into pseudo-text with
-        --pseudo_text_xi), or with probability pct_text on its caption's text embedding; with `drop`, the
-        condition is replaced by the null one with probability pct_zeros (for CFG). See conditioning.py.
+        The run's conditioning kind makes the conditions from the labels and embeddings (conditioning/); with
+        `drop`, each is replaced by the null one with probability pct_zeros (for CFG).
         """
         cfg = self.cfg
         b = len(indices)
@@ -164,12 +167,11 @@ class TrainingData:
             embeddings = (self.embeddings["image"][idx], self.embeddings["text"][idx]) if self.embedded else None
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         images = images.to(self.device, memory_format=memory_format)
-        if cfg.cond == "none":
+        cond = self.kind.training_condition(labels, embeddings, cfg, random=drop)
+        if cond is None:
             return images, None
-        if embeddings is not None:  # the image's embedding (or pseudo-text), or with probability pct_text its caption's
-            labels = conditioning.training_condition(*embeddings, cfg.pct_text, cfg.pseudo_text_xi, random=drop)
-        labels = labels.to(self.device)
-        return images, conditioning.drop(labels, cfg.pct_zeros) if drop else labels
+        cond = cond.to(self.device)
+        return images, drop_to_null(cond, cfg.pct_zeros) if drop else cond
 
 
 def run_embedding_pairs(cfg: TrainConfig, out: Path, progress: bool = True) -> EmbeddingPairs:
@@ -177,6 +179,7 @@ def run_embedding_pairs(cfg: TrainConfig, out: Path, progress: bool = True) -> E
     command that works on an existing run (`cclddg train-prior`): read as the run reads them."""
     from accelerate import Accelerator
 
-    if cfg.cond != "embedding":
-        raise UserError(f"{out} is conditioned on {cfg.cond}, not on embeddings")
+    kind = conditioning.get(cfg.cond)
+    if not kind.uses_encoder:
+        raise UserError(f"{out} is {kind.described}, not on embeddings")
     return TrainingData(cfg, Accelerator(cpu=True), Path(out), progress).pairs

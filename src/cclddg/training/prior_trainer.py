@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cclddg.atomic import write_text_atomic
-from cclddg.conditioning import pseudo_text
+from cclddg.conditioning.embedding import pseudo_text
 from cclddg.config import PriorTrainConfig
 from cclddg.errors import UserError
 from cclddg.priors import flow_prior_path

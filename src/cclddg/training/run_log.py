@@ -4,33 +4,12 @@ TensorBoard, W&B; opened by the main process when first used) and the note of wh
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from cclddg.objectives.base import StepLogs
 from cclddg.training.trackers import Trackers, open_trackers
-
-
-class MeanLogs:
-    """Scalars averaged over micro-batches or over the steps between two log records (running sums: a long
-    interval between records costs no memory)."""
-
-    def __init__(self):
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
-
-    def add(self, logs: dict[str, float]) -> None:
-        for key, value in logs.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
-            self._counts[key] = self._counts.get(key, 0) + 1
-
-    def finite(self, keys: list[str]) -> bool:
-        """Whether every value added under these keys was finite (a NaN or inf makes its sum non-finite)."""
-        return all(math.isfinite(self._sums.get(key, 0.0)) for key in keys)
-
-    def means(self) -> dict[str, float]:
-        return {k: total / self._counts[k] for k, total in self._sums.items()}
 
 
 class RunLog:
@@ -47,7 +26,7 @@ class RunLog:
         self.resume_step = resume_step
         self.resumed_changes = dict(resumed_changes or {})
         self.trackers: Trackers | None = None
-        self.window, self.since, self.seen = MeanLogs(), time.perf_counter(), 0
+        self.window, self.since, self.seen = StepLogs(), time.perf_counter(), 0
 
     def add(self, logs: dict[str, float], examples: int) -> None:
         self.window.add(logs)
@@ -62,7 +41,7 @@ class RunLog:
         """The means of the window's scalars and its samples/s; the next window starts now."""
         logs = self.window.means()
         logs["samples_per_s"] = self.seen / max(time.perf_counter() - self.since, 1e-9)
-        self.window, self.since, self.seen = MeanLogs(), time.perf_counter(), 0
+        self.window, self.since, self.seen = StepLogs(), time.perf_counter(), 0
         return logs
 
     def open(self) -> Trackers | None:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cclddg import conditioning, diffusion, objectives
 from cclddg.config import PriorTrainConfig, TrainConfig
+from cclddg.data.shapes import grid_requests
 from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.encoders import load_embedder
@@ -56,7 +57,7 @@ from cclddg.training.kid_monitor import KidMonitor
 from cclddg.training.loop import TrainingLoop
 from cclddg.training.optimisation import NetOptimizer, NonFinitePolicy
 from cclddg.training.prior_trainer import prior_finished, train_run_prior
-from cclddg.training.run_log import MeanLogs, RunLog
+from cclddg.training.run_log import RunLog
 
 # Flags that may change when a run is resumed; everything else must match the run's config.
 # The learning rates, R1 and gradient clipping may change too: a run stopped by a non-finite loss is resumed with
@@ -73,26 +74,11 @@ class BadCheckpointWarning(OneLineWarning):
     """A damaged checkpoint was passed over on --resume (the CLI prints it as one line)."""
 
 
-def build_generator(cfg: TrainConfig, embed_dim: int = 0) -> UNet:
-    cond_dim = conditioning.width(cfg.cond, embed_dim) if cfg.use_cloob_unet else 0
-    return UNet(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_unet, ch_mults=cfg.ch_mults, is_attn=cfg.is_attn,
-                n_blocks=cfg.n_blocks, z_dim=cfg.generator_z_dim,
-                n_z_channels=cfg.n_z_channels, cond_dim=cond_dim, n_cond_channels=cfg.n_cond_channels,
-                n_time_channels=cfg.n_time_channels, denom_factor=cfg.denom_factor, dropout=cfg.dropout,
-                injection=cfg.injection, sample_size=cfg.latent_size, coord_channels=cfg.coord_channels,
-                cond_map_size=cfg.cond_map_size, cond_scale=conditioning.scale(cfg.cond, embed_dim),
-                narrow_before_upsample=cfg.narrow_before_upsample)
-
-
-def build_discriminator(cfg: TrainConfig, embed_dim: int = 0) -> Discriminator:
-    cond_dim = conditioning.width(cfg.cond, embed_dim) if cfg.use_cloob_disc else 0
-    n_cond = cfg.n_cond_channels_disc if cfg.n_cond_channels_disc > 0 else cfg.n_cond_channels
-    return Discriminator(image_channels=cfg.latent_channels, n_channels=cfg.n_channels_disc, ch_mults=cfg.ch_mults_disc,
-                         is_attn=cfg.is_attn_disc, n_blocks=cfg.n_blocks_disc, cond_dim=cond_dim,
-                         n_cond_channels=n_cond, n_time_channels=cfg.n_time_channels,
-                         denom_factor=cfg.denom_factor, injection=cfg.injection, sample_size=cfg.latent_size,
-                         coord_channels=cfg.coord_channels, cond_scale=conditioning.scale(cfg.cond, embed_dim),
-                         mid_block=cfg.mid_block_disc)
+def build_nets(cfg: TrainConfig, embed_dim: int = 0) -> tuple[UNet, Discriminator | None]:
+    """A run's freshly initialised nets (its objective's: the generator, and a discriminator or None), conditioned
+    as its conditioning kind says (`embed_dim`: the run's embedder's width, 0 without one)."""
+    kind = conditioning.get(cfg.cond)
+    return objectives.get(cfg.objective).build(cfg, kind.width(embed_dim), kind.scale(embed_dim))
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = True) -> dict[str, tuple[Any, Any]]:
@@ -102,8 +88,9 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, write: bool = Tru
 
 class Trainer(TrainingLoop):
     """Owns the models and the run folder of one training run, and decides what happens when; its parts do the
-    rest: `inputs` (TrainingData: examples and conditions), `opt_g`/`opt_d` (NetOptimizer: the updates),
-    `nonfinite` (NonFinitePolicy), `log` (RunLog: scalars and grids to the trackers)."""
+    rest: `objective` (the nets and their step: objectives/), `inputs` (TrainingData: examples and conditions),
+    `opt_g`/`opt_d` (NetOptimizer: the updates), `nonfinite` (NonFinitePolicy), `log` (RunLog: scalars and grids
+    to the trackers). It is the `objectives.base.TrainingRun` the objective's step works with."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
         from accelerate import Accelerator
@@ -111,6 +98,7 @@ class Trainer(TrainingLoop):
         self.cfg = cfg
         self.out = Path(out)
         self.progress = progress
+        self.objective = objectives.get(cfg.objective)
         tune_cpu(cfg.threads)  # threads, denormals and freed memory (cpu.py)
         if cfg.deterministic:
             use_deterministic_algorithms()
@@ -132,10 +120,10 @@ class Trainer(TrainingLoop):
         embed_dim = self.inputs.embed_dim
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        gen = build_generator(cfg, embed_dim).to(self.device, memory_format=memory_format)
-        disc = None
-        if cfg.objective == "ddgan":
-            disc = build_discriminator(cfg, embed_dim).to(self.device, memory_format=memory_format)
+        gen, disc = build_nets(cfg, embed_dim)
+        gen = gen.to(self.device, memory_format=memory_format)
+        if disc is not None:
+            disc = disc.to(self.device, memory_format=memory_format)
         resumed_changes: dict[str, tuple[Any, Any]] = {}  # optimisation settings changed on this --resume
         if acc.is_main_process:
             changed = prepare_run_dir(self.out, cfg, resume)
@@ -144,7 +132,9 @@ class Trainer(TrainingLoop):
                 ckpt_io.clean_leftovers(self.out)
             self.inputs.write_stats()
         acc.wait_for_everyone()
-        self.grid_cond: Tensor | None = None  # embedding runs: the grid prompts through the run's text prior
+        # The grids' fixed conditions, one per row: the grid prompts through the run's text prior (embedding runs),
+        # else the kind's conditions of the grid requests (None: unconditional)
+        self.grid_cond: Tensor | None = None
         self.kid: KidMonitor | None = None  # --kid_every: KID on the run's own features as it trains
         if self.inputs.pairs is not None:
             prior = self._text_prior()
@@ -220,71 +210,19 @@ class Trainer(TrainingLoop):
         """The examples of this step, micro-batch and rank (`example_indices`) and their conditions."""
         return self.inputs.batch(self.example_indices(step, micro), drop)
 
-    # ---- one optimisation step ------------------------------------------------------------------
-    def ddgan_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
-        """D's update on every micro-batch, then G's (through the updated D).
-
-        With one micro-batch G's forward pass is made once and serves both updates; with several it is made
-        without gradients for D's update and again, on the same inputs, for G's (memory stays that of one)."""
-        cfg, k = self.cfg, len(micro)
-        r1_weight = objectives.r1_weight(self.step, cfg.r1_gamma, cfg.lazy_reg)
-        logs = MeanLogs()
-        kept = []
-        self.disc.requires_grad_(True)
-        for i, (x0, cond) in enumerate(micro):
-            cond_g, cond_d = self._split_cond(cond)
-            with self._sync_on_last(self.disc, i, k), self._autocast():
-                t = objectives.sample_steps(x0.shape[0], cfg.n_steps, x0.device)
-                x_prev, x_t = diffusion.q_pair(self.schedule, x0, t)
-                z = torch.randn(x0.shape[0], cfg.z_dim, device=x0.device) if cfg.z_dim else None
-                with torch.set_grad_enabled(k == 1):
-                    x0_pred = self.gen(x_t, t, cond_g, z)
-                    fake_prev = objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
-                loss_d, step_logs = objectives.discriminator_loss(self.disc, x_prev, fake_prev, x_t, t, cond_d,
-                                                                  r1_weight, self.opt_d.scaler.get_scale())
-            self.opt_d.backward(loss_d, k)
-            logs.add(step_logs)
-            kept.append((x0, x_t, t, z, cond_g, cond_d, (x0_pred, fake_prev) if k == 1 else None))
-        # fp16: an R1 that overflows the loss scale is the scaler's to skip; D's outputs must still be finite.
-        checked = ["d_real", "d_fake"] + ([] if self.opt_d.scaler.is_enabled() else ["loss_d"])
-        norm_d = self._update(self.opt_d, self.disc, logs.finite(checked), "D")
-
-        self.disc.requires_grad_(False)  # G's loss needs gradients through D, not for D
-        for i, (x0, x_t, t, z, cond_g, cond_d, made) in enumerate(kept):
-            with self._sync_on_last(self.gen, i, k), self._autocast():
-                if made is None:
-                    x0_pred = self.gen(x_t, t, cond_g, z)
-                    made = x0_pred, objectives.fake_step(self.schedule, cfg.step_kind, x_t, x0_pred, t)
-                x0_pred, fake_prev = made
-                loss_g, step_logs = objectives.generator_loss(self.disc_frozen, fake_prev, x_t, t, cond_d, x0_pred,
-                                                              x0, cfg.recon_loss_scale)
-            self.opt_g.backward(loss_g, k)
-            logs.add(step_logs)
-        norm_g = self._update(self.opt_g, self.gen, logs.finite(["loss_g"]), "G")
-        return {**logs.means(), "grad_norm_d": norm_d, "grad_norm_g": norm_g}
-
-    def diffusion_step(self, micro: list[tuple[Tensor, Tensor | None]]) -> dict[str, float]:
-        k, logs = len(micro), MeanLogs()
-        for i, (x0, cond) in enumerate(micro):
-            with self._sync_on_last(self.gen, i, k), self._autocast():
-                loss, step_logs = objectives.diffusion_loss(self.gen, self.schedule, x0, self._split_cond(cond)[0])
-            self.opt_g.backward(loss, k)
-            logs.add(step_logs)
-        norm = self._update(self.opt_g, self.gen, logs.finite(["loss"]), "the model")
-        return {**logs.means(), "grad_norm_g": norm}
-
-    def _split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    # ---- one optimisation step (the objective's; these are the parts it uses) -----------------------------
+    def split_cond(self, cond: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """(generator's conditioning, discriminator's conditioning): None where a net does not see it."""
         return (cond if self.cfg.use_cloob_unet else None), (cond if self.cfg.use_cloob_disc else None)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         return precision.autocast(self.cfg.mixed_precision, self.device)
 
-    def _sync_on_last(self, model: torch.nn.Module, i: int, k: int) -> contextlib.AbstractContextManager:
+    def sync_on_last(self, model: torch.nn.Module, i: int, k: int) -> contextlib.AbstractContextManager:
         """Gradient accumulation: ranks average gradients on the last micro-batch only."""
         return self.accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext()
 
-    def _update(self, part: NetOptimizer, model: torch.nn.Module, losses_finite: bool, name: str) -> float:
+    def update(self, part: NetOptimizer, model: torch.nn.Module, losses_finite: bool, name: str) -> float:
         """Clip and step, unless a loss or the gradient is not finite on any rank: then the non-finite policy
         stops the run or drops this update. Returns the gradient norm (before clipping)."""
         norm = part.clipped_norm(model, self.cfg.grad_clip)
@@ -319,7 +257,7 @@ class Trainer(TrainingLoop):
         micro = [self.batch(self.step, m) for m in range(self.cfg.grad_accum)]
         parts = {"g": self.opt_g} if self.opt_d is None else {"g": self.opt_g, "d": self.opt_d}
         lrs = {f"lr_{name}": part.lr for name, part in parts.items()}
-        logs = (self.ddgan_step if self.cfg.objective == "ddgan" else self.diffusion_step)(micro)
+        logs = self.objective.train_step(self, micro)
         for part in parts.values():
             part.schedule_step()
         ema_update(self.ema, self.accelerator.unwrap_model(self.gen), warmup_decay(self.cfg.ema_decay, self.step))
@@ -351,7 +289,7 @@ class Trainer(TrainingLoop):
         postfix = None
         if self.step % cfg.log_every == 0 or last:
             logged = self._log_window()
-            postfix = {k: f"{v:.3g}" for k, v in logged.items() if k in ("loss_d", "loss_g", "d_real", "d_fake", "loss")}
+            postfix = {k: f"{v:.3g}" for k, v in logged.items() if k in self.objective.shown}
         # The checkpoint first: on a nearly full disk it matters more than the grid.
         if self.step % cfg.save_models_every == 0 or last:
             self.save()
@@ -441,15 +379,16 @@ class Trainer(TrainingLoop):
         if not self.accelerator.is_main_process:
             return
         grid_cond = self.grid_cond
-        cond = conditioning.grid_condition(self.cfg.cond, rows) if grid_cond is None else grid_cond
-        cond = cond if self.cfg.use_cloob_unet else None
+        if grid_cond is None:
+            grid_cond = conditioning.get(self.cfg.cond).request_conditions(grid_requests(rows))
+        cond = grid_cond if self.cfg.use_cloob_unet else None
         if cond is not None:
             cond = cond.to(self.device).repeat_interleave(cols, dim=0)
         rng = torch.Generator(device=self.device).manual_seed(1234)
         images = sample(self.ema, self.cfg, rows * cols, cond=cond, rng=rng, device=self.device,
                         space=self.inputs.space)
         grids = {"samples": make_grid(images.cpu(), nrow=cols)}
-        if self.cfg.objective == "ddgan":
+        if self.objective.predicts_x0:
             grids["reconstruction"] = self.reconstruction_grid()
         folder = self.out / "samples"
         try:
@@ -467,14 +406,15 @@ class Trainer(TrainingLoop):
         x0, cond = self.batch(0, drop=False)
         n = min(n, x0.shape[0])
         x0, cond = x0[:n], None if cond is None else cond[:n]
-        cond = self._split_cond(cond)[0]
+        cond = self.split_cond(cond)[0]
         rows = [x0]
         gen = torch.Generator(device=self.device).manual_seed(99)
         for step in range(self.cfg.n_steps, 0, -1):
             t = torch.full((n,), step, dtype=torch.long, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
             x_t = diffusion.q_sample(self.schedule, x0, t, noise=noise)
-            z = torch.randn(n, self.cfg.z_dim, generator=gen, device=self.device) if self.cfg.z_dim else None
+            z_dim = self.objective.z_dim(self.cfg)
+            z = torch.randn(n, z_dim, generator=gen, device=self.device) if z_dim else None
             rows += [x_t, self.ema(x_t, t, cond, z)]
         return make_grid(self.to_pixels(torch.cat(rows)).cpu(), nrow=n)
 

@@ -3,7 +3,7 @@
 The weights, the optimizers' state and the EMA stay in fp32; only activations run in the lower precision. fp16
 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none. D and G each have their own
 scaler because their gradients differ by orders of magnitude. R1 takes its input gradient of the scaled output
-(`objectives.discriminator_loss(grad_scale=...)`), so the penalty is correct at any scale.
+(`objectives.ddgan.discriminator_loss(grad_scale=...)`), so the penalty is correct at any scale.
 """
 
 from __future__ import annotations

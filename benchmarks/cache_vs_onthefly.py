@@ -122,7 +122,7 @@ def main() -> None:
         n = 16 if args.tiny else 64 if quick or args.models == "full-size" else 2048
         source = open_source(f"shapes:{size}", size, seed=0, length=n)
         encode_dataset(source, f"shapes:{size}", 0, n, size, space, embedder, root / "cache", progress=False)
-        cfg = resolve("cclddg", {"data": str(root / "cache"), "n_batches": 10**6,
+        cfg = resolve("cclddg", {"data": str(root / "cache"), "n_batches": 10**6, "text_prior": "retrieval",
                                  **(TINY_TRAIN if args.tiny else {})})
         trainer = Trainer(cfg, root / "run", progress=False)
         batches = {"cache": trainer.batch,

@@ -50,6 +50,8 @@ from cclddg.options import GUIDANCE, number_problem
 from cclddg.priors import FlowPrior, PriorSettings, load_flow_prior, make_text_prior
 from cclddg.priors.stats import load_stats, stats_path
 from cclddg.pipeline import (
+    INDEX_FIELDS,
+    SCHEDULER_FIELDS,
     SamplingConfig,
     folder_sampling_config,
     load_generator,
@@ -97,8 +99,7 @@ class CCLDDGPipeline(DiffusionPipeline):
         unet, cfg = load_generator(run, ema=ema)
         if isinstance(cfg, SamplingConfig):
             raise UserError(f"{run} is already an exported model folder")
-        scheduler = CCLDDGScheduler(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps,
-                                    beta_min=cfg.beta_min, beta_max=cfg.beta_max, step_kind=cfg.step_kind)
+        scheduler = CCLDDGScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_FIELDS})
         vae = None
         if cfg.autoencoder != "pixels":
             vae = load_latent_space(cfg.autoencoder, scale=cfg.latent_scale).vae
@@ -106,10 +107,8 @@ class CCLDDGPipeline(DiffusionPipeline):
         uses_encoder = conditioning.get(cfg.cond).uses_encoder
         embedder = EmbedderModel.wrap(load_embedder(cfg.encoder)) if uses_encoder else None
         prior = load_flow_prior(run) if uses_encoder else None
-        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, prior=prior, cond=cfg.cond,
-                   img_size=cfg.img_size, text_prior=cfg.text_prior, prior_k=cfg.prior_k,
-                   prior_guidance=cfg.prior_guidance, prior_guidance_start=cfg.prior_guidance_start,
-                   guidance_scale=guidance_scale, holdout=cfg.holdout)
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, embedder=embedder, prior=prior,
+                   guidance_scale=guidance_scale, **{k: getattr(cfg, k) for k in INDEX_FIELDS})
         pipe.stats = load_stats(Path(run))
         return pipe
 

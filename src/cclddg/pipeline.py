@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +31,12 @@ from cclddg.priors import PriorSettings, TextPrior, text_prior_of
 from cclddg.storage import load_model
 from cclddg.run_folder import load_config, resolve_checkpoint
 from cclddg.samplers import SAMPLERS, Callback, Guided
+
+
+# SamplingConfig's fields a model folder keeps in its scheduler component (scheduler/scheduler_config.json) and in
+# model_index.json (the pipeline's own config)
+SCHEDULER_FIELDS = ("objective", "schedule", "n_steps", "beta_min", "beta_max", "step_kind")
+INDEX_FIELDS = ("cond", "img_size", "text_prior", "prior_k", "prior_guidance", "prior_guidance_start", "holdout")
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,8 @@ class SamplingConfig:
     def of(cls, cfg: "TrainConfig | SamplingConfig") -> "SamplingConfig":
         if isinstance(cfg, SamplingConfig):
             return cfg
-        return cls(objective=cfg.objective, schedule=cfg.schedule, n_steps=cfg.n_steps, beta_min=cfg.beta_min,
-                   beta_max=cfg.beta_max, step_kind=cfg.step_kind, z_dim=objectives.get(cfg.objective).z_dim(cfg),
-                   latent_size=cfg.latent_size, autoencoder=cfg.autoencoder,
-                   latent_scale=cfg.latent_scale, cond=cfg.cond, img_size=cfg.img_size, encoder=cfg.encoder,
-                   text_prior=cfg.text_prior, prior_k=cfg.prior_k, prior_guidance=cfg.prior_guidance,
-                   prior_guidance_start=cfg.prior_guidance_start, holdout=cfg.holdout)
+        same = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "z_dim"}  # the run's, by name
+        return cls(**same, z_dim=objectives.get(cfg.objective).z_dim(cfg))
 
     def sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(sampler, network calls) this config samples with: the objective's (objectives/), as asked (None: its
@@ -153,19 +155,15 @@ def is_model_folder(path: str | Path) -> bool:
 def folder_sampling_config(index: dict, scheduler: dict, unet: dict, vae: dict | None, autoencoder: str = "vae",
                            encoder: str | None = None) -> SamplingConfig:
     """The SamplingConfig of a model folder from its configs (model_index.json, the scheduler's, the UNet's and the
-    autoencoder's, whose scaling_factor is the latent scale)."""
+    autoencoder's, whose scaling_factor is the latent scale); what an older folder lacks takes SamplingConfig's
+    default."""
     takes_z = objectives.get(scheduler["objective"]).takes_z
-    return SamplingConfig(objective=scheduler["objective"], schedule=scheduler["schedule"],
-                          n_steps=scheduler["n_steps"], beta_min=scheduler.get("beta_min"),
-                          beta_max=scheduler.get("beta_max"), step_kind=scheduler.get("step_kind", "posterior"),
+    return SamplingConfig(**{k: scheduler[k] for k in SCHEDULER_FIELDS if k in scheduler},
                           z_dim=unet.get("z_dim", 0) if takes_z else 0,
                           latent_size=unet.get("sample_size") or index["img_size"],
                           autoencoder="pixels" if vae is None else autoencoder,
-                          latent_scale=1.0 if vae is None else float(vae["scaling_factor"]),
-                          cond=index["cond"], img_size=index["img_size"], encoder=encoder,
-                          text_prior=index.get("text_prior", "none"), prior_k=index.get("prior_k", 8),
-                          prior_guidance=index.get("prior_guidance", 1.0),
-                          prior_guidance_start=index.get("prior_guidance_start", 0.0), holdout=index.get("holdout", ""))
+                          latent_scale=1.0 if vae is None else float(vae["scaling_factor"]), encoder=encoder,
+                          **{k: index[k] for k in INDEX_FIELDS if k in index})
 
 
 def load_model_folder(folder: str | Path,

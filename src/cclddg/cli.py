@@ -608,6 +608,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import torch
 
     from cclddg.data.latent_cache import META_FILE, encode_dataset, shards_done
+    from cclddg.data.parallel_encode import encode_in_parts
     from cclddg.data.sources import open_source, parse_data_spec
     from cclddg.encoders import load_embedder
     from cclddg.latents import load_latent_space
@@ -621,20 +622,29 @@ def cmd_encode(args: argparse.Namespace) -> int:
     img_size = spec.size or args.img_size or 64
     out = output_folder(args.out, "--out")
     was_complete = (out / META_FILE).is_file()
+    rank, world, barrier, device = encode_processes(args.device)
     source = open_source(spec, img_size, seed=args.seed, length=args.n)
-    space = load_latent_space(args.autoencoder, args.device)
-    embedder = load_embedder(args.encoder, args.device) if args.encoder else None
+    space = load_latent_space(args.autoencoder, device)
+    embedder = load_embedder(args.encoder, device) if args.encoder else None
+    options = dict(flip=args.flip, shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
+                   progress=not args.no_progress and rank == 0, workers=resolve_workers(args.workers, spec),
+                   crop=args.crop)
     start = time.perf_counter()
     try:
-        with undone_if_failed(out, lambda: shards_done(out) > 0):
-            encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, flip=args.flip,
-                           shard_size=args.shard_size, batch_size=args.batch_size, scale=args.scale,
-                           progress=not args.no_progress, workers=resolve_workers(args.workers, spec), crop=args.crop)
+        if world > 1:  # each process its part of the source, one cache.json (data/parallel_encode.py)
+            encode_in_parts(source, data, args.seed, args.n, img_size, space, embedder, out, rank=rank,
+                            world=world, barrier=barrier, **options)
+        else:
+            with undone_if_failed(out, lambda: shards_done(out) > 0):
+                encode_dataset(source, data, args.seed, args.n, img_size, space, embedder, out, **options)
     except KeyboardInterrupt as exc:
         how, code = how_stopped(exc)
-        print(f"{how}; {shards_done(out)} finished shards are kept in {out}; "
-              "rerun the same command to resume", file=sys.stderr)
+        if rank == 0:
+            kept = f"{shards_done(out)} finished shards" if world == 1 else "every part's finished shards"
+            print(f"{how}; {kept} are kept in {out}; rerun the same command to resume", file=sys.stderr)
         return code
+    if rank != 0:
+        return 0
     meta = json.loads((out / META_FILE).read_text())
     if was_complete:
         print(f"{out} is already complete ({meta['count']} examples); nothing to do")
@@ -648,6 +658,22 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
         print(SkipLog.from_dict(meta["skipped"]).summary(named=3))
     return 0
+
+
+def encode_processes(device: str) -> tuple[int, int, Callable[[], None], str]:
+    """(rank, processes, a barrier, this process's device) of `cclddg encode`: one process, or several started by
+    accelerate launch / torchrun (WORLD_SIZE), each on its own GPU when --device names CUDA."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, lambda: None, device
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not device.startswith("cuda") or not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone, \
+        str(state.device) if device.startswith("cuda") else device
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

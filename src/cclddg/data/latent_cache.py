@@ -101,7 +101,7 @@ def encode_batch(images: Tensor, captions: Sequence[str] | None, space: LatentSp
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-def _key(data_spec: str, seed: int, count: int | None, img_size: int, space: LatentSpace, embedder: Embedder | None,
+def cache_key(data_spec: str, seed: int, count: int | None, img_size: int, space: LatentSpace, embedder: Embedder | None,
          flip: bool, shard_size: int, crop: str = "center") -> dict[str, Any]:
     """Everything the cache's content depends on; a resumed or repeated encode must match it."""
     if not space.spec:
@@ -129,6 +129,8 @@ def _describe(key: dict) -> str:
 
 def _check_key(out: Path, found: dict, key: dict) -> None:
     differ = [k for k in KEY_FIELDS if found.get(k) != key[k]]
+    if found.get("ranks", 1) != key.get("ranks", 1):  # encoded by several processes (data/parallel_encode.py)
+        differ.append(f"processes: {found.get('ranks', 1)} then, {key.get('ranks', 1)} now")
     if differ:
         raise UserError(f"{out} holds a cache of {_describe(found)} ({', '.join(differ)} differ from this "
                         "command's); choose a new --out")
@@ -174,7 +176,7 @@ def _shard_count(folder: Path) -> int | None:
         return None
 
 
-def _measure(source, img_size: int, space: LatentSpace, batch_size: int, workers: int, crop: str) -> float:
+def measure_scale_of(source, img_size: int, space: LatentSpace, batch_size: int, workers: int, crop: str) -> float:
     """The scale factor, on the first SCALE_IMAGES good examples (pixel space keeps 1: images in [-1, 1])."""
     if space.spec == "pixels":
         return 1.0
@@ -224,7 +226,16 @@ class _ShardWriter:
         (self.tmp / SHARD_FILE).write_text(json.dumps({**info, "count": self.n}))
 
 
-def _prepare(out: Path, key: dict, scale: float | None, source: dict | None = None) -> dict | None:
+def write_progress(out: Path, key: dict, scale: float, source: dict | None) -> None:
+    """The record of an encode under way: its key, the scale measured at the start and the source's fingerprint."""
+    _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": scale, "source": source})
+
+
+def read_progress(out: Path) -> dict:
+    return _read_json(out / PROGRESS_FILE)
+
+
+def prepare_folder(out: Path, key: dict, scale: float | None, source: dict | None = None) -> dict | None:
     """Check `out` against `key` and the source's fingerprint: the progress record to resume from, {} for a fresh
     cache, None when complete."""
     if (out / META_FILE).is_file():
@@ -275,17 +286,18 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
             raise UserError(f"--{'n' if name == 'count' else name} must be >= 1, got {value}")
     if scale is not None and not scale > 0:
         raise UserError(f"--scale must be > 0, got {scale}")
-    key = _key(data_spec, seed, count, img_size, space, embedder, flip, shard_size, crop)
+    key = cache_key(data_spec, seed, count, img_size, space, embedder, flip, shard_size, crop)
     source_files = source.fingerprint() if callable(getattr(source, "fingerprint", None)) else None
-    state = _prepare(out, key, scale, source_files)
+    state = prepare_folder(out, key, scale, source_files)
     if state is None:
         return out
     if state:
         cache_scale = float(state["scale"])
     else:
-        cache_scale = float(scale) if scale is not None else _measure(source, img_size, space, batch_size, workers, crop)
+        cache_scale = float(scale) if scale is not None else measure_scale_of(source, img_size, space, batch_size,
+                                                                              workers, crop)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / PROGRESS_FILE, {**key, "scale": cache_scale, "source": source_files})
+        write_progress(out, key, cache_scale, source_files)
     for leftover in out.glob(".tmp-shard_*"):  # from a killed run: never complete
         shutil.rmtree(leftover, ignore_errors=True)
     done = _finished_shards(out)
@@ -355,18 +367,24 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
 
 def _finish(out: Path, key: dict, scale: float, source: dict | None = None) -> Path:
     """Hash the shards, sum their skipped examples and write cache.json: from now on the cache is complete."""
-
     shards, has_labels, skips = [], [], SkipLog(warn=False)
     for info in _finished_shards(out):
         folder = out / shard_name(len(shards))
         shards.append({"name": folder.name, "count": int(info["count"]), "sha256": shard_sha256(folder)})
         has_labels.append((folder / "labels.npy").is_file())
         skips.merge({"good": info["count"], "by_kind": info.get("skipped", {}), "first": info.get("first_skipped", [])})
-    if not shards:
-        raise UserError(f"{out}: no examples were encoded")
     if any(has_labels) and not all(has_labels):
         raise UserError(f"{out}: the data source gave labels for some shards only")
-    meta = {**key, "count": sum(s["count"] for s in shards), "scale": scale, "has_labels": all(has_labels),
+    return write_meta(out, key, scale, shards, all(has_labels), skips, source)
+
+
+def write_meta(out: Path, key: dict, scale: float, shards: list[dict], has_labels: bool, skips: SkipLog,
+               source: dict | None) -> Path:
+    """cache.json, written last and atomically (the cache is complete from then on), and the progress record gone.
+    `shards`: each {"name" (a folder under `out`), "count", "sha256"}, in reading order."""
+    if not shards:
+        raise UserError(f"{out}: no examples were encoded")
+    meta = {**key, "count": sum(s["count"] for s in shards), "scale": scale, "has_labels": has_labels,
             "shards": shards, "skipped": skips.as_dict(), "content_hash": content_hash([s["sha256"] for s in shards]),
             "source": source}
     _write_json_atomic(out / META_FILE, meta)

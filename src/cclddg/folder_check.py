@@ -20,7 +20,8 @@ from typing import Callable
 from cclddg import conditioning, objectives
 from cclddg.encoders.sentence import FILES as SENTENCE_FILES
 from cclddg.errors import UserError
-from cclddg.storage import WEIGHTS_FILE as WEIGHTS, pickled_format, read_json_object
+from cclddg.storage import WEIGHTS_FILE as WEIGHTS
+from cclddg.storage import pickled_format, read_json_object
 
 PIPELINE_CLASS = "CCLDDGPipeline"
 INDEX_FILE = "model_index.json"

@@ -33,8 +33,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from cclddg.atomic import write_text_atomic
 from cclddg import conditioning, objectives
+from cclddg.atomic import write_text_atomic
 from cclddg.conditioning.base import PIPELINE_NAMES, Request
 from cclddg.conditioning.prompts import PromptConditioner
 from cclddg.data.images import tensor_to_image
@@ -47,8 +47,6 @@ from cclddg.latents import load_latent_space
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.models import UNet
 from cclddg.options import GUIDANCE, number_problem
-from cclddg.priors import FlowPrior, PriorSettings, load_flow_prior, make_text_prior
-from cclddg.priors.stats import load_stats, stats_path
 from cclddg.pipeline import (
     INDEX_FIELDS,
     SCHEDULER_FIELDS,
@@ -58,6 +56,8 @@ from cclddg.pipeline import (
     prompt_image,
     sample_batches,
 )
+from cclddg.priors import FlowPrior, PriorSettings, load_flow_prior, make_text_prior
+from cclddg.priors.stats import load_stats, stats_path
 from cclddg.scheduler import CCLDDGScheduler
 
 OUTPUT_TYPES = ("pil", "pt", "np")

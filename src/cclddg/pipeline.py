@@ -7,7 +7,6 @@ The loops themselves and classifier-free guidance are `samplers.py`'s.
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,18 +19,17 @@ from cclddg import conditioning, diffusion, objectives
 from cclddg.conditioning.base import CLI_NAMES
 from cclddg.conditioning.prompts import PromptConditioner, PromptConditions
 from cclddg.config import TrainConfig
-from cclddg.diffusion import randn
 from cclddg.data.images import image_to_tensor, tensor_to_image
+from cclddg.diffusion import randn
 from cclddg.encoders import load_embedder
 from cclddg.errors import UserError
 from cclddg.folder_check import check_model_folder, present, read_json
 from cclddg.latents import LatentSpace, load_latent_space
 from cclddg.models import UNet
 from cclddg.priors import PriorSettings, TextPrior, text_prior_of
-from cclddg.storage import load_model
 from cclddg.run_folder import load_config, resolve_checkpoint
 from cclddg.samplers import SAMPLERS, Callback, Guided
-
+from cclddg.storage import load_model
 
 # SamplingConfig's fields a model folder keeps in its scheduler component (scheduler/scheduler_config.json) and in
 # model_index.json (the pipeline's own config)

@@ -36,21 +36,21 @@ from cclddg.errors import UserError
 from cclddg.evaluation.fidelity import (
     METRICS,
     Features,
-    load_cached_features,
-    store_cached_features,
     check_sizes,
     distribution_metrics,
     features_cache_dir,
+    load_cached_features,
     quantize,
+    store_cached_features,
 )
 from cclddg.evaluation.shapes_eval import Analysis, analyze, summarize
+from cclddg.evaluation.variety import variety_report, z_variety
 from cclddg.evaluation.zero_shot import (
     HELD_OUT_SEED,
     PARAPHRASE_VARIANTS,
     held_out,
     paraphrase_prompt,
 )
-from cclddg.evaluation.variety import variety_report, z_variety
 from cclddg.pipeline import SamplingConfig, sample, sample_batches
 
 REQUESTED = ("color", "shape", "position")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cclddg.data.images import image_to_tensor
 from cclddg.data.shapes import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
@@ -39,7 +40,6 @@ from cclddg.data.shapes import (
     is_held_out,
     render,
 )
-from cclddg.data.images import image_to_tensor
 from cclddg.evaluation.shapes_eval import Analysis, analyze, summarize
 
 NAMEABLE = ("color", "shape", "position")  # what variety requests name (1, 2 or 3 of them)

@@ -24,10 +24,10 @@ from cclddg.data.preprocess import SkipLog
 from cclddg.data.shapes import grid_prompts
 from cclddg.data.sources import open_dataset, open_source, parse_data_spec
 from cclddg.encoders import default_cache_dir, load_embedder
+from cclddg.errors import UserError
 from cclddg.latents import load_latent_space
 from cclddg.priors.pairs import EmbeddingPairs
 from cclddg.priors.stats import EmbeddingStats, load_stats, stats_path
-from cclddg.errors import UserError
 
 
 class TrainingData:

@@ -39,9 +39,9 @@ from torch import Tensor
 
 from cclddg import conditioning, diffusion, objectives
 from cclddg.config import PriorTrainConfig, TrainConfig
-from cclddg.data.shapes import grid_requests
 from cclddg.cpu import tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
+from cclddg.data.shapes import grid_requests
 from cclddg.encoders import load_embedder
 from cclddg.errors import OneLineWarning, TrainingError, UserError, first_line
 from cclddg.models import Discriminator, UNet

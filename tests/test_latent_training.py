@@ -74,6 +74,18 @@ def test_label_run_from_a_cache_and_eval(models, tmp_path, capsys):
     assert Image.open(tmp_path / "s.png").width >= 2 * 16
 
 
+def test_the_same_command_with_a_relative_cache_path_resumes(models, tmp_path, monkeypatch):
+    """The run records its cache by absolute path; the command that started it, a relative --data and all, resumes
+    it (it was refused as a different config)."""
+    monkeypatch.chdir(models)
+    out = tmp_path / "gen"
+    command = ["train", "--preset", "fast", "--data", "cache", "--out", str(out), *with_flags(TINY_GEN, "--n_batches", "2")]
+    assert main(command) == 0
+    assert json.loads((out / "config.json").read_text())["data"] == str(models / "cache")
+    assert main([*with_flags(command, "--n_batches", "3"), "--resume"]) == 0
+    assert (out / "checkpoints" / "step_0000003").is_dir()
+
+
 def test_source_is_encoded_into_a_cache_on_the_way(models, tmp_path):
     out, cache_dir = tmp_path / "gen", tmp_path / "caches"
     assert main(["train", "--preset", "latent-diffusion", "--data", "shapes:16", "--autoencoder",

@@ -37,8 +37,9 @@ def train_config(preset: str, flags: dict[str, Any], out: Path, resume: bool, fo
     """`cclddg train`'s config: the preset and the flags given (None = not given), or on --resume the run's own
     config.json with the flags on top (the trainer checks that only resumable settings changed).
 
-    `--encoder` implies `--cond embedding`; encoder and autoencoder paths are made absolute, so the run folder
-    says where its models are from anywhere."""
+    `--encoder` implies `--cond embedding`; encoder, autoencoder and latent cache paths are made absolute, so the
+    run folder says where its models and data are from anywhere (and the same command, relative paths and all,
+    resumes it from anywhere)."""
     given = {k: v for k, v in flags.items() if v is not None}
     if font:
         given["data"] = with_font(given.get("data") or "shapes", font)
@@ -47,6 +48,8 @@ def train_config(preset: str, flags: dict[str, Any], out: Path, resume: bool, fo
         given.setdefault("cond", "embedding")
     if given.get("autoencoder"):
         given["autoencoder"] = absolute_autoencoder_spec(given["autoencoder"])
+    if given.get("data") and is_cache_spec(given["data"]):  # the run records a cache by its absolute path
+        given["data"] = str(Path(given["data"]).expanduser().resolve())
     if resume and (out / "config.json").is_file():
         saved = asdict(read_config_json(out / "config.json", TrainConfig, "run config"))
         cfg = TrainConfig.from_dict({**saved, **given})

@@ -1,13 +1,25 @@
-"""Fixtures several test files share: tiny trained runs and their exported model folders (built once)."""
+"""Fixtures several test files share: tiny trained runs and their exported model folders (built once per test
+process), and one thread per process when the suite runs in several (pytest -n 2: two processes on two cores)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
 from cclddg.cli import main
 from tiny import AE, CLOOB, GEN
+
+
+def pytest_configure(config):
+    """With pytest-xdist's workers, each takes one thread (and so do the commands it starts): two processes of two
+    OpenMP threads each on two cores run far below half speed, as their threads spin for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,8 @@
 """Every benchmark runs end to end in its `--tiny` mode, so a change that breaks one fails here: benchmarks
-cannot rot. (serve_roundtrip measures a model: it runs on the tests' tiny exported one, in Chromium.)"""
+cannot rot. (serve_roundtrip measures a model: it runs on the tests' tiny exported one, in Chromium.)
+
+Marked slow (a process each, torch imported every time: about a quarter of the suite's CPU time): `pytest -m
+slow` runs them, and CI does."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPED = {"serve_roundtrip.py"}

@@ -12,7 +12,7 @@ from cclddg.demo import Demo, DemoSettings
 from cclddg.errors import UserError
 
 TINY = DemoSettings(ae_steps=3, cloob_steps=3, cloob_size=64, data_size=64, gen_minutes=0.02, prior_steps=5, eval_n=4,
-                    guidances=(2.0,))
+                    guidances=(2.0,), variety_n=8, variety_requests=2)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from cclddg.training.trainer import Trainer
 # The seed README's sizes (through KL-f8 and the CLOOB ViT-B/16) and the cclddg preset's (the demo's models).
 MODELS = {"seed": "full-size", "cclddg": "demo"}
 OVERRIDES = {"seed": dict(z_dim=16, n_channels_unet=64, n_steps=8, cond="embedding", lr_gen=1e-4, lr_disc=1e-4),
-             "cclddg": dict()}
+             "cclddg": dict(text_prior="retrieval")}  # the step alone: no learned text prior to train first
 TINY = dict(n_channels_unet=32, n_channels_disc=32, z_dim=4)  # the seed's four levels on 8x8 latents: 1x1 at the bottom
 
 

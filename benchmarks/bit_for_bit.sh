@@ -3,7 +3,8 @@
 # one, a DDPM, the own autoencoder and CLOOB, a latent text run on them) with this tree and with COMMIT's, same flags
 # and seeds, then compares every safetensors tensor, every sample and training grid (from the CLI and from the
 # exported folders through CCLDDGPipeline), and an eval's KID; and samples COMMIT's runs and model folders with this
-# tree (old runs load, and give the same images). Exit 1 on any difference.
+# tree (old runs load, and give the same images). A tree whose `cclddg sample` has --decode_dtype samples with
+# float32 decoding (its default decodes in bf16 on a CPU with native bf16). Exit 1 on any difference.
 #     bash benchmarks/bit_for_bit.sh 4a85361
 set -euo pipefail
 base=${1:?give the commit to compare with}
@@ -31,15 +32,16 @@ train() {  # SRC OUT: the runs, their grids and checkpoints, the exported folder
 }
 samples() {  # SRC RUNS OUT: samples of the runs in RUNS, from the CLI and CCLDDGPipeline, written to OUT
     export PYTHONPATH=$1/src OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-    local r=$2 o=$3
+    local r=$2 o=$3 fp32=""
     mkdir -p $o
+    if $c sample --help | grep -q -- --decode_dtype; then fp32="--decode_dtype float32"; fi  # not bf16 where native
     $c sample --checkpoint $r/none --n 4 -o $o/none.png --no_progress > /dev/null
     $c sample --checkpoint $r/gan --attrs color=red --cfg 1,2 --n 4 -o $o/gan.png --no_progress > /dev/null
     $c sample --checkpoint $r/ddpm --attrs color=red --cfg 2 --n 4 --sampler ddpm -o $o/ddpm.png --no_progress > /dev/null
     $c sample --checkpoint $r/ddpm --attrs color=red --cfg 2 --n 4 --sampler ddim --steps 5 -o $o/ddim.png \
         --no_progress > /dev/null
-    $c sample --checkpoint $r/text --prompt "a red circle" --cfg 1,3 --n 3 -o $o/text.png --no_progress > /dev/null
-    $c sample --checkpoint $r/text-model --prompt "a red circle" --cfg 1,3 --n 3 -o $o/text-model.png \
+    $c sample --checkpoint $r/text --prompt "a red circle" --cfg 1,3 --n 3 $fp32 -o $o/text.png --no_progress > /dev/null
+    $c sample --checkpoint $r/text-model --prompt "a red circle" --cfg 1,3 --n 3 $fp32 -o $o/text-model.png \
         --no_progress > /dev/null
     $c eval --checkpoint $r/text --data shapes:16 --metrics kid --n 20 2> /dev/null | grep '"kid"' > $o/kid.txt
     python - "$r" "$o" <<'PIPE'

@@ -32,7 +32,8 @@ Timed items (medians of `--repeats` interleaved rounds, so a drift in machine lo
                  cclddg: `train_step` with the step's batch read from the cache;
 - ``step``       seed: the same loop body with the encoders answered from memory (its step alone);
                  cclddg: `train_step` on a batch made before timing;
-- ``sampling``   seconds per image at 128 px, T=4, CFG, decoded.
+- ``sampling``   seconds per image at 128 px, T=4, CFG, decoded (on a CPU with native bf16, cclddg also with the
+                 KL-f8 decoder in bf16: what `cclddg sample` does there by default).
 
 Each side runs with its own process settings: cclddg's `cpu.tune_cpu` keeps freed memory in the process (glibc's
 mallopt), the seed's script leaves glibc's defaults, so its items run with those (`--same_malloc`: with cclddg's;
@@ -64,7 +65,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cclddg.cpu import keep_freed_memory, tune_cpu
+from cclddg.cpu import keep_freed_memory, native_bf16, tune_cpu
 
 # The seed README's training command, less its data, logging and W&B flags (and the batch size, set per run).
 SEED_README_FLAGS = ["--z_dim", "16", "--n_channels_unet", "64", "--lr_gen", "0.0001", "--lr_disc", "0.0001",
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
                 cond = embedder.embed_texts([PROMPT]).expand(k, -1)
                 return sample(gen, cfg, k, cond=cond, guidance=GUIDANCE_MAX, space=space)
         items = {"cclddg sampling KL-f8": lambda: ours(kl), "cclddg sampling TAESD": lambda: ours(taesd)}
+        if native_bf16():  # what `cclddg sample` decodes in by default on such a CPU (cpu.fast_decode_dtype)
+            kl_bf16 = load_latent_space(kl_spec, decode_dtype=torch.bfloat16)
+            items["cclddg sampling KL-f8 bf16"] = lambda: ours(kl_bf16)
         if args.seed:
             items["seed sampling KL-f8"] = as_the_seed_runs(lambda: seed.sample(k, size), args.same_malloc)
         results["sampling"] = {name: [t / k for t in times]
@@ -386,10 +390,12 @@ def report(results: dict[str, dict[str, list[float]]], sizes: dict, args: argpar
         unit = "s per image" if group == "sampling" else "s"
         print(f"{group}:")
         for name, value in m.items():
-            print(f"  {name:24s} {value:8.3f} {unit}")
-        for what in ("iteration", "step", "sampling KL-f8"):
-            if f"seed {what}" in m:
-                print(f"  ratio seed / cclddg {what:14s} {m[f'seed {what}'] / m[f'cclddg {what}']:.2f}x")
+            print(f"  {name:27s} {value:8.3f} {unit}")
+        pairs = (("iteration", "iteration"), ("step", "step"), ("sampling KL-f8", "sampling KL-f8"),
+                 ("sampling KL-f8 bf16", "sampling KL-f8"))  # (cclddg's item, the seed's it compares with)
+        for what, seeds in pairs:
+            if f"seed {seeds}" in m and f"cclddg {what}" in m:
+                print(f"  ratio seed / cclddg {what:19s} {m[f'seed {seeds}'] / m[f'cclddg {what}']:.2f}x")
         if "seed sampling KL-f8" in m:
             print(f"  ratio seed KL-f8 / cclddg TAESD    {m['seed sampling KL-f8'] / m['cclddg sampling TAESD']:.2f}x")
 

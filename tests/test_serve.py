@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cclddg import CCLDDGPipeline
 from cclddg.data.images import make_grid
+from cclddg.serve import load_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):  # CI installs it (.ci/run): there the test must run
@@ -77,7 +77,7 @@ def test_a_prompt_typed_in_the_page_gives_the_pipelines_grid(page, tiny_models):
     src, error = generate(page)
     assert error == "" and src.startswith("data:image/png;base64,")
     grid = decode(src)
-    pipe = CCLDDGPipeline.from_pretrained(tiny_models["text"])
+    pipe = load_pipeline(tiny_models["text"])  # as the server loads it (its decoder in bf16 where that is native)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server's (--threads 1): another thread count may round a pixel differently
     try:

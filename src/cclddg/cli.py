@@ -375,6 +375,16 @@ def add_train_ae_args(p: argparse.ArgumentParser) -> None:
     add_small_trainer_args(p, AETrainConfig, "runs/ae", helps)
 
 
+DECODE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def decode_dtype_of(args: argparse.Namespace):
+    """--decode_dtype as a torch dtype (None: auto, the pipeline decides)."""
+    import torch
+
+    return None if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
+
+
 SAMPLER_HELP = ("the sampler of a model that has several: a diffusion model's ddim (the default, over --steps, 50 "
                 "unless given) or ddpm (every step); a DDGAN samples in its own T steps")
 TEXT_PRIOR_HELP = ("how text prompts are mapped for a generator trained on image embeddings: none, gap (the "
@@ -456,7 +466,8 @@ def sample_prompted(args: argparse.Namespace, cfgs: tuple[float, ...], n: int, g
     def batches(job: SampleJob):  # every guidance scale from the same noise
         return sample_batches(model, cfg, len(job.cond), cond=job.cond, batch_size=args.batch_size,
                               rng=torch.Generator().manual_seed(args.seed), guidance=job.guidance,
-                              sampler=args.sampler, steps=args.steps, uncond=negative)
+                              sampler=args.sampler, steps=args.steps, uncond=negative,
+                              decode_dtype=decode_dtype_of(args))
 
     jobs = [SampleJob(g, len(cond), cond, cell_of(gi)) for gi, g in enumerate(cfgs)]
     run_sample_jobs(jobs, batches, cols, cfg.img_size, grid, singles, not args.no_progress)
@@ -523,7 +534,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     def batches(job: SampleJob):
         rng = torch.Generator().manual_seed(args.seed)  # the same noise for every guidance scale
         return sample_batches(model, cfg, job.count, cond=job.cond, batch_size=args.batch_size, rng=rng,
-                              guidance=job.guidance, sampler=args.sampler, steps=args.steps)
+                              guidance=job.guidance, sampler=args.sampler, steps=args.steps,
+                              decode_dtype=decode_dtype_of(args))
 
     run_sample_jobs(jobs, batches, nrow, cfg.img_size, grid, singles, not args.no_progress)
     return 0
@@ -791,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--sampler", metavar="NAME", help=SAMPLER_HELP)
     smp.add_argument("--steps", type=parse_number(int, Range(1, 100_000)), help="DDIM steps for diffusion models (default 50)")
     smp.add_argument("--batch_size", type=parse_number(int, Range(1, 1 << 16)), default=64)
+    smp.add_argument("--decode_dtype", choices=DECODE_DTYPES, default="auto",
+                     help="the autoencoder's decoding precision (default auto: bfloat16 on a CPU with native bf16, "
+                     "2x faster, images ~47 dB from float32's; float32 elsewhere)")
     smp.add_argument("--no_ema", action="store_true", help="use the raw generator weights, not the EMA")
     smp.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     smp.set_defaults(func=cmd_sample)

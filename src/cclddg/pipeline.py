@@ -19,6 +19,7 @@ from cclddg import conditioning, diffusion, objectives
 from cclddg.conditioning.base import CLI_NAMES
 from cclddg.conditioning.prompts import PromptConditioner, PromptConditions
 from cclddg.config import TrainConfig
+from cclddg.cpu import fast_decode_dtype
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import randn
 from cclddg.encoders import load_embedder
@@ -80,10 +81,12 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
            guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
            rng: torch.Generator | None = None, device: torch.device | str = "cpu",
            uncond: Tensor | None = None, space: LatentSpace | None = None,
-           z_rng: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
+           z_rng: torch.Generator | None = None, callback: Callback | None = None,
+           decode_dtype: torch.dtype | None = None) -> Tensor:
     """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
     `SamplingConfig` or a run's config), through the sampler it names (`samplers.SAMPLERS`); a latent run's
-    samples are decoded by its autoencoder (`space`, or the one the config names)."""
+    samples are decoded by its autoencoder (`space`, or the one the config names, decoding in `decode_dtype`:
+    None is `cpu.fast_decode_dtype`, bfloat16 on a CPU with native bf16)."""
     config = SamplingConfig.of(config)
     schedule = diffusion.make_schedule(config.schedule, config.n_steps, config.beta_min, config.beta_max)
     device = torch.device(device)
@@ -95,7 +98,8 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
     if space is None and config.autoencoder == "pixels":
         return x.clamp(-1, 1)
     if space is None:
-        space = run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device)))
+        space = run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device)),
+                                 decode_dtype or fast_decode_dtype(device))
     return space.decode(x)
 
 
@@ -117,10 +121,10 @@ def sample_batches(model: torch.nn.Module, config: "SamplingConfig | TrainConfig
 
 
 @functools.lru_cache(maxsize=4)
-def run_latent_space(spec: str, scale: float, device: str):
+def run_latent_space(spec: str, scale: float, device: str, decode_dtype: torch.dtype = torch.float32):
     """A run's autoencoder, loaded once per process (sampling in batches would otherwise reload it)."""
 
-    return load_latent_space(spec, device, scale=scale)
+    return load_latent_space(spec, device, scale=scale, decode_dtype=decode_dtype)
 
 
 def load_generator(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"):

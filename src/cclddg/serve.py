@@ -43,6 +43,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from cclddg import conditioning
+from cclddg.cpu import fast_decode_dtype
 from cclddg.data.images import make_grid
 from cclddg.data.shapes import COLORS, POSITIONS, SHAPES
 from cclddg.errors import OneLineWarning, UserError
@@ -62,8 +63,12 @@ READ_TIMEOUT = 10.0  # seconds a client has to send its request (a slow or stall
 
 
 def load_pipeline(path: str | Path) -> CCLDDGPipeline:
-    """A model folder, or a run's latest checkpoint as the pipeline its export would be."""
-    return CCLDDGPipeline.from_pretrained(path) if is_model_folder(path) else CCLDDGPipeline.from_run(path)
+    """A model folder, or a run's latest checkpoint as the pipeline its export would be, its autoencoder decoding in
+    `cpu.fast_decode_dtype` (bfloat16 on a CPU with native bf16: what the page waits for most)."""
+    pipe = CCLDDGPipeline.from_pretrained(path) if is_model_folder(path) else CCLDDGPipeline.from_run(path)
+    if pipe.latent_space is not None:
+        pipe.latent_space.decode_in(fast_decode_dtype(pipe.device))  # casts the pipeline's own VAE decoder
+    return pipe
 
 
 class Generator:

@@ -38,8 +38,10 @@ def absolute_autoencoder_spec(spec: str) -> str:
     return kind if path is None else f"{kind}:{Path(path).expanduser().resolve()}"
 
 
-def load_latent_space(spec: str, device: str | torch.device = "cpu", scale: float | None = None) -> LatentSpace:
-    """The latent space behind a spec, frozen, on `device`; `.spec`, `.fingerprint` and `.scale` set."""
+def load_latent_space(spec: str, device: str | torch.device = "cpu", scale: float | None = None,
+                      decode_dtype: torch.dtype = torch.float32) -> LatentSpace:
+    """The latent space behind a spec, frozen, on `device`, decoding in `decode_dtype`; `.spec`, `.fingerprint` and
+    `.scale` set."""
 
     kind, path = parse_autoencoder_spec(spec)
     if kind == "pixels":
@@ -63,7 +65,7 @@ def load_latent_space(spec: str, device: str | torch.device = "cpu", scale: floa
     space.spec = spec or "pixels"
     if scale is not None:
         space.scale = float(scale)
-    return space.to(device).eval().requires_grad_(False)
+    return space.to(device).eval().requires_grad_(False).decode_in(decode_dtype)
 
 
 __all__ = ["KINDS", "LatentSpace", "PixelSpace", "absolute_autoencoder_spec", "load_latent_space",

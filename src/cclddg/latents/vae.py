@@ -29,7 +29,11 @@ class DiffusersVAE(LatentSpace):
         return out.latents
 
     def _decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
+        dtype = next(self.vae.decoder.parameters()).dtype  # the encoder's may differ (`decode_in`)
+        return self.vae.decode(latents.to(dtype)).sample
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.vae, "post_quant_conv", None), self.vae.decoder) if m is not None]
 
 
 def _tiny_factor(cfg) -> int:

@@ -7,8 +7,9 @@ Workloads (random weights: the cost does not depend on them; the differences are
                     autoencoder, 256-d embeddings), `--mixed_precision bf16` (autocast, fp32 weights) vs `no`;
 - ``train seed``    the seed preset's step (batch 8, 128 px as 16x16x4 KL-f8 latents, 512-d embeddings);
 - ``decode ...``    KL-f8 and TAESD decoding 4 latents at 128 and 256 px, and the demo's own autoencoder at 64 px:
-                    the decoder cast to bf16 (what `CCLDDGPipeline(torch_dtype=torch.bfloat16)` and `cclddg
-                    sample --dtype bf16` run) vs fp32, with the PSNR of the bf16 images against the fp32 ones.
+                    the decoder cast to bf16 (what `cclddg sample` and `cclddg serve` run by default on a CPU with
+                    native bf16, `--decode_dtype bfloat16`) vs fp32, with the PSNR of the bf16 images against the
+                    fp32 ones.
 
 Rounds alternate fp32 and bf16 (a drift in machine load hits both); the figure is the ratio of the medians,
 fp32 seconds / bf16 seconds (> 1: bf16 is faster).

@@ -34,7 +34,7 @@ samples() {  # SRC RUNS OUT: samples of the runs in RUNS, from the CLI and CCLDD
     export PYTHONPATH=$1/src OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
     local r=$2 o=$3 fp32=""
     mkdir -p $o
-    if $c sample --help | grep -q -- --decode_dtype; then fp32="--decode_dtype float32"; fi  # not bf16 where native
+    if $c sample --help | grep -- --decode_dtype > /dev/null; then fp32="--decode_dtype float32"; fi  # not bf16 where native
     $c sample --checkpoint $r/none --n 4 -o $o/none.png --no_progress > /dev/null
     $c sample --checkpoint $r/gan --attrs color=red --cfg 1,2 --n 4 -o $o/gan.png --no_progress > /dev/null
     $c sample --checkpoint $r/ddpm --attrs color=red --cfg 2 --n 4 --sampler ddpm -o $o/ddpm.png --no_progress > /dev/null

@@ -8,12 +8,18 @@ for the same images seen (steps x batch):
                embeddings and asked with captions through the retrieval prior (batch 64; DDGAN: `cclddg`)
 
 Resumable: a finished run or row is kept in OUT. Training and metrics may run beside another job (`--threads 1`);
-the seconds per image are measured again, alone, by `--timing` (every row of OUT, one batch of 100 each).
+the seconds per image are measured again, alone, by `--timing` (every row of OUT, one batch each: 100 images, 20
+for DDPM-1000).
 
     python benchmarks/trilemma.py --setting pixels32 --steps 1200 --threads 1
     python benchmarks/trilemma.py --setting latents64 --steps 1500 --threads 1 --demo runs/demo
     python benchmarks/trilemma.py --setting pixels32 --timing      # then the table, with the times measured alone
+    python benchmarks/trilemma.py --setting pixels32 --ancestral_n 300  # DDPM-1000's row on 300 images, not N
     python benchmarks/trilemma.py --tiny                            # 16 px, 3 steps, N 20: what CI runs
+
+A DDPM-1000 row costs 1,000 network calls per image (about 1.5 hours of this CPU per 1,000 images in pixels):
+`--ancestral_n` measures it on fewer images (more than the features' width, for FID). Its row then has its own
+floor at that N (FID is biased up at small N; KID is not), printed beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ WIDTHS = ["--n_channels_unet", "32", "--ch_mults", "1,2,2", "--is_attn", "0,0,0"
 TINY_WIDTHS = ["--n_channels_unet", "8", "--ch_mults", "1,2", "--is_attn", "0,0", "--n_blocks", "1",
                "--n_channels_disc", "8", "--ch_mults_disc", "1,2", "--is_attn_disc", "0,0", "--cond_map_size", "0"]
 TIMED = 100  # images in the timed batch
+ANCESTRAL_TIMED = 20  # images in the timed batch of a 1,000-step sampler
 
 
 def train(out: Path, flags: list[str], common: list[str], steps: int) -> float:
@@ -139,6 +146,8 @@ def main() -> None:
     parser.add_argument("--features", default=None, help="default: the demo's CLOOB (cloob-tiny:DEMO/cloob)")
     parser.add_argument("--demo", default="runs/demo", help="a finished `cclddg demo` folder (its CLOOB and cache)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--ancestral_n", type=int, default=0, help="images per set for the DDPM-1000 row "
+                        "(0: --n)")
     parser.add_argument("--timing", action="store_true", help="measure every row's seconds per image again, alone")
     parser.add_argument("--train_only", choices=tuple(RUNS), help="train this run only (e.g. beside the main job, "
                         "which then finds it trained); no metrics")
@@ -165,9 +174,10 @@ def main() -> None:
         if args.train_only:
             train(out / args.train_only, run_flags(args.train_only, args.setting, args.tiny)[0], common, args.steps)
             return
-        results = measure(out, args.steps, args.n, load_features(features), common, data, args.tiny, args.setting)
+        results = measure(out, args.steps, args.n, args.ancestral_n or args.n, load_features(features), common, data,
+                          args.tiny, args.setting)
         if args.timing:
-            retime(out, results, 4 if args.tiny else TIMED)
+            retime(out, results, args.tiny)
         report(results, args.setting, args.steps, args.n, features, args.tiny)
 
 
@@ -180,7 +190,11 @@ def run_flags(name: str, setting: str, tiny: bool) -> tuple[list[str], list[tupl
     return flags, samplers
 
 
-def measure(out: Path, steps: int, n: int, features, common: list[str], data: str, tiny: bool,
+def timed_batch(sampler: str | None, tiny: bool) -> int:
+    return 4 if tiny else ANCESTRAL_TIMED if sampler == "ddpm" else TIMED
+
+
+def measure(out: Path, steps: int, n: int, ancestral_n: int, features, common: list[str], data: str, tiny: bool,
             setting: str) -> dict:
     results_path = out / "trilemma.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -190,17 +204,20 @@ def measure(out: Path, steps: int, n: int, features, common: list[str], data: st
         for sampler, sampler_steps in samplers:
             key = name + (f"_{sampler}{sampler_steps or ''}" if sampler else "")
             if key not in results:
-                results[key] = {**row(out / name, sampler, sampler_steps, n, features, data, 4 if tiny else TIMED),
+                row_n = ancestral_n if sampler == "ddpm" else n
+                results[key] = {**row(out / name, sampler, sampler_steps, row_n, features, data,
+                                      timed_batch(sampler, tiny)),
                                 "train_seconds": seconds, "run": name, "sampler": sampler,
-                                "sampler_steps": sampler_steps}
+                                "sampler_steps": sampler_steps, "n": row_n}
                 out.mkdir(parents=True, exist_ok=True)
                 write_json(results_path, results)
     return results
 
 
-def retime(out: Path, results: dict, n: int) -> None:
+def retime(out: Path, results: dict, tiny: bool) -> None:
     for r in results.values():
-        r["calls"], r["seconds_per_image"] = speed(out / r["run"], r["sampler"], r["sampler_steps"], n)
+        r["calls"], r["seconds_per_image"] = speed(out / r["run"], r["sampler"], r["sampler_steps"],
+                                                   timed_batch(r["sampler"], tiny))
         r["timed_alone"] = True
     write_json(out / "trilemma.json", results)
 
@@ -215,17 +232,20 @@ def report(results: dict, setting: str, steps: int, n: int, features: str, tiny:
     batch = 64 if setting == "latents64" else 32
     alone = all(r.get("timed_alone") for r in results.values())
     print(f"tiny: {steps} steps, N = {n}" if tiny else
-          f"{setting}: {steps} steps x batch {batch} each, N = {n}, features {features}, guidance 1; seconds per "
+          f"{setting}: {steps} steps x batch {batch} each, features {features}, guidance 1; seconds per "
           + ("image timed alone (--timing)" if alone else "image timed in the run, beside the other jobs"))
-    print("| model | FID | KID | precision | recall | attributes right (mean) | network calls | s / image |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | N | FID | KID | precision | recall | attributes right (mean) | network calls | s / image |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    floors = {}
     for key, r in results.items():
+        row_n = r.get("n", n)
+        floors.setdefault(row_n, r)
         adherence = "–" if r["adherence"] is None else f"{100 * r['adherence']:.1f}%"
-        print(f"| {key} | {r['fid']:.4f} | {r['kid']:.2e} | {r['precision']:.3f} | {r['recall']:.3f} | {adherence} | "
-              f"{r['calls']} | {r['seconds_per_image']:.4f} |")
-    first = next(iter(results.values()))
-    print(f"| floor (real vs real) | {first['floor_fid']:.4f} | {first['floor_kid']:.2e} | "
-          f"{first['floor_precision']:.3f} | {first['floor_recall']:.3f} | | | |")
+        print(f"| {key} | {row_n} | {r['fid']:.4f} | {r['kid']:.2e} | {r['precision']:.3f} | {r['recall']:.3f} | "
+              f"{adherence} | {r['calls']} | {r['seconds_per_image']:.4f} |")
+    for row_n, r in floors.items():
+        print(f"| floor (real vs real) | {row_n} | {r['floor_fid']:.4f} | {r['floor_kid']:.2e} | "
+              f"{r['floor_precision']:.3f} | {r['floor_recall']:.3f} | | | |")
 
 
 if __name__ == "__main__":

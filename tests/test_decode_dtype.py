@@ -1,6 +1,7 @@
 """Decoding in bfloat16 where the CPU computes it natively: the decoder alone is cast (encoding, and so every cache,
-stays float32), images come back float32 and near float32's, and `cclddg sample`, the pipeline and the web page's
-loader decode in bf16 by default only on such a CPU."""
+stays float32), images come back float32 and near float32's; `cclddg sample` and the web page decode in bf16 by
+default only on such a CPU, and the library (`pipeline.sample`, `CCLDDGPipeline`, evaluations) in float32 unless
+told."""
 
 from __future__ import annotations
 
@@ -56,13 +57,28 @@ def test_cclddg_sample_decodes_in_the_dtype_asked_and_auto_is_the_fast_one(tiny_
     assert psnr(torch.from_numpy(bf16), torch.from_numpy(fp32), peak=255.0) > 30
 
 
-def test_the_web_page_loads_its_pipeline_decoding_in_the_fast_dtype(tiny_models):
-    served = load_pipeline(tiny_models["text"])
-    assert {p.dtype for p in served.vae.decoder.parameters()} == {fast_decode_dtype("cpu")}
-    assert {p.dtype for p in served.vae.encoder.parameters()} == {torch.float32}
+def test_the_web_page_loads_its_pipeline_decoding_in_the_fast_dtype_and_python_stays_float32(tiny_models):
+    assert {p.dtype for p in load_pipeline(tiny_models["text"]).vae.decoder.parameters()} == {fast_decode_dtype("cpu")}
     plain = CCLDDGPipeline.from_pretrained(tiny_models["text"])
-    assert {p.dtype for p in plain.vae.decoder.parameters()} == {torch.float32}  # diffusers' own default
+    assert {p.dtype for p in plain.vae.decoder.parameters()} == {torch.float32}  # diffusers' default: as saved
     ask = dict(prompt="a red circle", num_images_per_prompt=2, output_type="pt")
     a = plain(generator=torch.Generator().manual_seed(1), **ask).images
+    served = load_pipeline(tiny_models["text"], torch.bfloat16)  # as on a CPU with native bf16, on any CPU
+    assert {p.dtype for p in served.vae.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in served.vae.post_quant_conv.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in served.vae.encoder.parameters()} == {torch.float32}
     b = served(generator=torch.Generator().manual_seed(1), **ask).images
-    assert psnr(a, b, peak=1.0) > 35
+    assert not torch.equal(a, b) and psnr(a, b, peak=1.0) > 35
+
+
+def test_library_sampling_and_evaluation_decode_in_float32_unless_told(tiny_runs):
+    from cclddg.pipeline import load_generator, run_latent_space, sample
+
+    model, cfg = load_generator(tiny_runs / "text")
+    cond = torch.zeros(2, model.config.cond_dim)
+    a = sample(model, cfg, 2, cond=cond, rng=torch.Generator().manual_seed(0))
+    fp32 = run_latent_space(cfg.autoencoder, cfg.latent_scale, "cpu", torch.float32)
+    b = sample(model, cfg, 2, cond=cond, rng=torch.Generator().manual_seed(0), space=fp32)
+    assert torch.equal(a, b)  # the default is float32, whatever this CPU computes natively
+    c = sample(model, cfg, 2, cond=cond, rng=torch.Generator().manual_seed(0), decode_dtype=torch.bfloat16)
+    assert not torch.equal(a, c) and psnr(a, c) > 35

@@ -1,4 +1,5 @@
-"""Two CPU speed traps, avoided once per process: denormal floats and freed memory handed back to the system.
+"""CPU speed: two traps avoided once per process (denormal floats, freed memory handed back to the system), and
+where bf16 pays (a CPU that computes it natively).
 
 Denormals made a training step ~10x slower on our machines. By default glibc hands freed blocks (from 128 KiB on)
 back to the system, so every step maps its activations afresh and pays a page fault per page it touches; keeping
@@ -46,9 +47,9 @@ def native_bf16() -> bool:
 
 
 def fast_decode_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype sampling decodes latents in by default: bfloat16 on a CPU that computes it natively (KL-f8 decodes
-    2.1-2.2x faster there, its images 47 dB from float32's: benchmarks/bf16_cpu.py), float32 anywhere else (a GPU
-    user picks the pipeline's torch_dtype)."""
+    """The dtype `cclddg sample` and the web page decode latents in by default: bfloat16 on a CPU that computes it
+    natively (KL-f8 decodes ~2x faster there, its images ~47 dB from float32's with random weights:
+    benchmarks/bf16_cpu.py), float32 anywhere else (a GPU user picks the pipeline's torch_dtype)."""
     return torch.bfloat16 if torch.device(device).type == "cpu" and native_bf16() else torch.float32
 
 

@@ -19,7 +19,6 @@ from cclddg import conditioning, diffusion, objectives
 from cclddg.conditioning.base import CLI_NAMES
 from cclddg.conditioning.prompts import PromptConditioner, PromptConditions
 from cclddg.config import TrainConfig
-from cclddg.cpu import fast_decode_dtype
 from cclddg.data.images import image_to_tensor, tensor_to_image
 from cclddg.diffusion import randn
 from cclddg.encoders import load_embedder
@@ -82,11 +81,11 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
            rng: torch.Generator | None = None, device: torch.device | str = "cpu",
            uncond: Tensor | None = None, space: LatentSpace | None = None,
            z_rng: torch.Generator | None = None, callback: Callback | None = None,
-           decode_dtype: torch.dtype | None = None) -> Tensor:
+           decode_dtype: torch.dtype = torch.float32) -> Tensor:
     """n images in [-1, 1] from a trained generator with the run's own schedule and objective (`config`: a
     `SamplingConfig` or a run's config), through the sampler it names (`samplers.SAMPLERS`); a latent run's
-    samples are decoded by its autoencoder (`space`, or the one the config names, decoding in `decode_dtype`:
-    None is `cpu.fast_decode_dtype`, bfloat16 on a CPU with native bf16)."""
+    samples are decoded by its autoencoder (`space`, or the one the config names, decoding in `decode_dtype`; the
+    CLI and the web page ask `cpu.fast_decode_dtype`, bfloat16 on a CPU with native bf16)."""
     config = SamplingConfig.of(config)
     schedule = diffusion.make_schedule(config.schedule, config.n_steps, config.beta_min, config.beta_max)
     device = torch.device(device)
@@ -99,7 +98,7 @@ def sample(model: torch.nn.Module, config: "SamplingConfig | TrainConfig", n: in
         return x.clamp(-1, 1)
     if space is None:
         space = run_latent_space(config.autoencoder, config.latent_scale, str(torch.device(device)),
-                                 decode_dtype or fast_decode_dtype(device))
+                                 decode_dtype)
     return space.decode(x)
 
 
@@ -108,7 +107,7 @@ def sample_batches(model: torch.nn.Module, config: "SamplingConfig | TrainConfig
                    device: torch.device | str = "cpu", **options) -> Iterator[Tensor]:
     """`sample` of n images (rows of `cond`) in batches of at most `batch_size`, yielded on the CPU as they are
     made: memory is one batch's, whatever n is. One `rng` runs through the batches in order; `options` are
-    `sample`'s (guidance, sampler, steps, uncond)."""
+    `sample`'s (guidance, sampler, steps, uncond, decode_dtype)."""
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if cond is not None and len(cond) != n:

@@ -62,12 +62,13 @@ MAX_CONNECTIONS = 64  # open connections (each a thread); more are closed at onc
 READ_TIMEOUT = 10.0  # seconds a client has to send its request (a slow or stalled one is cut off)
 
 
-def load_pipeline(path: str | Path) -> CCLDDGPipeline:
+def load_pipeline(path: str | Path, decode_dtype: torch.dtype | None = None) -> CCLDDGPipeline:
     """A model folder, or a run's latest checkpoint as the pipeline its export would be, its autoencoder decoding in
-    `cpu.fast_decode_dtype` (bfloat16 on a CPU with native bf16: what the page waits for most)."""
+    `decode_dtype` (default `cpu.fast_decode_dtype`: bfloat16 on a CPU with native bf16, where decoding is most of
+    what the page waits for)."""
     pipe = CCLDDGPipeline.from_pretrained(path) if is_model_folder(path) else CCLDDGPipeline.from_run(path)
-    if pipe.latent_space is not None:
-        pipe.latent_space.decode_in(fast_decode_dtype(pipe.device))  # casts the pipeline's own VAE decoder
+    if pipe.latent_space is not None:  # casts the pipeline's own VAE decoder
+        pipe.latent_space.decode_in(decode_dtype or fast_decode_dtype(pipe.device))
     return pipe
 
 

@@ -55,7 +55,6 @@ from cclddg.pipeline import SamplingConfig, sample, sample_batches
 
 REQUESTED = ("color", "shape", "position")
 PROMPT_KINDS = ("text", "paraphrase", "image")
-EVAL_DECODE_DTYPE = torch.float32  # evaluations decode in float32: the same figures on a CPU with native bf16 or not
 
 
 def random_requests(n: int, seed: int, attributes: tuple[str, ...] = REQUESTED,
@@ -180,7 +179,7 @@ def _sample_and_read(model: torch.nn.Module, cfg: TrainConfig, requests: list[di
             cond = kind.request_conditions(chunk)
             cond = None if cond is None else cond.to(device)
         images = sample(model, cfg, len(chunk), cond=cond, guidance=guidance, sampler=sampler, steps=n_sample_steps,
-                        rng=rng, device=device, decode_dtype=EVAL_DECODE_DTYPE).cpu()
+                        rng=rng, device=device).cpu()
         analyses.extend(analyze(x) for x in images)
         if embedded:
             # scored against the captions' wording, whatever the prompts were: the same yardstick for every kind
@@ -222,14 +221,13 @@ def evaluate_variety(model: torch.nn.Module, cfg: TrainConfig, n: int = 32, *, r
     def sample_all(cond, count: int, sample_seed: int) -> torch.Tensor:
         rng = torch.Generator().manual_seed(sample_seed)
         return torch.cat(list(sample_batches(model, cfg, count, cond=cond, batch_size=batch_size, rng=rng,
-                                             device=device, guidance=guidance, decode_dtype=EVAL_DECODE_DTYPE)))
+                                             device=device, guidance=guidance)))
 
     def sample_z_only(cond, count: int, sample_seed: int) -> torch.Tensor:
         """The same x_T and step noise (one seed) for every image, a fresh z for each."""
         return torch.cat([sample(model, cfg, 1, cond=cond[j:j + 1].to(device), guidance=guidance, device=device,
                                  rng=torch.Generator().manual_seed(sample_seed),
-                                 z_rng=torch.Generator().manual_seed(sample_seed * 1000 + j + 1),
-                                 decode_dtype=EVAL_DECODE_DTYPE).cpu()
+                                 z_rng=torch.Generator().manual_seed(sample_seed * 1000 + j + 1)).cpu()
                           for j in range(count)])
 
     holdout = run_holdout(cfg)
@@ -303,8 +301,7 @@ def evaluate_fidelity(model: torch.nn.Module, cfg: TrainConfig, data: str, n: in
     for ask in tqdm(asks, desc="fidelity", disable=not progress):
         cond = _condition(ask, conditioner, prior_rng)
         images = sample(model, cfg, ask["rows"], cond=None if cond is None else cond.to(device), guidance=guidance,
-                        sampler=sampler, steps=n_sample_steps, rng=rng, device=device,
-                        decode_dtype=EVAL_DECODE_DTYPE).cpu()
+                        sampler=sampler, steps=n_sample_steps, rng=rng, device=device).cpu()
         fake.append(features(quantize(images)))  # the uint8 path a saved sample takes, as the real files do
     report = distribution_metrics(real, torch.cat(fake), metrics)
     report["floor"] = distribution_metrics(real, other_real, metrics)  # n real vs n other real: what 0 looks like

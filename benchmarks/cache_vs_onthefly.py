@@ -80,6 +80,19 @@ def random_models(root: Path, models: str, tiny: bool) -> tuple[str, str, int]:
     return f"own:{root / 'ae'}", f"cloob-tiny:{root / 'cloob'}", 64
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--models, --ae, --encoder: the models a benchmark runs (`chosen_models`)."""
+    p.add_argument("--models", choices=("demo", "full-size"), default="demo")
+    p.add_argument("--ae", help="own autoencoder run (default: a random init of --models)")
+    p.add_argument("--encoder", help="embedder spec (default: a random init of --models)")
+
+
+def chosen_models(root: Path, args: argparse.Namespace) -> tuple[str, str, int]:
+    """`random_models` of --models, with --ae and --encoder in their place where given."""
+    ae, encoder, size = random_models(root, args.models, args.tiny)
+    return f"own:{Path(args.ae).resolve()}" if args.ae else ae, args.encoder or encoder, size
+
+
 def onthefly_batches(trainer: Trainer, data, embedder):
     """A stand-in for `Trainer.batch` that renders, encodes and embeds the step's examples (the cache's
     work), then conditions them as `TrainingData.batch` does."""
@@ -96,9 +109,7 @@ def onthefly_batches(trainer: Trainer, data, embedder):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", choices=("demo", "full-size"), default="demo")
-    p.add_argument("--ae", help="own autoencoder run (default: random init of the demo's size)")
-    p.add_argument("--encoder", help="embedder spec (default: a random-init own CLOOB)")
+    add_model_flags(p)
     p.add_argument("--steps", type=int, default=None, help="steps per round (default 10; quick and tiny 2)")
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick and tiny 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; tiny 1)")
@@ -114,9 +125,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ae, encoder, size = random_models(root, args.models, args.tiny)
-        ae = f"own:{Path(args.ae).resolve()}" if args.ae else ae
-        encoder = args.encoder or encoder
+        ae, encoder, size = chosen_models(root, args)
         space = load_latent_space(ae)
         embedder = load_embedder(encoder)
         n = 16 if args.tiny else 64 if quick or args.models == "full-size" else 2048

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cache_vs_onthefly import random_models
+from cache_vs_onthefly import add_model_flags, chosen_models
 
 MILLION = 1_000_000
 
@@ -78,9 +78,7 @@ def bytes_per_example(cache: Path, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", choices=("demo", "full-size"), default="demo")
-    p.add_argument("--ae", help="own autoencoder run (default: a random init of --models)")
-    p.add_argument("--encoder", help="embedder spec (default: a random init of --models)")
+    add_model_flags(p)
     p.add_argument("--img_size", type=int, default=None, help="default: 64 (demo), 256 (full-size)")
     p.add_argument("--n", type=int, default=None, help="images encoded per run (default 4000; full-size 192)")
     p.add_argument("--processes", type=int, default=2)
@@ -100,9 +98,7 @@ def main() -> None:
     repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ae, encoder, size = random_models(root, args.models, args.tiny)
-        ae = f"own:{Path(args.ae).resolve()}" if args.ae else ae
-        encoder = args.encoder or encoder
+        ae, encoder, size = chosen_models(root, args)
         size = args.img_size or (256 if full else size)
         flags = ["--data", f"shapes:{size}", "--n", str(n), "--autoencoder", ae, "--encoder", encoder,
                  "--workers", "0", "--batch_size", "32" if full else "256", "--no_progress"]

@@ -112,10 +112,11 @@ def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
 
 @torch.no_grad()
 def calibrate_inv_temperature(bank: EmbeddingBank, queries: Tensor, targets: Tensor, low: float = 1.0,
-                              high: float = 1000.0, iterations: int = 60) -> float:
+                              high: float = 1000.0, tolerance: float = 1e-4) -> float:
     """The inverse temperature beta maximising the mean log-likelihood of each query's own row,
     beta·s(q, own) - logsumexp_i beta·s(q, i), over the bank (concave in beta: a bisection of its derivative,
-    s(q, own) - E_softmax[s(q, ·)])."""
+    s(q, own) - E_softmax[s(q, ·)], in log beta until the bracket is `tolerance` wide: 17 softmaxes over the
+    (queries, bank) matrix instead of 60, each ~0.4 s at 1,000 x 20,000 on one CPU core)."""
     queries = F.normalize(queries.float(), dim=-1)
     sims = torch.cat([bank.similarities(q) for q in queries.split(QUERY_CHUNK)]).double()  # (M, N)
     own = sims.gather(1, targets.long()[:, None]).squeeze(1)
@@ -129,7 +130,7 @@ def calibrate_inv_temperature(bank: EmbeddingBank, queries: Tensor, targets: Ten
         return high
     if slope(low) < 0:
         return low
-    for _ in range(iterations):
+    while hi - lo > tolerance:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if slope(math.exp(mid)) > 0 else (lo, mid)
     return math.exp((lo + hi) / 2)

@@ -6,6 +6,7 @@ Workloads (random weights: the cost does not depend on them; the differences are
 - ``train cclddg``  the demo's generator step (`--preset cclddg`, batch 64, 16x16x4 latents of the demo-size
                     autoencoder, 256-d embeddings), `--mixed_precision bf16` (autocast, fp32 weights) vs `no`;
 - ``train seed``    the seed preset's step (batch 8, 128 px as 16x16x4 KL-f8 latents, 512-d embeddings);
+- ``train prior``   the learned text prior's step (`train-prior --mixed_precision bf16`: batch 512 of 256-d pairs);
 - ``decode ...``    KL-f8 and TAESD decoding 4 latents at 128 and 256 px, and the demo's own autoencoder at 64 px:
                     the decoder cast to bf16 (what `cclddg sample` and `cclddg serve` run by default on a CPU with
                     native bf16, `--decode_dtype bfloat16`) vs fp32, with the PSNR of the bf16 images against the
@@ -65,6 +66,27 @@ def trainers(root: Path, preset: str, tiny: bool) -> tuple[Callable[[], object],
                           progress=False)
         made = trainer.batch(0)
         trainer.batch = lambda *a, made=made, **k: made
+        trainer.train_step()  # warm-up
+        steps.append(trainer.train_step)
+    return steps[0], steps[1]
+
+
+def prior_trainers(root: Path, tiny: bool) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(fp32 step, bf16 step) of the learned text prior (`train-prior`, batch 512 of 256-d pairs, the demo's)."""
+    import torch.nn.functional as F
+
+    from cclddg.config import PriorTrainConfig
+    from cclddg.priors.pairs import EmbeddingPairs
+    from cclddg.training.prior_trainer import PriorTrainer
+
+    dim, n, batch = (16, 64, 8) if tiny else (256, 4096, 512)
+    generator = torch.Generator().manual_seed(0)
+    pairs = EmbeddingPairs(F.normalize(torch.randn(n, dim, generator=generator), dim=-1),
+                           F.normalize(torch.randn(n, dim, generator=generator), dim=-1))
+    steps = []
+    for precision in ("no", "bf16"):
+        cfg = PriorTrainConfig(batch_size=batch, n_batches=10**6, eval_size=8, mixed_precision=precision)
+        trainer = PriorTrainer(cfg, root / "prior" / precision, pairs, progress=False)
         trainer.train_step()  # warm-up
         steps.append(trainer.train_step)
     return steps[0], steps[1]
@@ -134,6 +156,7 @@ def main() -> None:
         for preset in ("cclddg", "seed"):
             fp32, bf16 = trainers(Path(tmp), preset, args.tiny)
             work[f"train {preset}"] = (fp32, bf16, "")
+        work["train prior"] = (*prior_trainers(Path(tmp), args.tiny), "")
         for name, (model, latents) in decoders(Path(tmp), args.tiny).items():
             fp32, bf16, quality = decode_pair(model, latents)
             work[name] = (fp32, bf16, f"{quality:.1f} dB")

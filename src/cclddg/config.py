@@ -372,6 +372,7 @@ class PriorTrainConfig(JsonConfig):
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
+    mixed_precision: str = "no"  # bf16: autocast the MLP (3x a step on a CPU with native bf16; weights stay fp32)
     n_batches: int = 3000
     max_minutes: float = 0.0
     eval_size: int = 1000  # examples held out for the report's loss (at most a tenth of them)
@@ -393,3 +394,5 @@ class PriorTrainConfig(JsonConfig):
         check_fields(self)
         if self.source not in PRIOR_SOURCES:
             raise UserError(f"--source {self.source!r} is not valid; choose one of {', '.join(PRIOR_SOURCES)}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise UserError(f"--mixed_precision {self.mixed_precision!r} is not valid for the prior; choose no or bf16")

@@ -108,7 +108,7 @@ class FlowPrior(ModelMixin, ConfigMixin):
         keep = (torch.rand(b, 1, generator=generator, device=x1.device) >= self.config.cond_drop).float()
         cond = cond_emb * self.scale * keep
         x_s = (1 - s[:, None]) * x0 + s[:, None] * x1
-        return F.mse_loss(self(x_s, s, cond), x1 - x0)
+        return F.mse_loss(self(x_s, s, cond).float(), x1 - x0)  # float: under bf16 autocast too
 
     @torch.no_grad()
     def sample(self, cond_emb: Tensor, generator: torch.Generator | None = None, steps: int = SAMPLE_STEPS,

@@ -30,6 +30,7 @@ from cclddg.latents.base import measure_scale
 from cclddg.latents.own_ae import build_autoencoder
 from cclddg.latents.vae import DiffusersVAE
 from cclddg.storage import load_model
+from cclddg.training.optimisation import warmup_cosine
 from cclddg.training.small_run import SmallTrainer
 
 HELD_OUT_SEED = 1_000_003  # the held-out images of every report (as in evaluation.zero_shot)
@@ -91,10 +92,7 @@ class AETrainer(SmallTrainer):
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up, then a cosine decay to 5% at `n_batches` (the last steps polish the edges: +2-3 dB)."""
-        cfg = self.cfg
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
-        progress = min(1.0, step / max(1, cfg.n_batches))
-        return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(self.cfg.lr, step, self.cfg.warmup, self.cfg.n_batches, floor=0.05)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg

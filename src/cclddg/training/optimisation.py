@@ -36,6 +36,14 @@ def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer
         return kind(params, foreach=True, **kwargs)
 
 
+def warmup_cosine(lr: float, step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """The small trainers' learning rate at `step`: a linear warmup over `warmup` steps, then a cosine decay to
+    `floor` x `lr` at `total` (short runs learn most per step at a high rate and settle in the decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate rises linearly over `warmup` steps, then stays (no warmup: constant)."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)

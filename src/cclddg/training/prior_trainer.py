@@ -13,7 +13,6 @@ config.json + safetensors: what sampling loads) and report.json.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,8 @@ from cclddg.priors import flow_prior_path
 from cclddg.priors.flow import FlowPrior
 from cclddg.priors.pairs import EmbeddingPairs
 from cclddg.storage import load_model
+from cclddg.training import precision
+from cclddg.training.optimisation import warmup_cosine
 from cclddg.training.small_run import SmallTrainer
 
 MIN_PAIRS = 2  # a prior needs at least this many captioned examples to train on
@@ -70,16 +71,15 @@ class PriorTrainer(SmallTrainer):
 
     def learning_rate(self) -> float:
         """Linear warmup, then a cosine decay to 0 over n_batches."""
-        cfg = self.cfg
-        warm = min(1.0, (self.step + 1) / max(1, cfg.warmup))
-        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(self.step, cfg.n_batches) / max(1, cfg.n_batches)))
+        return warmup_cosine(self.cfg.lr, self.step, self.cfg.warmup, self.cfg.n_batches)
 
     def train_step(self) -> dict[str, float]:
         idx = self.rows[torch.randint(0, len(self.rows), (self.cfg.batch_size,))]
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate()
         image, text = self.pairs.get(idx)
-        loss = self.model.loss(image, self.conditions(image, text))
+        with precision.autocast(self.cfg.mixed_precision, torch.device("cpu")):
+            loss = self.model.loss(image, self.conditions(image, text))
         self.optimise(loss, self.opt)
         self.step += 1
         return {"loss": loss.item()}

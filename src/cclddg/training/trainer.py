@@ -171,7 +171,7 @@ class Trainer(TrainingLoop):
         if cfg.text_prior == "flow" and not prior_finished(self.out):
             if self.is_main:
                 prior_cfg = PriorTrainConfig(n_batches=cfg.prior_steps, seed=cfg.seed, threads=cfg.threads,
-                                             data=cfg.data)
+                                             data=cfg.data, mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no")
                 train_run_prior(self.out, self.inputs.pairs, prior_cfg, progress=self.progress)
             self.accelerator.wait_for_everyone()
         flow = load_flow_prior(self.out) if cfg.text_prior == "flow" else None

@@ -58,3 +58,19 @@ def test_demo_refuses_other_settings_and_foreign_folders(demo_dir, tmp_path, cap
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
     assert "holds no demo" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_trains_the_autoencoder_and_the_clip_side_by_side(tmp_path):
+    """With two threads the ae and cloob stages run at once, one process and one thread each: both finish, the
+    group's wall time and each member's are recorded, and the rerun skips both."""
+    demo = Demo(tmp_path / "demo", quick=True, settings=TINY, progress=False, threads=2)
+    stages = {"ae": lambda: (demo.out / "ae" / "report.json").is_file(),
+              "cloob": lambda: (demo.out / "cloob" / "zero_shot.json").is_file()}
+    demo._side_by_side(stages)
+    assert all(done() for done in stages.values())
+    times = json.loads((demo.out / "times.json").read_text())
+    assert set(times) == {"ae+cloob", "side_by_side"} and set(times["side_by_side"]) == {"ae", "cloob"}
+    assert max(times["side_by_side"].values()) <= times["ae+cloob"]
+    assert demo.total_seconds() == times["ae+cloob"]  # the members are not counted twice
+    demo._side_by_side(stages)
+    assert json.loads((demo.out / "times.json").read_text()) == times

@@ -182,6 +182,31 @@ def test_flow_prior_learns_a_conditional_distribution_with_the_datas_variety():
         make_text_prior(PriorSettings("flow"), flow=FlowPrior(dim=16, width=16, depth=1), dim=8)
 
 
+def test_the_prior_trains_in_bf16_as_well_as_in_fp32(tmp_path):
+    """`train-prior --mixed_precision bf16` (the demo's, on a CPU with native bf16): the trainer's own loop on
+    clustered pairs reaches a held-out loss within 10% of fp32's, far below the untrained one; weights stay fp32."""
+    from cclddg.config import PriorTrainConfig
+    from cclddg.training.prior_trainer import PriorTrainer
+
+    torch.manual_seed(0)
+    dim, n = 8, 2000
+    clusters, conds = unit(4, dim, seed=12) * 3, unit(4, dim, seed=13)
+    which = torch.randint(0, 4, (n,))
+    pairs = EmbeddingPairs(F.normalize(clusters[which] + 0.05 * torch.randn(n, dim), dim=-1), conds[which])
+    losses = {}
+    for mode in ("no", "bf16"):
+        cfg = PriorTrainConfig(width=64, depth=2, batch_size=128, lr=3e-3, n_batches=300, eval_size=200,
+                               mixed_precision=mode, log_every=100)
+        trainer = PriorTrainer(cfg, tmp_path / mode, pairs, progress=False)
+        untrained = trainer.held_out_loss()
+        losses[mode] = trainer.run()["held_out_loss"]
+        assert losses[mode] < 0.5 * untrained
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert abs(losses["bf16"] - losses["no"]) < 0.1 * losses["no"]
+    with pytest.raises(UserError, match="--mixed_precision 'fp16' is not valid for the prior"):
+        PriorTrainConfig(mixed_precision="fp16").validate()
+
+
 def test_a_prior_that_lacks_what_it_needs_says_the_command_that_adds_it():
     with pytest.raises(UserError, match="cclddg embedding-stats runs/old"):
         make_text_prior(PriorSettings("gap"), None, where="runs/old")

@@ -850,12 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="offline, from nothing to a prompt grid: autoencoder, CLOOB, cache, text prior, "
-                          "latent DDGAN, samples, eval, report (~45 min on 2 CPU cores)")
+                          "latent DDGAN, samples, eval, report (~20 min on 2 CPU cores)")
     demo.add_argument("--out", default="runs/demo", metavar="OUT_FOLDER", help="demo folder (default runs/demo); rerun to resume")
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
                       help="shapes (default) or emoji (every emoji of Noto Color Emoji, named)")
-    demo.add_argument("--steps", type=parse_number(int, AT_LEAST_1), default=None, help="the generator's training steps (default 5000)")
+    demo.add_argument("--steps", type=parse_number(int, AT_LEAST_1), default=None, help="the generator's training steps (default 3000)")
     demo.add_argument("--minutes", type=parse_number(float, Range(0, low_open=True)), default=None,
                       help="also stop the generator after this many minutes (default: no time budget)")
     demo.add_argument("--threads", type=parse_number(int, THREADS), default=0, help="torch threads (default: all cores)")

@@ -4,8 +4,10 @@ Stages (each one resumes or is skipped when the demo is run again after an inter
 
     1. ae       train the small KL autoencoder (`train-ae`)          -> OUT/ae/      (report.json: PSNR)
     2. cloob    train our own CLOOB (`train-cloob`)                  -> OUT/cloob/   (zero_shot.json)
+                (1 and 2 side by side, one process and half the threads each, on two or more cores)
     3. encode   latents + image/caption embeddings, once (`encode`)  -> OUT/cache/
-    4. train    the CLOOB-conditioned latent DDGAN, T=4 (`train --preset cclddg --data OUT/cache`) -> OUT/gen/
+    4. train    the CLOOB-conditioned latent DDGAN, T=4 (`train --preset cclddg --data OUT/cache`, lr 1e-3,
+                bf16 autocast where the CPU computes bf16 natively), after its learned text prior -> OUT/gen/
     5. sample   a grid of text prompts with a guidance sweep        -> OUT/prompts.png (shapes: paraphrases.png,
                 and variety.png: prompts that leave attributes open, 16 samples each)
     6. eval     shapes: text prompts naming colour, shape and position, in the captions' wording and
@@ -19,6 +21,9 @@ Stages (each one resumes or is skipped when the demo is run again after an inter
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from cclddg.atomic import write_text_atomic
-from cclddg.cpu import tune_cpu
+from cclddg.cpu import native_bf16, tune_cpu
 from cclddg.errors import UserError
 
 PROMPTS = ("a red circle in the top left", "a small blue square at the bottom", "a large yellow triangle in the center",
@@ -55,12 +60,14 @@ def generate(model: torch.nn.Module, cfg: Any, cond: torch.Tensor, guidance: flo
 
 @dataclass
 class DemoSettings:
-    ae_steps: int = 2000
+    ae_steps: int = 2400  # with the CLOOB's 2,000 side by side: both take ~7.5 min on one EPYC core
     cloob_steps: int = 2000
     cloob_size: int = 20000
     data_size: int = 20000
-    gen_steps: int = 5000  # the generator's fixed length: the same model on any CPU
+    gen_steps: int = 3000  # the generator's fixed length: the same model on any CPU
     gen_minutes: float = 0.0  # an optional time budget on top (0: none)
+    gen_lr: float = 1e-3  # the generator's and discriminator's (README: steps to 99%)
+    gen_bf16: bool = True  # train the generator in bf16 autocast where the CPU computes bf16 natively (1.3x a step)
     prior_steps: int = 0  # the learned text prior's steps, trained before the generator (0: the preset's)
     eval_n: int = 500
     guidances: tuple[float, ...] = (1.0, 2.0, 3.0)
@@ -136,12 +143,57 @@ class Demo:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 1)
             self._write_json("times.json", self.times)
 
+    def _side_by_side(self, stages: dict[str, Callable[[], bool]]) -> None:
+        """Independent stages (methods named `train_<stage>`) at once, each in its own process with half the threads:
+        the small networks of the autoencoder and the CLOOB run as fast a step on one core as on two, so side by side
+        they take the time of one. One core (or `--threads 1`): one after the other, as `_stage` runs them."""
+        todo = [name for name, done in stages.items() if not done()]
+        threads = self.threads or torch.get_num_threads()
+        if len(todo) < 2 or threads < 2:
+            for name, done in stages.items():
+                self._stage(name, done, getattr(self, f"train_{name}"))
+            return
+        group = "+".join(todo)
+        each = threads // 2
+        print(f"[demo] {' and '.join(todo)} side by side, {each} thread{'s' if each > 1 else ''} each ...", flush=True)
+        start = time.perf_counter()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        procs = {name: context.Process(target=_stage_in_child, name=f"demo-{name}", daemon=False,
+                                       args=(self.out, self.quick, self.settings, name, i, each, self.progress))
+                 for i, name in enumerate(todo)}
+        for proc in procs.values():
+            proc.start()
+        alone = self.times.get("side_by_side", {})
+        try:
+            waiting = dict(procs)
+            while waiting:
+                for name, proc in list(waiting.items()):
+                    proc.join(timeout=0.5)
+                    if proc.exitcode is not None:
+                        alone[name] = round(alone.get(name, 0.0) + time.perf_counter() - start, 1)
+                        del waiting[name]
+        except KeyboardInterrupt:  # Ctrl-C reaches the children too; a signal sent to this process alone is passed on
+            for proc in procs.values():
+                if proc.is_alive():
+                    proc.terminate()  # SIGTERM: the child's trainer saves the step it reached and exits
+            for proc in procs.values():
+                proc.join()
+            raise
+        finally:
+            self.times[group] = round(self.times.get(group, 0.0) + time.perf_counter() - start, 1)
+            self.times["side_by_side"] = alone
+            self._write_json("times.json", self.times)
+        failed = [name for name, proc in procs.items() if proc.exitcode != 0]
+        if failed:
+            raise UserError(f"the demo's {' and '.join(failed)} stage failed (its message is above); run the same "
+                            "command again to resume")
+
     # ---- the stages -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         tune_cpu(self.threads)  # threads, denormals and freed memory (cpu.py)
         out = self.out
-        self._stage("ae", lambda: (out / "ae" / "report.json").is_file(), self.train_ae)
-        self._stage("cloob", lambda: (out / "cloob" / "zero_shot.json").is_file(), self.train_cloob)
+        self._side_by_side({"ae": lambda: (out / "ae" / "report.json").is_file(),
+                            "cloob": lambda: (out / "cloob" / "zero_shot.json").is_file()})
         self._stage("encode", lambda: (out / "cache" / "cache.json").is_file(), self.encode)
         self._stage("train", lambda: (out / "gen" / "done").is_file(), self.train_generator)
         self._stage("sample", lambda: (out / "prompts.png").is_file(), self.sample_grid)
@@ -152,7 +204,7 @@ class Demo:
         self._stage("eval", lambda: (out / "eval.json").is_file(), self.evaluate)
         self._stage("export", lambda: (out / "model" / "model_index.json").is_file(), self.export)
         report = self.write_report()
-        print(f"[demo] done in {sum(self.times.values()) / 60:.1f} min: {out / 'report.md'}")
+        print(f"[demo] done in {self.total_seconds() / 60:.1f} min: {out / 'report.md'}")
         return report
 
     def train_ae(self) -> None:
@@ -198,7 +250,10 @@ class Demo:
         resume = (folder / "config.json").is_file()
         overrides: dict[str, Any] = {"data": str((self.out / "cache").resolve()),
                                      "n_batches": self.settings.gen_steps, "max_minutes": self.settings.gen_minutes,
-                                     "threads": self.threads}
+                                     "threads": self.threads, "lr_gen": self.settings.gen_lr,
+                                     "lr_disc": self.settings.gen_lr}
+        if self.settings.gen_bf16 and native_bf16() and not torch.cuda.is_available():
+            overrides["mixed_precision"] = "bf16"
         if self.settings.prior_steps:
             overrides["prior_steps"] = self.settings.prior_steps
         if self.quick:
@@ -303,19 +358,27 @@ class Demo:
         export_run(self.out / "gen", self.out / "model", guidance_scale=1.0)  # its best in the eval (README)
 
     # ---- the report -------------------------------------------------------------------------------------
+    def total_seconds(self) -> float:
+        """The demo's wall time: its stages and side-by-side groups (not their members again)."""
+        return sum(v for v in self.times.values() if isinstance(v, (int, float)))
+
     def write_report(self) -> dict[str, Any]:
         ae = json.loads((self.out / "ae" / "report.json").read_text())
         zero_shot = json.loads((self.out / "cloob" / "zero_shot.json").read_text())
         evals = self._read_json("eval.json")
         steps = int((self.out / "gen" / "done").read_text())
-        report = {"quick": self.quick, "minutes_total": round(sum(self.times.values()) / 60, 1),
-                  "minutes": {k: round(v / 60, 2) for k, v in self.times.items()}, "ae_psnr_held_out": ae["psnr_held_out"],
+        minutes = {k: round(v / 60, 2) for k, v in self.times.items() if isinstance(v, (int, float))}
+        side_by_side = {k: round(v / 60, 2) for k, v in self.times.get("side_by_side", {}).items()}
+        report = {"quick": self.quick, "minutes_total": round(self.total_seconds() / 60, 1), "minutes": minutes,
+                  "minutes_side_by_side": side_by_side, "ae_psnr_held_out": ae["psnr_held_out"],
                   "latent_scale": ae["scale"], "generator_steps": steps, "eval": evals,
                   "cloob_zero_shot": zero_shot.get("zero_shot") if self.shapes else zero_shot}
         self._write_json("report.json", report)
         lines = [f"# cclddg demo{' (quick)' if self.quick else ''}", "",
                  f"Total wall time: **{report['minutes_total']} min** "
-                 f"({', '.join(f'{k} {v} min' for k, v in report['minutes'].items())}).", "",
+                 f"({', '.join(f'{k} {v} min' for k, v in minutes.items())})"
+                 + (f"; side by side, each in its own process: {', '.join(f'{k} {v} min' for k, v in side_by_side.items())}"
+                    if side_by_side else "") + ".", "",
                  f"- Autoencoder: held-out PSNR **{ae['psnr_held_out']:.2f} dB**, latents {ae['latent_channels']}x"
                  f"{64 // ae['factor']}x{64 // ae['factor']}, scale factor {ae['scale']:.4g} (measured).",
                  f"- Own CLOOB on held-out images: {self._cloob_line(zero_shot)}.",
@@ -376,6 +439,25 @@ class Demo:
         lines += [f"| samples, guidance {g} | {r['cloob_score']:.3f} | {r['top1']}% | {r['top5']}% |" for g, r in rows]
         return lines + ["", f"One sample per held-out emoji name ({real['n']} names, 4 generator calls each); "
                         f"retrieval among {real['distinct_captions']} names (chance {real['chance_top1']}%)."]
+
+
+def _stage_in_child(out: Path, quick: bool, settings: DemoSettings, name: str, position: int, threads: int,
+                    progress: bool) -> None:
+    """One stage of `Demo._side_by_side` in a spawned process: its own threads and progress-bar line; a user error
+    is one line and exit code 2, a stop signal saves the trainer's step (exit 143), as `cclddg` itself does."""
+    from cclddg.preemption import handle_stop_signals, how_stopped
+
+    os.environ["TQDM_POSITION"] = str(position)  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    handle_stop_signals()
+    try:
+        demo = Demo(out, quick=quick, progress=progress, threads=threads, settings=settings, data=settings.data)
+        tune_cpu(threads)
+        getattr(demo, f"train_{name}")()
+    except UserError as exc:
+        print(f"error ({name}): {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        sys.exit(how_stopped(exc)[1])
 
 
 def _pct(report: dict, key: str) -> str:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cclddg import conditioning, diffusion, objectives
 from cclddg.config import PriorTrainConfig, TrainConfig
-from cclddg.cpu import tune_cpu
+from cclddg.cpu import native_bf16, tune_cpu
 from cclddg.data.images import make_grid, save_image_atomic
 from cclddg.data.shapes import grid_requests
 from cclddg.encoders import load_embedder
@@ -170,8 +170,10 @@ class Trainer(TrainingLoop):
         cfg = self.cfg
         if cfg.text_prior == "flow" and not prior_finished(self.out):
             if self.is_main:
+                # the prior trains on the CPU: in bf16 where the run asks for it and the CPU computes it natively
+                prior_bf16 = cfg.mixed_precision == "bf16" and native_bf16()
                 prior_cfg = PriorTrainConfig(n_batches=cfg.prior_steps, seed=cfg.seed, threads=cfg.threads,
-                                             data=cfg.data, mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no")
+                                             data=cfg.data, mixed_precision="bf16" if prior_bf16 else "no")
                 train_run_prior(self.out, self.inputs.pairs, prior_cfg, progress=self.progress)
             self.accelerator.wait_for_everyone()
         flow = load_flow_prior(self.out) if cfg.text_prior == "flow" else None

@@ -1,5 +1,6 @@
 """Optimisation parts of the generator run: one network's optimizer (its warmup schedule and loss scaler with it),
-and the policy for a non-finite loss or gradient.
+and the policy for a non-finite loss or gradient; and the warmup-cosine learning rate the small trainers
+(`train-ae`, `train-prior`) share.
 
 The trainer owns the models and decides when to step; these own how: the update with clipping and the loss
 scale, the learning rate in effect, what a checkpoint keeps, and whether a non-finite step stops the run.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import resource
 import signal
 import subprocess
@@ -157,6 +158,19 @@ def test_learning_rate_warmup_is_logged_and_resumed(tmp_path):
     assert main([*args, "--n_batches", "6", "--resume"]) == 0
     lrs = [r["lr_g"] for r in log_records(run)]
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4])
+
+
+def test_learning_rate_decay_is_one_schedule_across_a_resume_and_ends_at_zero(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *TINY, "--lr_warmup", "2", "--lr_decay", "4", "--lr_gen", "0.0004",
+            "--log_every", "1", "--save_models_every", "2"]
+    assert main([*args, "--n_batches", "2"]) == 0
+    assert main([*args, "--n_batches", "6", "--resume"]) == 0  # longer than the decay: the rate stays at 0
+    records = log_records(run)
+    half = 0.5 * (1 + math.cos(math.pi / 4))  # the cosine a quarter of the way down
+    expected = [4e-4 * 0.5 * 1.0, 4e-4 * half, 4e-4 * 0.5, 4e-4 * (1 - half), 0.0, 0.0]
+    assert [r["lr_g"] for r in records] == pytest.approx(expected, rel=1e-5, abs=1e-12)  # the log keeps 6 digits
+    assert [r["lr_d"] for r in records] == pytest.approx([lr / 4e-4 * 1.25e-4 for lr in expected], rel=1e-5, abs=1e-12)
 
 
 def _nan_generator(trainer: Trainer) -> None:

@@ -194,6 +194,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
              "deterministic": "deterministic kernels (exact reruns on GPUs; slower)",
              "skip_nonfinite": "skip a step whose loss or gradient is not finite instead of stopping",
              "lr_warmup": "steps of linear learning-rate warmup (default 0)",
+             "lr_decay": "the step where a cosine decay of both learning rates reaches 0, whatever --n_batches "
+                         "(default 0: constant)",
              "kid_every": "embedding runs: log KID on the run's own features every this many steps (default 0: off)",
              "kid_n": "images of each set per training-time KID (default 256)",
              "tensorboard": "also log to RUN/tensorboard when tensorboard is installed (default true)",

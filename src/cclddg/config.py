@@ -149,6 +149,7 @@ class TrainConfig(JsonConfig):
     lazy_reg: int = 15
     recon_loss_scale: float = 0.0
     lr_warmup: int = 0  # steps of linear learning-rate warmup (large global batches)
+    lr_decay: int = 0  # the step where a cosine decay of the learning rates reaches 0 (0: constant rates)
     # scale: batch_size is per process and per micro-batch; global batch = batch_size × processes × grad_accum
     grad_accum: int = 1
     mixed_precision: str = "no"
@@ -189,7 +190,7 @@ class TrainConfig(JsonConfig):
         "batch_size": Range(1, 1 << 20), "n_batches": AT_LEAST_1, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
         "lr_disc": POSITIVE, "adam_betas": BELOW_1, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
         "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
-        "lr_warmup": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
+        "lr_warmup": NON_NEGATIVE, "lr_decay": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
         "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
         "kid_every": NON_NEGATIVE, "kid_n": Range(2, 100_000),
     }

@@ -8,6 +8,7 @@ scale, the learning rate in effect, what a checkpoint keeps, and whether a non-f
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -45,9 +46,19 @@ def warmup_cosine(lr: float, step: int, warmup: int, total: int, floor: float = 
     return lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate rises linearly over `warmup` steps, then stays (no warmup: constant)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+def lr_factor(step: int, warmup: int, decay: int) -> float:
+    """The generator's and discriminator's learning rate at `step` over the base rate: a linear rise over `warmup`
+    steps (0: none), then a cosine fall to 0 at step `decay` (0: constant). The fall is fixed by `decay`, not by
+    the run's length, so a run trained in blocks or extended on resume follows one schedule."""
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / decay)))
+    return factor
+
+
+def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int, decay: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor`'s schedule on `opt`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup=warmup, decay=decay))
 
 
 class NetOptimizer:
@@ -55,7 +66,7 @@ class NetOptimizer:
 
     def __init__(self, cfg: TrainConfig, params, lr: float, device: torch.device):
         self.opt = make_optimizer(cfg, params, lr)
-        self.sched = warmup_scheduler(self.opt, cfg.lr_warmup)
+        self.sched = warmup_scheduler(self.opt, cfg.lr_warmup, cfg.lr_decay)
         self.scaler = precision.grad_scaler(cfg.mixed_precision, device)
 
     @property

@@ -49,7 +49,7 @@ def test_a_run_killed_with_sigkill_resumes_bit_identical(tmp_path):
     as a run that was never interrupted. Every run is a fresh process with the same thread count (a float sum
     split over another number of threads may round differently)."""
     common = [*TINY, "--lazy_reg", "2", "--save_models_every", "5", "--log_every", "1", "--log_images_every", "1000",
-              "--pct_zeros", "0.3", "--threads", "2"]
+              "--pct_zeros", "0.3", "--threads", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train = [sys.executable, "-m", "cclddg.cli", "train"]
     subprocess.run([*train, "--out", str(straight), *common, "--n_batches", "40"], check=True, timeout=300)

@@ -190,8 +190,8 @@ class TrainConfig(JsonConfig):
         "batch_size": Range(1, 1 << 20), "n_batches": AT_LEAST_1, "max_minutes": NON_NEGATIVE, "lr_gen": POSITIVE,
         "lr_disc": POSITIVE, "adam_betas": BELOW_1, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
         "ema_decay": BELOW_1, "r1_gamma": NON_NEGATIVE, "lazy_reg": AT_LEAST_1, "recon_loss_scale": NON_NEGATIVE,
-        "lr_warmup": NON_NEGATIVE, "lr_decay": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS, "log_every": AT_LEAST_1,
-        "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
+        "lr_warmup": NON_NEGATIVE, "lr_decay": NON_NEGATIVE, "grad_accum": Range(1, 1 << 20), "seed": SEEDS,
+        "log_every": AT_LEAST_1, "log_images_every": AT_LEAST_1, "save_models_every": AT_LEAST_1, "threads": THREADS,
         "kid_every": NON_NEGATIVE, "kid_n": Range(2, 100_000),
     }
 

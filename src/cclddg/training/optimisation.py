@@ -56,7 +56,7 @@ def lr_factor(step: int, warmup: int, decay: int) -> float:
     return factor
 
 
-def warmup_scheduler(opt: torch.optim.Optimizer, warmup: int, decay: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(opt: torch.optim.Optimizer, warmup: int, decay: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """`lr_factor`'s schedule on `opt`."""
     return torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup=warmup, decay=decay))
 
@@ -66,7 +66,7 @@ class NetOptimizer:
 
     def __init__(self, cfg: TrainConfig, params, lr: float, device: torch.device):
         self.opt = make_optimizer(cfg, params, lr)
-        self.sched = warmup_scheduler(self.opt, cfg.lr_warmup, cfg.lr_decay)
+        self.sched = lr_scheduler(self.opt, cfg.lr_warmup, cfg.lr_decay)
         self.scaler = precision.grad_scaler(cfg.mixed_precision, device)
 
     @property

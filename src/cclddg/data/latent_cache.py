@@ -311,6 +311,10 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
         try:
             _encode_shards(out, source, img_size, space.with_scale(cache_scale), embedder, flip, shard_size,
                            batch_size, workers, crop, done, None if count is None else count - encoded, bar)
+        except BaseException:  # stopped: the finished shards stay, no unfinished one is left behind
+            for leftover in out.glob(".tmp-shard_*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            raise
         finally:
             bar.close()
     return _finish(out, key, cache_scale, source_files)
@@ -331,8 +335,8 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
     while not finished:
         final, tmp = out / shard_name(index), out / f".tmp-{shard_name(index)}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        try:  # from the mkdir on: a stop signal can land between any two lines
+            tmp.mkdir()
             writer, before, named = _ShardWriter(tmp, shard_size), dict(skips.counts), len(skips.examples)
             last = start - 1
             while writer.n < shard_size:

@@ -298,8 +298,7 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
                                                                               workers, crop)
         out.mkdir(parents=True, exist_ok=True)
         write_progress(out, key, cache_scale, source_files)
-    for leftover in out.glob(".tmp-shard_*"):  # from a killed run: never complete
-        shutil.rmtree(leftover, ignore_errors=True)
+    _remove_unfinished_shards(out)  # from a killed run: never complete
     done = _finished_shards(out)
     for stale in out.glob("shard_*"):  # damaged shards, or shards after a damaged one: encoded again
         if not stale.name < shard_name(len(done)):
@@ -312,12 +311,17 @@ def encode_dataset(source, data_spec: str, seed: int, count: int | None, img_siz
             _encode_shards(out, source, img_size, space.with_scale(cache_scale), embedder, flip, shard_size,
                            batch_size, workers, crop, done, None if count is None else count - encoded, bar)
         except BaseException:  # stopped: the finished shards stay, no unfinished one is left behind
-            for leftover in out.glob(".tmp-shard_*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+            _remove_unfinished_shards(out)
             raise
         finally:
             bar.close()
     return _finish(out, key, cache_scale, source_files)
+
+
+def _remove_unfinished_shards(out: Path) -> None:
+    """Remove the `.tmp-shard_*` folders of shards that were never completed (and so never renamed)."""
+    for leftover in out.glob(".tmp-shard_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedder: Embedder | None, flip: bool,
@@ -326,7 +330,8 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
     """Fill shards from where the finished ones stopped until the source (or `remaining`) runs out.
 
     A shard's shard.json records where in the source it starts and stops (`stop`: after its last good
-    example, so a resumed encode starts there) and the bad examples skipped on the way to its examples."""
+    example, so a resumed encode starts there) and the bad examples skipped on the way to its examples. A shard
+    is filled in `.tmp-shard_XXXXX`, renamed when complete; `encode_dataset` removes an unfinished one."""
 
     skips = SkipLog()
     start = done[-1]["stop"] if done else 0
@@ -335,35 +340,31 @@ def _encode_shards(out: Path, source, img_size: int, space: LatentSpace, embedde
     while not finished:
         final, tmp = out / shard_name(index), out / f".tmp-{shard_name(index)}"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:  # from the mkdir on: a stop signal can land between any two lines
-            tmp.mkdir()
-            writer, before, named = _ShardWriter(tmp, shard_size), dict(skips.counts), len(skips.examples)
-            last = start - 1
-            while writer.n < shard_size:
-                batch = [e for _, e in zip(range(min(batch_size, shard_size - writer.n)), examples)]
-                if not batch:
-                    finished = True
-                    break
-                found = collate(batch)
-                writer.add(encode_batch(found.images, None, space, embedder, flip), found.labels, found.captions)
-                last = found.positions[-1]
-                bar.update(len(batch))
-            skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
-            if writer.n == 0:  # the source ended at a shard boundary: the previous shard is the last, and
-                shutil.rmtree(tmp)  # the bad examples after it are its own
-                previous = out / shard_name(index - 1) / SHARD_FILE
-                info = json.loads(previous.read_text())
-                merged = {k: info["skipped"].get(k, 0) + skipped.get(k, 0) for k in {*info["skipped"], *skipped}}
-                _write_json_atomic(previous, {**info, "skipped": merged, "end": True,
-                                              "first_skipped": info["first_skipped"] + [list(e) for e in skips.examples[named:]]})
-                return
-            finished = finished or (remaining is not None and writer.n >= remaining)
-            writer.close(embedder, {"start": start, "stop": last + 1, "skipped": skipped,
-                                    "first_skipped": [list(e) for e in skips.examples[named:]], "end": finished})
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        tmp.mkdir()
+        writer, before, named = _ShardWriter(tmp, shard_size), dict(skips.counts), len(skips.examples)
+        last = start - 1
+        while writer.n < shard_size:
+            batch = [e for _, e in zip(range(min(batch_size, shard_size - writer.n)), examples)]
+            if not batch:
+                finished = True
+                break
+            found = collate(batch)
+            writer.add(encode_batch(found.images, None, space, embedder, flip), found.labels, found.captions)
+            last = found.positions[-1]
+            bar.update(len(batch))
+        skipped = {k: v - before.get(k, 0) for k, v in skips.counts.items() if v - before.get(k, 0)}
+        if writer.n == 0:  # the source ended at a shard boundary: the previous shard is the last, and
+            shutil.rmtree(tmp)  # the bad examples after it are its own
+            previous = out / shard_name(index - 1) / SHARD_FILE
+            info = json.loads(previous.read_text())
+            merged = {k: info["skipped"].get(k, 0) + skipped.get(k, 0) for k in {*info["skipped"], *skipped}}
+            _write_json_atomic(previous, {**info, "skipped": merged, "end": True,
+                                          "first_skipped": info["first_skipped"] + [list(e) for e in skips.examples[named:]]})
+            return
+        finished = finished or (remaining is not None and writer.n >= remaining)
+        writer.close(embedder, {"start": start, "stop": last + 1, "skipped": skipped,
+                                "first_skipped": [list(e) for e in skips.examples[named:]], "end": finished})
+        os.replace(tmp, final)
         if remaining is not None:
             remaining -= writer.n
         start, index = last + 1, index + 1

@@ -47,13 +47,12 @@ def warmup_cosine(lr: float, step: int, warmup: int, total: int, floor: float = 
 
 
 def lr_factor(step: int, warmup: int, decay: int) -> float:
-    """The generator's and discriminator's learning rate at `step` over the base rate: a linear rise over `warmup`
-    steps (0: none), then a cosine fall to 0 at step `decay` (0: constant). The fall is fixed by `decay`, not by
-    the run's length, so a run trained in blocks or extended on resume follows one schedule."""
-    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    """The generator's and discriminator's learning rate at `step` over the base rate: `warmup_cosine` with its
+    fall to 0 at step `decay` (0: no fall, the warmup alone). The fall is fixed by `decay`, not by the run's
+    length, so a run trained in blocks or extended on resume follows one schedule."""
     if decay:
-        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / decay)))
-    return factor
+        return warmup_cosine(1.0, step, warmup, decay)
+    return min(1.0, (step + 1) / max(1, warmup))
 
 
 def lr_scheduler(opt: torch.optim.Optimizer, warmup: int, decay: int = 0) -> torch.optim.lr_scheduler.LambdaLR:

@@ -853,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="offline, from nothing to a prompt grid: autoencoder, CLOOB, cache, text prior, "
-                          "latent DDGAN, samples, eval, report (~20 min on 2 CPU cores)")
+                          "latent DDGAN, samples, eval, report (~23 min on 2 CPU cores)")
     demo.add_argument("--out", default="runs/demo", metavar="OUT_FOLDER", help="demo folder (default runs/demo); rerun to resume")
     demo.add_argument("--quick", action="store_true", help="a few minutes, lower quality (the CI smoke test)")
     demo.add_argument("--data", "--dataset", dest="data", default="shapes", choices=("shapes", "emoji"),
